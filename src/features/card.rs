@@ -1,0 +1,199 @@
+//! Per-card window state: daily panes for the 7- and 30-day windows, and
+//! the card's recent raw events for the exact 1-hour and 1-day windows.
+
+use super::geo::haversine_km;
+
+pub const DAY: i64 = 86_400;
+/// Daily panes kept: the 30-day window reaches back into a 31st day.
+pub const PANES: usize = 32;
+/// Amount at least this many times the card's 30-day mean counts as large.
+pub const LARGE_RATIO: f64 = 2.5;
+/// History a card needs before one of its amounts can count as large.
+pub const LARGE_MIN_HISTORY: u32 = 3;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Recent {
+    pub ts: u32,
+    pub amount: f32,
+    pub merchant: u32,
+    pub lat: f32,
+    pub lon: f32,
+}
+
+#[derive(Debug, Clone)]
+pub struct CardState {
+    newest_day: u32,
+    counts: [u16; PANES],
+    sums: [f32; PANES],
+    sumsq: [f32; PANES],
+    large: [u8; PANES],
+    /// Raw events within the last day plus the allowed lateness, oldest first.
+    recent: Vec<Recent>,
+    /// The newest event evicted from `recent`, for "time since previous".
+    before: Option<Recent>,
+}
+
+impl Default for CardState {
+    fn default() -> Self {
+        CardState {
+            newest_day: 0,
+            counts: [0; PANES],
+            sums: [0.0; PANES],
+            sumsq: [0.0; PANES],
+            large: [0; PANES],
+            recent: Vec::new(),
+            before: None,
+        }
+    }
+}
+
+/// Aggregates over a range of daily panes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PaneSum {
+    pub count: u32,
+    pub sum: f64,
+    pub sumsq: f64,
+    pub large: u32,
+}
+
+impl PaneSum {
+    pub fn mean(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.sum / self.count as f64
+        }
+    }
+}
+
+/// Everything the card contributes to one event's features.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CardView {
+    pub count_1h: u32,
+    pub count_1d: u32,
+    pub sum_1d: f64,
+    pub distinct_merchants_1d: u32,
+    /// Previous panes (excluding the event itself) for 7 and 30 days.
+    pub prev_7d: PaneSum,
+    pub prev_30d: PaneSum,
+    pub secs_since_prev: Option<i64>,
+    pub velocity_kmh: f64,
+}
+
+impl CardState {
+    pub fn newest_day(&self) -> u32 {
+        self.newest_day
+    }
+
+    pub fn recent_len(&self) -> usize {
+        self.recent.len()
+    }
+
+    /// Heap bytes held beyond the struct itself.
+    pub fn heap_bytes(&self) -> usize {
+        self.recent.capacity() * std::mem::size_of::<Recent>()
+    }
+
+    fn panes(&self, from_day: i64, to_day: i64) -> PaneSum {
+        let mut s = PaneSum::default();
+        let newest = self.newest_day as i64;
+        let lo = from_day.max(newest - PANES as i64 + 1);
+        let hi = to_day.min(newest);
+        let mut d = lo;
+        while d <= hi {
+            let i = d as usize % PANES;
+            s.count += self.counts[i] as u32;
+            s.sum += self.sums[i] as f64;
+            s.sumsq += self.sumsq[i] as f64;
+            s.large += self.large[i] as u32;
+            d += 1;
+        }
+        s
+    }
+
+    /// The card's contribution to the features of an event at `t`, before
+    /// the event is applied. Late events see only what came at or before them
+    /// in the exact windows, and whole days in the pane windows.
+    pub fn view(&self, t: i64, merchant: u32, lat: f32, lon: f32) -> CardView {
+        let mut v = CardView::default();
+        let day = t.div_euclid(DAY);
+        v.prev_7d = self.panes((t - 7 * DAY).div_euclid(DAY), day);
+        v.prev_30d = self.panes((t - 30 * DAY).div_euclid(DAY), day);
+
+        let mut merchants = [0u32; 64];
+        let mut distinct = 0usize;
+        let mut prev: Option<&Recent> = None;
+        for r in &self.recent {
+            let ts = r.ts as i64;
+            if ts > t {
+                break;
+            }
+            prev = Some(r);
+            if ts > t - DAY {
+                v.count_1d += 1;
+                v.sum_1d += r.amount as f64;
+                if ts > t - 3600 {
+                    v.count_1h += 1;
+                }
+                if r.merchant != merchant
+                    && !merchants[..distinct].contains(&r.merchant)
+                    && distinct < merchants.len()
+                {
+                    merchants[distinct] = r.merchant;
+                    distinct += 1;
+                }
+            }
+        }
+        v.distinct_merchants_1d = distinct as u32 + 1;
+        if let Some(p) = prev.or(self.before.as_ref()) {
+            let dt = t - p.ts as i64;
+            v.secs_since_prev = Some(dt);
+            if !lat.is_nan() && !p.lat.is_nan() {
+                let km = haversine_km(p.lat as f64, p.lon as f64, lat as f64, lon as f64);
+                // A minute's floor keeps two swipes in the same second finite.
+                v.velocity_kmh = km / (dt.max(60) as f64 / 3600.0);
+            }
+        }
+        v
+    }
+
+    /// Adds an event. `horizon` is the oldest timestamp the exact windows can
+    /// still be asked about; `max_recent` bounds the raw events kept.
+    /// Returns true when the bound forced an early eviction.
+    pub fn apply(&mut self, ev: Recent, large: bool, horizon: i64, max_recent: usize) -> bool {
+        let day = (ev.ts as i64).div_euclid(DAY) as u32;
+        if day > self.newest_day {
+            let gap = (day - self.newest_day) as usize;
+            for k in 1..=gap.min(PANES) {
+                let i = (self.newest_day as usize + k) % PANES;
+                self.counts[i] = 0;
+                self.sums[i] = 0.0;
+                self.sumsq[i] = 0.0;
+                self.large[i] = 0;
+            }
+            self.newest_day = day;
+        }
+        if self.newest_day - day < PANES as u32 {
+            let i = day as usize % PANES;
+            let a = ev.amount;
+            self.counts[i] = self.counts[i].saturating_add(1);
+            self.sums[i] += a;
+            self.sumsq[i] += a * a;
+            self.large[i] = self.large[i].saturating_add(u8::from(large));
+        }
+
+        let pos = self.recent.partition_point(|r| r.ts <= ev.ts);
+        self.recent.insert(pos, ev);
+        let expired = self.recent.partition_point(|r| (r.ts as i64) < horizon);
+        let overflow = self.recent.len().saturating_sub(max_recent);
+        let cut = expired.max(overflow);
+        if cut > 0 {
+            self.before = Some(self.recent[cut - 1]);
+            self.recent.drain(..cut);
+        }
+        if self.recent.capacity() > 2 * self.recent.len().max(4) {
+            self.recent.shrink_to(self.recent.len().max(4));
+        }
+        overflow > expired
+    }
+}

@@ -1,0 +1,384 @@
+//! Streaming features per card and per merchant, in event time.
+//!
+//! One implementation serves training, evaluation, replay and the service:
+//! [`Engine::process`] computes an event's features from the state before it
+//! and then folds the event in.
+
+pub mod card;
+pub mod geo;
+pub mod merchant;
+pub mod store;
+
+use crate::ingest::{Channel, Transaction};
+use card::{CardState, DAY, LARGE_MIN_HISTORY, LARGE_RATIO, Recent};
+use merchant::{HOUR, MerchantState};
+use serde::Serialize;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use store::{IdMap, KeyedStore, key_hash};
+
+/// Feature names, in the order models see them.
+pub const NAMES: [&str; N_FEATURES] = [
+    "amount",
+    "tx.weekend",
+    "tx.night",
+    "card.count_1d",
+    "card.mean_amount_1d",
+    "card.count_7d",
+    "card.mean_amount_7d",
+    "card.count_30d",
+    "card.mean_amount_30d",
+    "merchant.count_1d",
+    "merchant.risk_1d",
+    "merchant.count_7d",
+    "merchant.risk_7d",
+    "merchant.count_30d",
+    "merchant.risk_30d",
+    "card.amount_ratio_7d",
+    "card.amount_ratio_30d",
+    "card.amount_zscore_30d",
+    "card.large_count_7d",
+    "card.large_count_30d",
+    "card.count_1h",
+    "card.distinct_merchants_1d",
+    "card.secs_since_prev",
+    "card.geo_velocity_kmh",
+    "merchant.count_1h",
+    "tx.ecom",
+    "tx.atm",
+];
+pub const N_FEATURES: usize = 27;
+
+/// Index of each feature in [`NAMES`].
+pub mod idx {
+    pub const AMOUNT: usize = 0;
+    pub const WEEKEND: usize = 1;
+    pub const NIGHT: usize = 2;
+    pub const CARD_COUNT_1D: usize = 3;
+    pub const CARD_MEAN_1D: usize = 4;
+    pub const CARD_COUNT_7D: usize = 5;
+    pub const CARD_MEAN_7D: usize = 6;
+    pub const CARD_COUNT_30D: usize = 7;
+    pub const CARD_MEAN_30D: usize = 8;
+    pub const MERCHANT_DELAYED: usize = 9;
+    pub const RATIO_7D: usize = 15;
+    pub const RATIO_30D: usize = 16;
+    pub const ZSCORE_30D: usize = 17;
+    pub const LARGE_7D: usize = 18;
+    pub const LARGE_30D: usize = 19;
+    pub const CARD_COUNT_1H: usize = 20;
+    pub const DISTINCT_MERCHANTS_1D: usize = 21;
+    pub const SECS_SINCE_PREV: usize = 22;
+    pub const VELOCITY: usize = 23;
+    pub const MERCHANT_COUNT_1H: usize = 24;
+    pub const ECOM: usize = 25;
+    pub const ATM: usize = 26;
+}
+
+/// Time since the previous transaction is capped here (and given for a first one).
+pub const NO_PREVIOUS_SECS: i64 = 30 * DAY;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Features(pub [f32; N_FEATURES]);
+
+impl Features {
+    pub fn get(&self, name: &str) -> Option<f32> {
+        NAMES.iter().position(|n| *n == name).map(|i| self.0[i])
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        NAMES
+            .iter()
+            .zip(self.0)
+            .map(|(n, v)| (n.to_string(), serde_json::Value::from(v as f64)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+pub struct FeatureConfig {
+    /// Seconds between a transaction and the moment its fraud label is known.
+    pub label_delay_secs: i64,
+    /// How far behind the newest event time an event may arrive and still count.
+    pub allowed_lateness_secs: i64,
+    /// Raw events kept per card for the exact 1-hour and 1-day windows.
+    pub max_recent: usize,
+}
+
+impl Default for FeatureConfig {
+    fn default() -> Self {
+        FeatureConfig {
+            label_delay_secs: 7 * DAY,
+            allowed_lateness_secs: HOUR,
+            max_recent: 64,
+        }
+    }
+}
+
+/// Counters of what the engine had to do beyond the ordinary path.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct EngineStats {
+    pub events: u64,
+    pub too_late: u64,
+    pub recent_overflows: u64,
+    pub labels_applied: u64,
+    pub labels_too_old: u64,
+    pub cards_expired: u64,
+    pub merchants_expired: u64,
+}
+
+/// An event older than the watermark minus the allowed lateness.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error(
+    "event time {event} is more than the allowed lateness behind the newest event time {watermark}"
+)]
+pub struct TooLate {
+    pub event: i64,
+    pub watermark: i64,
+}
+
+pub struct Engine {
+    cfg: FeatureConfig,
+    cards: KeyedStore<CardState>,
+    merchants: IdMap<MerchantState>,
+    /// Fraud labels not yet known: (known at, merchant key, transaction time).
+    pending: BinaryHeap<Reverse<(i64, u64, i64)>>,
+    watermark: i64,
+    next_sweep: i64,
+    stats: EngineStats,
+}
+
+impl Engine {
+    pub fn new(cfg: FeatureConfig) -> Engine {
+        Engine {
+            cfg: FeatureConfig {
+                max_recent: cfg.max_recent.clamp(1, 128),
+                ..cfg
+            },
+            cards: KeyedStore::default(),
+            merchants: IdMap::default(),
+            pending: BinaryHeap::new(),
+            watermark: i64::MIN,
+            next_sweep: i64::MIN,
+            stats: EngineStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &FeatureConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    pub fn cards(&self) -> usize {
+        self.cards.len()
+    }
+
+    pub fn merchants(&self) -> usize {
+        self.merchants.len()
+    }
+
+    /// The newest event time seen, if any.
+    pub fn watermark(&self) -> Option<i64> {
+        (self.watermark != i64::MIN).then_some(self.watermark)
+    }
+
+    fn check_late(&self, t: i64) -> Result<(), TooLate> {
+        if self.watermark != i64::MIN && t < self.watermark - self.cfg.allowed_lateness_secs {
+            return Err(TooLate {
+                event: t,
+                watermark: self.watermark,
+            });
+        }
+        Ok(())
+    }
+
+    /// Features of `tx` as if it were processed now, without changing state.
+    pub fn peek(&self, tx: &Transaction) -> Features {
+        let card = self.cards.get(key_hash(&tx.card_id));
+        let merchant = self.merchants.get(&key_hash(&tx.merchant_id));
+        compute(&self.cfg, card, merchant, tx).0
+    }
+
+    /// Computes the features of `tx` and folds it into the state. An event
+    /// too far behind the watermark changes nothing and is returned as an error.
+    pub fn process(&mut self, tx: &Transaction) -> Result<Features, TooLate> {
+        let t = tx.time.utc;
+        if let Err(e) = self.check_late(t) {
+            self.stats.too_late += 1;
+            return Err(e);
+        }
+        self.advance(t);
+        let cfg = self.cfg;
+        let oldest_hour = self.oldest_merchant_hour();
+        let merchant_key = key_hash(&tx.merchant_id);
+        let card = self.cards.get_or_default(key_hash(&tx.card_id));
+        let merchant = self.merchants.entry(merchant_key).or_default();
+        let (features, large) = compute(&cfg, Some(&*card), Some(&*merchant), tx);
+        let ev = Recent {
+            ts: t as u32,
+            amount: tx.amount as f32,
+            merchant: (merchant_key >> 32) as u32,
+            lat: coord(tx.lat, tx.lon).0,
+            lon: coord(tx.lat, tx.lon).1,
+        };
+        let horizon = self.watermark - cfg.allowed_lateness_secs - DAY;
+        if card.apply(ev, large, horizon, cfg.max_recent) {
+            self.stats.recent_overflows += 1;
+        }
+        merchant.add_transaction(t);
+        merchant.expire(oldest_hour);
+        self.stats.events += 1;
+        Ok(features)
+    }
+
+    /// A fraud label from a file: it becomes known `label_delay` after the
+    /// transaction and only then reaches the merchant's risk.
+    pub fn schedule_label(&mut self, merchant_id: &str, tx_time: i64) {
+        self.pending.push(Reverse((
+            tx_time + self.cfg.label_delay_secs,
+            key_hash(merchant_id),
+            tx_time,
+        )));
+    }
+
+    /// A fraud label known now (the service's label topic).
+    pub fn add_label(&mut self, merchant_id: &str, tx_time: i64) {
+        self.apply_label(key_hash(merchant_id), tx_time);
+    }
+
+    fn apply_label(&mut self, merchant_key: u64, tx_time: i64) {
+        let oldest = self.oldest_merchant_hour();
+        let m = self.merchants.entry(merchant_key).or_default();
+        if m.add_fraud(tx_time, oldest) {
+            self.stats.labels_applied += 1;
+        } else {
+            self.stats.labels_too_old += 1;
+        }
+    }
+
+    fn oldest_merchant_hour(&self) -> i64 {
+        if self.watermark == i64::MIN {
+            return i64::MIN;
+        }
+        (self.watermark - self.cfg.allowed_lateness_secs - self.cfg.label_delay_secs - 30 * DAY)
+            .div_euclid(HOUR)
+            - 1
+    }
+
+    /// Moves event time forward: releases labels that are now known and,
+    /// every six hours of event time, drops idle keys.
+    fn advance(&mut self, t: i64) {
+        if t > self.watermark {
+            self.watermark = t;
+        }
+        while let Some(&Reverse((known_at, merchant, tx_time))) = self.pending.peek() {
+            if known_at > self.watermark {
+                break;
+            }
+            self.pending.pop();
+            self.apply_label(merchant, tx_time);
+        }
+        if self.watermark >= self.next_sweep {
+            self.next_sweep = self.watermark + 6 * HOUR;
+            self.sweep();
+        }
+    }
+
+    fn sweep(&mut self) {
+        let idle_day =
+            (self.watermark - self.cfg.allowed_lateness_secs - 30 * DAY).div_euclid(DAY) - 1;
+        self.stats.cards_expired += self.cards.retain(|c| c.newest_day() as i64 >= idle_day) as u64;
+        let oldest = self.oldest_merchant_hour();
+        let before = self.merchants.len();
+        self.merchants.retain(|_, m| {
+            m.expire(oldest);
+            !m.is_empty()
+        });
+        self.stats.merchants_expired += (before - self.merchants.len()) as u64;
+    }
+}
+
+fn coord(lat: Option<f64>, lon: Option<f64>) -> (f32, f32) {
+    match (lat, lon) {
+        (Some(a), Some(b)) => (a as f32, b as f32),
+        _ => (f32::NAN, f32::NAN),
+    }
+}
+
+/// The one feature computation, from the state before the event.
+/// Also says whether the amount counts as large for the card.
+fn compute(
+    cfg: &FeatureConfig,
+    card: Option<&CardState>,
+    merchant: Option<&MerchantState>,
+    tx: &Transaction,
+) -> (Features, bool) {
+    let t = tx.time.utc;
+    let amount = tx.amount;
+    let (lat, lon) = coord(tx.lat, tx.lon);
+    let merchant_key = (key_hash(&tx.merchant_id) >> 32) as u32;
+    let cv = card
+        .map(|c| c.view(t, merchant_key, lat, lon))
+        .unwrap_or_default();
+    let mv = merchant
+        .map(|m| m.view(t, cfg.label_delay_secs))
+        .unwrap_or_default();
+
+    let local = tx.time.local();
+    let local_day = local.div_euclid(DAY);
+    let weekday = (local_day + 3).rem_euclid(7); // 1970-01-01 was a Thursday; Monday = 0
+    let hour = local.rem_euclid(DAY) / 3600;
+
+    let mean_prev_30 = cv.prev_30d.mean();
+    let mean_prev_7 = cv.prev_7d.mean();
+    let ratio = |mean: f64| if mean > 0.0 { amount / mean } else { 1.0 };
+    let zscore = if cv.prev_30d.count >= 2 {
+        let n = cv.prev_30d.count as f64;
+        let var = (cv.prev_30d.sumsq / n - mean_prev_30 * mean_prev_30).max(0.0);
+        // A floor on the spread keeps a card with identical amounts from
+        // turning a one-cent change into an extreme score.
+        let sd = var.sqrt().max(0.1 * mean_prev_30).max(0.01);
+        (amount - mean_prev_30) / sd
+    } else {
+        0.0
+    };
+    let large = cv.prev_30d.count >= LARGE_MIN_HISTORY && amount >= LARGE_RATIO * mean_prev_30;
+
+    let mut f = [0f32; N_FEATURES];
+    f[idx::AMOUNT] = amount as f32;
+    f[idx::WEEKEND] = f32::from(weekday >= 5);
+    f[idx::NIGHT] = f32::from(hour <= 6);
+    let windows = [
+        (cv.count_1d, cv.sum_1d),
+        (cv.prev_7d.count, cv.prev_7d.sum),
+        (cv.prev_30d.count, cv.prev_30d.sum),
+    ];
+    for (k, (count, sum)) in windows.into_iter().enumerate() {
+        let n = count + 1;
+        f[idx::CARD_COUNT_1D + 2 * k] = n as f32;
+        f[idx::CARD_MEAN_1D + 2 * k] = ((sum + amount) / n as f64) as f32;
+    }
+    for (k, w) in mv.delayed.iter().enumerate() {
+        f[idx::MERCHANT_DELAYED + 2 * k] = w.count as f32;
+        f[idx::MERCHANT_DELAYED + 2 * k + 1] = w.risk() as f32;
+    }
+    f[idx::RATIO_7D] = ratio(mean_prev_7) as f32;
+    f[idx::RATIO_30D] = ratio(mean_prev_30) as f32;
+    f[idx::ZSCORE_30D] = zscore as f32;
+    f[idx::LARGE_7D] = (cv.prev_7d.large + u32::from(large)) as f32;
+    f[idx::LARGE_30D] = (cv.prev_30d.large + u32::from(large)) as f32;
+    f[idx::CARD_COUNT_1H] = (cv.count_1h + 1) as f32;
+    f[idx::DISTINCT_MERCHANTS_1D] = cv.distinct_merchants_1d as f32;
+    f[idx::SECS_SINCE_PREV] = cv
+        .secs_since_prev
+        .map_or(NO_PREVIOUS_SECS, |s| s.min(NO_PREVIOUS_SECS)) as f32;
+    f[idx::VELOCITY] = cv.velocity_kmh as f32;
+    f[idx::MERCHANT_COUNT_1H] = (mv.count_1h + 1) as f32;
+    f[idx::ECOM] = f32::from(tx.channel == Some(Channel::Ecom));
+    f[idx::ATM] = f32::from(tx.channel == Some(Channel::Atm));
+    (Features(f), large)
+}

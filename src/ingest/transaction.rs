@@ -1,0 +1,469 @@
+//! The transaction schema shared by files, Kafka and HTTP.
+
+use super::time::{EventTime, parse_timestamp};
+use serde_json::Value;
+use std::fmt;
+
+/// Payment channel of a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    Pos,
+    Ecom,
+    Atm,
+}
+
+impl Channel {
+    pub fn parse(s: &[u8]) -> Option<Channel> {
+        match s {
+            b"pos" | b"POS" => Some(Channel::Pos),
+            b"ecom" | b"ECOM" => Some(Channel::Ecom),
+            b"atm" | b"ATM" => Some(Channel::Atm),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Pos => "pos",
+            Channel::Ecom => "ecom",
+            Channel::Atm => "atm",
+        }
+    }
+}
+
+/// One card transaction. String fields are reused between rows by the file
+/// readers, so the per-event path does not allocate; empty `currency` and
+/// `country` mean absent.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Transaction {
+    pub transaction_id: String,
+    pub time: EventTime,
+    pub card_id: String,
+    pub merchant_id: String,
+    pub amount: f64,
+    pub currency: String,
+    pub mcc: Option<u16>,
+    pub country: String,
+    pub channel: Option<Channel>,
+    pub lat: Option<f64>,
+    pub lon: Option<f64>,
+    /// The label: present only in training and evaluation files.
+    pub is_fraud: Option<bool>,
+}
+
+/// What is wrong with one field of one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: &'static str, reason: impl Into<String>) -> FieldError {
+        FieldError {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    fn missing(field: &'static str) -> FieldError {
+        FieldError::new(field, "required field is missing")
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "field `{}`: {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for FieldError {}
+
+fn shown(raw: &[u8]) -> String {
+    let s = String::from_utf8_lossy(raw);
+    if s.len() > 40 {
+        format!("{:?}…", &s[..s.floor_char_boundary(40)])
+    } else {
+        format!("{s:?}")
+    }
+}
+
+/// Setters that validate one raw field each; used by the CSV reader and
+/// the JSON decoder alike so both give the same errors.
+impl Transaction {
+    pub fn set_id(&mut self, raw: &[u8]) -> Result<(), FieldError> {
+        set_required_str(&mut self.transaction_id, "transaction_id", raw)
+    }
+
+    pub fn set_card(&mut self, raw: &[u8]) -> Result<(), FieldError> {
+        set_required_str(&mut self.card_id, "card_id", raw)
+    }
+
+    pub fn set_merchant(&mut self, raw: &[u8]) -> Result<(), FieldError> {
+        set_required_str(&mut self.merchant_id, "merchant_id", raw)
+    }
+
+    pub fn set_timestamp(&mut self, raw: &[u8]) -> Result<(), FieldError> {
+        if raw.is_empty() {
+            return Err(FieldError::missing("timestamp"));
+        }
+        self.time = parse_timestamp(raw).ok_or_else(|| {
+            FieldError::new(
+                "timestamp",
+                format!("expected an RFC 3339 timestamp, got {}", shown(raw)),
+            )
+        })?;
+        Ok(())
+    }
+
+    pub fn set_amount(&mut self, raw: &[u8]) -> Result<(), FieldError> {
+        if raw.is_empty() {
+            return Err(FieldError::missing("amount"));
+        }
+        let v = std::str::from_utf8(raw)
+            .ok()
+            .and_then(|s| s.trim().parse::<f64>().ok());
+        self.set_amount_value(v, raw)
+    }
+
+    fn set_amount_value(&mut self, v: Option<f64>, raw: &[u8]) -> Result<(), FieldError> {
+        match v {
+            Some(a) if a.is_finite() && a >= 0.0 => {
+                self.amount = a;
+                Ok(())
+            }
+            _ => Err(FieldError::new(
+                "amount",
+                format!("expected a number ≥ 0, got {}", shown(raw)),
+            )),
+        }
+    }
+
+    pub fn set_currency(&mut self, raw: &[u8]) -> Result<(), FieldError> {
+        set_code(&mut self.currency, "currency", raw, 3, "an ISO 4217 code")
+    }
+
+    pub fn set_country(&mut self, raw: &[u8]) -> Result<(), FieldError> {
+        set_code(
+            &mut self.country,
+            "country",
+            raw,
+            2,
+            "an ISO 3166-1 alpha-2 code",
+        )
+    }
+
+    pub fn set_mcc(&mut self, raw: &[u8]) -> Result<(), FieldError> {
+        self.mcc = if raw.is_empty() {
+            None
+        } else {
+            match std::str::from_utf8(raw)
+                .ok()
+                .and_then(|s| s.parse::<u16>().ok())
+            {
+                Some(v) if v <= 9999 => Some(v),
+                _ => {
+                    return Err(FieldError::new(
+                        "mcc",
+                        format!(
+                            "expected a 4-digit merchant category code, got {}",
+                            shown(raw)
+                        ),
+                    ));
+                }
+            }
+        };
+        Ok(())
+    }
+
+    pub fn set_channel(&mut self, raw: &[u8]) -> Result<(), FieldError> {
+        self.channel = if raw.is_empty() {
+            None
+        } else {
+            Some(Channel::parse(raw).ok_or_else(|| {
+                FieldError::new(
+                    "channel",
+                    format!("expected pos, ecom or atm, got {}", shown(raw)),
+                )
+            })?)
+        };
+        Ok(())
+    }
+
+    pub fn set_lat(&mut self, raw: &[u8]) -> Result<(), FieldError> {
+        self.lat = parse_coordinate("lat", raw, 90.0)?;
+        Ok(())
+    }
+
+    pub fn set_lon(&mut self, raw: &[u8]) -> Result<(), FieldError> {
+        self.lon = parse_coordinate("lon", raw, 180.0)?;
+        Ok(())
+    }
+
+    pub fn set_label(&mut self, raw: &[u8]) -> Result<(), FieldError> {
+        self.is_fraud = match raw {
+            b"" => None,
+            b"0" | b"false" | b"0.0" => Some(false),
+            b"1" | b"true" | b"1.0" => Some(true),
+            _ => {
+                return Err(FieldError::new(
+                    "is_fraud",
+                    format!("expected 0 or 1, got {}", shown(raw)),
+                ));
+            }
+        };
+        Ok(())
+    }
+
+    /// Clears the optional fields before a row fills them.
+    pub fn reset_optional(&mut self) {
+        self.currency.clear();
+        self.country.clear();
+        self.mcc = None;
+        self.channel = None;
+        self.lat = None;
+        self.lon = None;
+        self.is_fraud = None;
+    }
+
+    /// Decodes a JSON object (Kafka, HTTP, JSON Lines). Unknown fields are
+    /// ignored; `null` counts as absent.
+    pub fn from_json(v: &Value) -> Result<Transaction, FieldError> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| FieldError::new("(body)", "expected a JSON object"))?;
+        let mut tx = Transaction::default();
+        let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
+        match get("transaction_id") {
+            Some(Value::String(s)) => tx.set_id(s.as_bytes())?,
+            Some(Value::Number(n)) if n.is_u64() || n.is_i64() => tx.transaction_id = n.to_string(),
+            Some(_) => {
+                return Err(FieldError::new(
+                    "transaction_id",
+                    "expected a string or an integer",
+                ));
+            }
+            None => return Err(FieldError::missing("transaction_id")),
+        }
+        tx.set_timestamp(
+            json_str(get("timestamp"), "timestamp")?
+                .unwrap_or_default()
+                .as_bytes(),
+        )?;
+        tx.set_card(json_id(get("card_id"), "card_id")?.as_bytes())?;
+        tx.set_merchant(json_id(get("merchant_id"), "merchant_id")?.as_bytes())?;
+        match get("amount") {
+            Some(Value::Number(n)) => tx.set_amount_value(n.as_f64(), n.to_string().as_bytes())?,
+            Some(Value::String(s)) => tx.set_amount(s.as_bytes())?,
+            Some(other) => tx.set_amount_value(None, other.to_string().as_bytes())?,
+            None => return Err(FieldError::missing("amount")),
+        }
+        if let Some(s) = json_str(get("currency"), "currency")? {
+            tx.set_currency(s.as_bytes())?;
+        }
+        if let Some(s) = json_str(get("country"), "country")? {
+            tx.set_country(s.as_bytes())?;
+        }
+        if let Some(s) = json_str(get("channel"), "channel")? {
+            tx.set_channel(s.as_bytes())?;
+        }
+        match get("mcc") {
+            None => {}
+            Some(Value::String(s)) => tx.set_mcc(s.as_bytes())?,
+            Some(other) => tx.set_mcc(other.to_string().as_bytes())?,
+        }
+        tx.lat = json_coordinate(get("lat"), "lat", 90.0)?;
+        tx.lon = json_coordinate(get("lon"), "lon", 180.0)?;
+        match get("is_fraud") {
+            None => {}
+            Some(Value::Bool(b)) => tx.is_fraud = Some(*b),
+            Some(Value::String(s)) => tx.set_label(s.as_bytes())?,
+            Some(other) => tx.set_label(other.to_string().as_bytes())?,
+        }
+        Ok(tx)
+    }
+
+    /// The JSON form, as accepted by [`Transaction::from_json`].
+    pub fn to_json(&self) -> Value {
+        let mut ts = String::with_capacity(20);
+        super::time::format_utc(self.time.utc, &mut ts);
+        let mut m = serde_json::Map::new();
+        m.insert("transaction_id".into(), self.transaction_id.clone().into());
+        m.insert("timestamp".into(), ts.into());
+        m.insert("card_id".into(), self.card_id.clone().into());
+        m.insert("merchant_id".into(), self.merchant_id.clone().into());
+        m.insert("amount".into(), self.amount.into());
+        if !self.currency.is_empty() {
+            m.insert("currency".into(), self.currency.clone().into());
+        }
+        if let Some(mcc) = self.mcc {
+            m.insert("mcc".into(), format!("{mcc:04}").into());
+        }
+        if !self.country.is_empty() {
+            m.insert("country".into(), self.country.clone().into());
+        }
+        if let Some(c) = self.channel {
+            m.insert("channel".into(), c.as_str().into());
+        }
+        if let (Some(lat), Some(lon)) = (self.lat, self.lon) {
+            m.insert("lat".into(), lat.into());
+            m.insert("lon".into(), lon.into());
+        }
+        if let Some(f) = self.is_fraud {
+            m.insert("is_fraud".into(), u8::from(f).into());
+        }
+        Value::Object(m)
+    }
+}
+
+fn set_required_str(dst: &mut String, field: &'static str, raw: &[u8]) -> Result<(), FieldError> {
+    let s = std::str::from_utf8(raw).map_err(|_| FieldError::new(field, "not valid UTF-8"))?;
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(FieldError::missing(field));
+    }
+    dst.clear();
+    dst.push_str(s);
+    Ok(())
+}
+
+fn set_code(
+    dst: &mut String,
+    field: &'static str,
+    raw: &[u8],
+    len: usize,
+    what: &str,
+) -> Result<(), FieldError> {
+    dst.clear();
+    if raw.is_empty() {
+        return Ok(());
+    }
+    if raw.len() != len || !raw.iter().all(|c| c.is_ascii_alphabetic()) {
+        return Err(FieldError::new(
+            field,
+            format!("expected {what}, got {}", shown(raw)),
+        ));
+    }
+    dst.extend(raw.iter().map(|c| c.to_ascii_uppercase() as char));
+    Ok(())
+}
+
+fn parse_coordinate(
+    field: &'static str,
+    raw: &[u8],
+    bound: f64,
+) -> Result<Option<f64>, FieldError> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let v = std::str::from_utf8(raw)
+        .ok()
+        .and_then(|s| s.trim().parse::<f64>().ok());
+    check_coordinate(field, v, bound, raw)
+}
+
+fn check_coordinate(
+    field: &'static str,
+    v: Option<f64>,
+    bound: f64,
+    raw: &[u8],
+) -> Result<Option<f64>, FieldError> {
+    match v {
+        Some(x) if x.is_finite() && x.abs() <= bound => Ok(Some(x)),
+        _ => Err(FieldError::new(
+            field,
+            format!(
+                "expected a number in [-{bound}, {bound}], got {}",
+                shown(raw)
+            ),
+        )),
+    }
+}
+
+fn json_str<'a>(v: Option<&'a Value>, field: &'static str) -> Result<Option<&'a str>, FieldError> {
+    match v {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(FieldError::new(field, "expected a string")),
+    }
+}
+
+/// Card and merchant tokens: strings, though integer ids are accepted as-is.
+fn json_id(v: Option<&Value>, field: &'static str) -> Result<String, FieldError> {
+    match v {
+        None => Err(FieldError::missing(field)),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => Ok(n.to_string()),
+        Some(_) => Err(FieldError::new(field, "expected a string")),
+    }
+}
+
+fn json_coordinate(
+    v: Option<&Value>,
+    field: &'static str,
+    bound: f64,
+) -> Result<Option<f64>, FieldError> {
+    match v {
+        None => Ok(None),
+        Some(Value::Number(n)) => {
+            check_coordinate(field, n.as_f64(), bound, n.to_string().as_bytes())
+        }
+        Some(Value::String(s)) => parse_coordinate(field, s.as_bytes(), bound),
+        Some(other) => check_coordinate(field, None, bound, other.to_string().as_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_round_trip() {
+        let v = json!({"transaction_id": 7, "timestamp": "2018-04-01T10:00:00Z", "card_id": "c1",
+            "merchant_id": "m1", "amount": 12.5, "channel": "ecom", "lat": 45.0, "lon": 5.0,
+            "mcc": "5411", "currency": "eur", "extra": [1, 2], "is_fraud": 1});
+        let tx = Transaction::from_json(&v).unwrap();
+        assert_eq!(tx.transaction_id, "7");
+        assert_eq!(tx.currency, "EUR");
+        assert_eq!(tx.mcc, Some(5411));
+        assert_eq!(tx.channel, Some(Channel::Ecom));
+        assert_eq!(tx.is_fraud, Some(true));
+        assert_eq!(Transaction::from_json(&tx.to_json()).unwrap(), tx);
+    }
+
+    #[test]
+    fn json_errors_name_the_field() {
+        let base = json!({"transaction_id": "t", "timestamp": "2018-04-01T10:00:00Z",
+            "card_id": "c", "merchant_id": "m", "amount": 1.0});
+        assert!(Transaction::from_json(&base).is_ok());
+        let cases = [
+            ("amount", json!(-3.0)),
+            ("amount", json!("lots")),
+            ("timestamp", json!("01/04/2018")),
+            ("card_id", json!(["x"])),
+            ("lat", json!(123.0)),
+            ("channel", json!("fax")),
+            ("is_fraud", json!(2)),
+        ];
+        for (field, bad) in cases {
+            let mut v = base.clone();
+            v[field] = bad;
+            let err = Transaction::from_json(&v).unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+        }
+        for field in [
+            "transaction_id",
+            "timestamp",
+            "card_id",
+            "merchant_id",
+            "amount",
+        ] {
+            let mut v = base.clone();
+            v.as_object_mut().unwrap().remove(field);
+            let err = Transaction::from_json(&v).unwrap_err();
+            assert_eq!(err.field, field);
+            assert!(err.to_string().contains("missing"), "{err}");
+        }
+    }
+}

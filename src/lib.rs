@@ -1,0 +1,12 @@
+//! Peregrine: real-time card-fraud and anomaly scoring.
+//!
+//! The data flow is the module layout: [`ingest`] reads transactions,
+//! [`features`] keeps per-card and per-merchant windows, [`model`] scores
+//! with reasons, and [`backtest`] drives files through all of it for
+//! training, evaluation and replay.
+
+pub mod features;
+pub mod ingest;
+pub mod model;
+pub mod rng;
+pub mod sim;

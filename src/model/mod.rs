@@ -1,0 +1,261 @@
+//! Models: stored formats with metadata, training, and scoring with reasons.
+
+pub mod iforest;
+pub mod logistic;
+pub mod rules;
+pub mod scorer;
+pub mod trees;
+
+use crate::features::{FeatureConfig, N_FEATURES, NAMES, idx};
+use iforest::{IsolationForest, IsolationParams};
+use logistic::{Logistic, LogisticParams};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use trees::{Forest, ForestParams, Gbt, GbtParams};
+
+pub const FORMAT: &str = "peregrine-model";
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Algo {
+    /// Logistic regression (linfa-logistic).
+    Logistic,
+    /// Random forest.
+    Forest,
+    /// Gradient-boosted trees.
+    Gbt,
+    /// Isolation forest: unsupervised, ignores the labels.
+    Iforest,
+}
+
+impl Algo {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algo::Logistic => "logistic",
+            Algo::Forest => "forest",
+            Algo::Gbt => "gbt",
+            Algo::Iforest => "iforest",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Body {
+    Logistic(Logistic),
+    Forest(Forest),
+    Gbt(Gbt),
+    Iforest(IsolationForest),
+}
+
+/// Score cut-offs: at or over `review` an alert asks for review, at or over
+/// `block` for a block.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Thresholds {
+    pub review: f64,
+    pub block: f64,
+    /// The anomaly score at which a supervised model's alert is raised anyway.
+    pub anomaly_review: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Training {
+    pub data: String,
+    pub from: String,
+    pub to: String,
+    pub rows: usize,
+    pub frauds: usize,
+    pub seconds: f64,
+}
+
+/// A stored model: what it needs to score, and what a reader needs to trust it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Model {
+    pub format: String,
+    pub format_version: u32,
+    pub model_version: String,
+    pub algo: Algo,
+    pub created_at: String,
+    /// Feature names in the order the model reads them.
+    pub features: Vec<String>,
+    pub feature_config: FeatureConfig,
+    pub training: Training,
+    /// In-sample metrics of the training window, and any evaluations added later.
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+    pub thresholds: Thresholds,
+    pub body: Body,
+    /// An unsupervised score trained alongside, reported with every score.
+    pub anomaly: Option<IsolationForest>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read model {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("model {path} is not a valid model file: {reason}")]
+    Invalid { path: String, reason: String },
+    #[error(
+        "model {path} was trained on features that differ from this engine's: {reason}; retrain it with this version"
+    )]
+    FeatureMismatch { path: String, reason: String },
+}
+
+/// The features the anomaly score reads: the card's behaviour, not labels.
+pub const ANOMALY_FEATURES: [usize; 12] = [
+    idx::AMOUNT,
+    idx::CARD_COUNT_1D,
+    idx::CARD_MEAN_30D,
+    idx::RATIO_7D,
+    idx::RATIO_30D,
+    idx::ZSCORE_30D,
+    idx::LARGE_7D,
+    idx::CARD_COUNT_1H,
+    idx::DISTINCT_MERCHANTS_1D,
+    idx::SECS_SINCE_PREV,
+    idx::VELOCITY,
+    idx::MERCHANT_COUNT_1H,
+];
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TrainParams {
+    pub logistic: LogisticParams,
+    pub forest: ForestParams,
+    pub gbt: GbtParams,
+    pub iforest: IsolationParams,
+}
+
+impl Model {
+    /// Fits `algo` on row-major features `x` with labels `y`.
+    pub fn fit(
+        algo: Algo,
+        x: &[f32],
+        y: &[u8],
+        p: &TrainParams,
+    ) -> anyhow::Result<(Body, Option<IsolationForest>)> {
+        let cols = N_FEATURES;
+        let anomaly = IsolationForest::train(x, cols, ANOMALY_FEATURES.to_vec(), &p.iforest);
+        let body = match algo {
+            Algo::Logistic => Body::Logistic(Logistic::train(x, y, cols, &p.logistic)?),
+            Algo::Forest => Body::Forest(Forest::train(x, y, cols, &p.forest)),
+            Algo::Gbt => Body::Gbt(Gbt::train(x, y, cols, &p.gbt)),
+            Algo::Iforest => return Ok((Body::Iforest(anomaly), None)),
+        };
+        Ok((body, Some(anomaly)))
+    }
+
+    pub fn default_thresholds(algo: Algo) -> Thresholds {
+        match algo {
+            Algo::Iforest => Thresholds {
+                review: 0.65,
+                block: 0.75,
+                anomaly_review: 0.65,
+            },
+            _ => Thresholds {
+                review: 0.5,
+                block: 0.9,
+                anomaly_review: 0.8,
+            },
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Model, ModelError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        Model::from_json(&text, &shown)
+    }
+
+    pub fn from_json(text: &str, path: &str) -> Result<Model, ModelError> {
+        let invalid = |reason: String| ModelError::Invalid {
+            path: path.to_string(),
+            reason,
+        };
+        let head: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        if head.get("format").and_then(|v| v.as_str()) != Some(FORMAT) {
+            return Err(invalid(format!("`format` is not \"{FORMAT}\"")));
+        }
+        let version = head.get("format_version").and_then(|v| v.as_u64());
+        if version != Some(FORMAT_VERSION as u64) {
+            return Err(invalid(format!(
+                "format_version {version:?} is not supported (this build reads {FORMAT_VERSION})"
+            )));
+        }
+        if let Some(names) = head.get("features").and_then(|v| v.as_array()) {
+            let names: Vec<&str> = names.iter().filter_map(|v| v.as_str()).collect();
+            check_features(&names).map_err(|reason| ModelError::FeatureMismatch {
+                path: path.to_string(),
+                reason,
+            })?;
+        }
+        let model: Model = serde_json::from_value(head).map_err(|e| invalid(e.to_string()))?;
+        model.validate().map_err(invalid)?;
+        Ok(model)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let trees: Vec<&trees::Tree> = match &self.body {
+            Body::Logistic(l) => {
+                if l.weights.len() != N_FEATURES
+                    || l.scaling.mean.len() != N_FEATURES
+                    || l.scaling.std.len() != N_FEATURES
+                    || l.scaling.log1p.len() != N_FEATURES
+                {
+                    return Err("logistic weights or scaling do not match the feature count".into());
+                }
+                Vec::new()
+            }
+            Body::Forest(f) => f.trees.iter().collect(),
+            Body::Gbt(g) => g.trees.iter().collect(),
+            Body::Iforest(f) => f.trees.iter().collect(),
+        };
+        for t in trees
+            .into_iter()
+            .chain(self.anomaly.iter().flat_map(|a| a.trees.iter()))
+        {
+            t.validate(N_FEATURES)?;
+        }
+        Ok(())
+    }
+
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let text = serde_json::to_string(self)?;
+        std::fs::write(path, text)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+    }
+}
+
+/// The model's feature list must be the engine's, name for name and in order.
+pub fn check_features(names: &[&str]) -> Result<(), String> {
+    if names == NAMES {
+        return Ok(());
+    }
+    let missing: Vec<&str> = NAMES
+        .iter()
+        .filter(|n| !names.contains(n))
+        .copied()
+        .collect();
+    let unknown: Vec<&str> = names
+        .iter()
+        .filter(|n| !NAMES.contains(n))
+        .copied()
+        .collect();
+    if missing.is_empty() && unknown.is_empty() {
+        return Err("the same features in a different order".into());
+    }
+    let mut parts = Vec::new();
+    if !unknown.is_empty() {
+        parts.push(format!("unknown to the engine: {}", unknown.join(", ")));
+    }
+    if !missing.is_empty() {
+        parts.push(format!("missing from the model: {}", missing.join(", ")));
+    }
+    Err(parts.join("; "))
+}

@@ -1,0 +1,167 @@
+//! Scores with reasons: the model's score, the anomaly score, the rules that
+//! fired, the top contributing features, and the decision they lead to.
+
+use super::rules::{RuleInput, RuleSet, Severity};
+use super::{Body, Model, Thresholds};
+use crate::features::{Features, N_FEATURES, NAMES};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    Allow,
+    Review,
+    Block,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Review => "review",
+            Decision::Block => "block",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Contribution {
+    pub feature: &'static str,
+    pub value: f32,
+    /// Signed: positive pushes towards fraud. Log-odds for logistic and
+    /// boosted models, probability for a forest, isolation for the anomaly model.
+    pub contribution: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RuleHit {
+    pub rule: String,
+    pub severity: Severity,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct Reasons {
+    pub top_features: Vec<Contribution>,
+    pub rules: Vec<RuleHit>,
+    /// Set when the anomaly score alone raised the alert.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub anomalous: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Score {
+    pub score: f64,
+    pub anomaly: Option<f64>,
+    pub decision: Decision,
+    pub reasons: Reasons,
+}
+
+/// How many features an explanation lists.
+pub const TOP_FEATURES: usize = 5;
+
+pub struct Scorer {
+    pub model: Model,
+    pub rules: RuleSet,
+    pub thresholds: Thresholds,
+}
+
+impl Scorer {
+    pub fn new(model: Model, rules: RuleSet) -> Scorer {
+        let thresholds = model.thresholds;
+        Scorer {
+            model,
+            rules,
+            thresholds,
+        }
+    }
+
+    /// The model's score alone: the fast path for evaluation.
+    pub fn raw_score(&self, f: &Features) -> f64 {
+        match &self.model.body {
+            Body::Logistic(m) => m.score(&f.0),
+            Body::Forest(m) => m.score(&f.0),
+            Body::Gbt(m) => m.score(&f.0),
+            Body::Iforest(m) => m.score(&f.0),
+        }
+    }
+
+    /// The full score. Explanations are computed only when the decision is
+    /// not `allow` or `explain` is set, since they cost more than the score.
+    pub fn score(&self, f: &Features, explain: bool) -> Score {
+        let score = self.raw_score(f);
+        let anomaly = self.model.anomaly.as_ref().map(|a| a.score(&f.0));
+        let input = RuleInput {
+            features: &f.0,
+            score,
+            anomaly: anomaly.unwrap_or(0.0),
+        };
+        let rules: Vec<RuleHit> = self
+            .rules
+            .rules
+            .iter()
+            .filter(|r| r.fires(&input))
+            .map(|r| RuleHit {
+                rule: r.name.clone(),
+                severity: r.severity,
+            })
+            .collect();
+        let t = &self.thresholds;
+        let mut decision = if score >= t.block {
+            Decision::Block
+        } else if score >= t.review {
+            Decision::Review
+        } else {
+            Decision::Allow
+        };
+        let anomalous =
+            decision == Decision::Allow && anomaly.is_some_and(|a| a >= t.anomaly_review);
+        if anomalous {
+            decision = Decision::Review;
+        }
+        for r in &rules {
+            decision = decision.max(match r.severity {
+                Severity::High => Decision::Block,
+                Severity::Medium => Decision::Review,
+                Severity::Low => Decision::Allow,
+            });
+        }
+        let top_features = if explain || decision != Decision::Allow {
+            self.explain(f, anomalous)
+        } else {
+            Vec::new()
+        };
+        Score {
+            score,
+            anomaly,
+            decision,
+            reasons: Reasons {
+                top_features,
+                rules,
+                anomalous,
+            },
+        }
+    }
+
+    /// The features that contributed most, by absolute contribution.
+    pub fn explain(&self, f: &Features, from_anomaly: bool) -> Vec<Contribution> {
+        let mut c = [0f64; N_FEATURES];
+        match (&self.model.body, &self.model.anomaly) {
+            (_, Some(a)) if from_anomaly => a.contributions(&f.0, &mut c),
+            (Body::Logistic(m), _) => m.contributions(&f.0, &mut c),
+            (Body::Forest(m), _) => m.contributions(&f.0, &mut c),
+            (Body::Gbt(m), _) => m.contributions(&f.0, &mut c),
+            (Body::Iforest(m), _) => m.contributions(&f.0, &mut c),
+        }
+        let mut order: Vec<usize> = (0..N_FEATURES).filter(|&i| c[i] != 0.0).collect();
+        order.sort_by(|&a, &b| c[b].abs().total_cmp(&c[a].abs()));
+        order
+            .into_iter()
+            .take(TOP_FEATURES)
+            .map(|i| Contribution {
+                feature: NAMES[i],
+                value: f.0[i],
+                contribution: c[i],
+            })
+            .collect()
+    }
+}
