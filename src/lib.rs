@@ -5,6 +5,9 @@
 //! with reasons, and [`backtest`] drives files through all of it for
 //! training, evaluation and replay.
 
+pub mod alerts;
+pub mod backtest;
+pub mod evaluate;
 pub mod features;
 pub mod ingest;
 pub mod model;

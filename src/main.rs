@@ -1,1 +1,331 @@
-fn main() {}
+//! The `peregrine` command line.
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use peregrine::backtest::{self, EvalRequest, TrainRequest};
+use peregrine::features::FeatureConfig;
+use peregrine::ingest::time::parse_date;
+use peregrine::model::rules::{RuleSet, parse_rules};
+use peregrine::model::scorer::Scorer;
+use peregrine::model::{Algo, Model, TrainParams};
+use peregrine::sim::{SimConfig, Simulation};
+use std::io::{BufWriter, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+mod demo;
+
+#[derive(Parser)]
+#[command(
+    name = "peregrine",
+    version,
+    about = "Real-time card-fraud and anomaly detection",
+    long_about = "Real-time card-fraud and anomaly detection.\n\n\
+        Streams card transactions in event time through exact per-card and per-merchant \
+        windows, scores them with a trained model, rules and an anomaly score, and explains \
+        every alert.\n\nTransaction files are CSV with a header, or JSON Lines; `.gz` is read transparently."
+)]
+struct Cli {
+    /// No progress bar, even on a terminal.
+    #[arg(long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate transactions with the Fraud Detection Handbook's simulator.
+    Simulate(SimulateArgs),
+    /// Train a model on a time window of a labelled file.
+    Train(TrainArgs),
+    /// Evaluate a model on a test window with the Handbook's protocol; prints JSON.
+    Eval(EvalArgs),
+    /// Backtest: score every transaction of a file and write the alerts.
+    Replay(ReplayArgs),
+    /// Simulate, score with the built-in model and show alerts: no set-up needed.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Args)]
+struct SimulateArgs {
+    /// Output file (CSV; gzipped when it ends in .gz).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 5000)]
+    customers: usize,
+    #[arg(long, default_value_t = 10_000)]
+    terminals: usize,
+    #[arg(long, default_value_t = 183)]
+    days: u32,
+    /// First day, YYYY-MM-DD (UTC).
+    #[arg(long, default_value = "2018-04-01")]
+    start: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Fraud scenarios to inject: 1 amount > 220, 2 compromised terminals,
+    /// 3 compromised cards, 4 card testing, 5 account takeover.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5")]
+    scenarios: Vec<u8>,
+}
+
+#[derive(Args)]
+struct FeatureArgs {
+    /// Days between a transaction and the moment its fraud label is known.
+    #[arg(long, default_value_t = 7)]
+    label_delay_days: i64,
+    /// Seconds an event may lag the newest event time and still update state.
+    #[arg(long, default_value_t = 3600)]
+    allowed_lateness: i64,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Labelled transactions (CSV or JSON Lines, optionally .gz), in time order.
+    #[arg(long)]
+    data: PathBuf,
+    /// First day of the training window (inclusive), YYYY-MM-DD.
+    #[arg(long)]
+    train_from: String,
+    /// End of the training window (exclusive), YYYY-MM-DD.
+    #[arg(long)]
+    train_to: String,
+    #[arg(long, value_enum, default_value_t = Algo::Gbt)]
+    algo: Algo,
+    /// Where to write the model (JSON).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    features: FeatureArgs,
+    /// Boosting rounds (gbt) or trees (forest, iforest).
+    #[arg(long)]
+    trees: Option<usize>,
+    /// Maximum tree depth (gbt, forest).
+    #[arg(long)]
+    max_depth: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    model: PathBuf,
+    /// First test day (inclusive), YYYY-MM-DD.
+    #[arg(long)]
+    test_from: String,
+    /// End of the test period (exclusive), YYYY-MM-DD.
+    #[arg(long)]
+    test_to: String,
+    /// Leave out, on each test day, the cards with a fraud at or after this
+    /// date whose label was already known that day.
+    #[arg(long)]
+    exclude_known_since: Option<String>,
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    model: PathBuf,
+    /// Alerts as JSON Lines; standard output when not given.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Rules file (see README: `name severity: condition` per line).
+    #[arg(long)]
+    rules: Option<PathBuf>,
+    /// Score at or over which an alert asks for review (default: the model's).
+    #[arg(long)]
+    review_threshold: Option<f64>,
+    /// Score at or over which an alert asks for a block (default: the model's).
+    #[arg(long)]
+    block_threshold: Option<f64>,
+}
+
+fn date(flag: &str, s: &str) -> anyhow::Result<i64> {
+    parse_date(s).with_context(|| format!("--{flag}: expected a date as YYYY-MM-DD, got {s:?}"))
+}
+
+pub fn load_rules(path: Option<&Path>) -> anyhow::Result<RuleSet> {
+    let Some(path) = path else {
+        return Ok(RuleSet::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read rules {}", path.display()))?;
+    parse_rules(&text).with_context(|| format!("in rules file {}", path.display()))
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let progress = !cli.quiet && std::io::stderr().is_terminal();
+    if let Err(e) = run(cli.command, progress) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Command, progress: bool) -> anyhow::Result<()> {
+    match command {
+        Command::Simulate(a) => simulate(a),
+        Command::Train(a) => train(a, progress),
+        Command::Eval(a) => eval(a, progress),
+        Command::Replay(a) => replay(a, progress),
+        Command::Demo(a) => demo::run(a, progress),
+    }
+}
+
+pub fn write_simulation(sim: &Simulation, out: &Path) -> anyhow::Result<()> {
+    let file =
+        std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let gz = out.extension().is_some_and(|e| e == "gz");
+    let mut w: Box<dyn Write> = if gz {
+        Box::new(flate2::write::GzEncoder::new(
+            BufWriter::with_capacity(1 << 20, file),
+            flate2::Compression::fast(),
+        ))
+    } else {
+        Box::new(BufWriter::with_capacity(1 << 20, file))
+    };
+    sim.write_csv(&mut w)?;
+    w.flush()?;
+    drop(w);
+    Ok(())
+}
+
+fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
+    if let Some(bad) = a.scenarios.iter().find(|s| !(1..=5).contains(*s)) {
+        bail!("--scenarios: {bad} is not a scenario (1 to 5)");
+    }
+    if a.customers == 0 || a.terminals == 0 || a.days == 0 {
+        bail!("--customers, --terminals and --days must be at least 1");
+    }
+    let started = Instant::now();
+    let cfg = SimConfig {
+        customers: a.customers,
+        terminals: a.terminals,
+        days: a.days,
+        start: date("start", &a.start)?,
+        seed: a.seed,
+        scenarios: a.scenarios,
+        ..SimConfig::default()
+    };
+    let sim = Simulation::run(cfg);
+    write_simulation(&sim, &a.out)?;
+    let frauds = sim.transactions.iter().filter(|t| t.scenario > 0).count();
+    eprintln!(
+        "wrote {} transactions ({} frauds, {:.2}%) to {} in {:.1}s",
+        sim.transactions.len(),
+        frauds,
+        100.0 * frauds as f64 / sim.transactions.len().max(1) as f64,
+        a.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn train(a: TrainArgs, progress: bool) -> anyhow::Result<()> {
+    let (from, to) = (
+        date("train-from", &a.train_from)?,
+        date("train-to", &a.train_to)?,
+    );
+    if to <= from {
+        bail!("--train-to must be after --train-from");
+    }
+    if a.features.label_delay_days < 0 || a.features.allowed_lateness < 0 {
+        bail!("--label-delay-days and --allowed-lateness must not be negative");
+    }
+    let mut params = TrainParams::default();
+    params.gbt.seed = a.seed;
+    params.forest.seed = a.seed;
+    params.iforest.seed = a.seed;
+    if let Some(n) = a.trees {
+        params.gbt.rounds = n;
+        params.forest.trees = n;
+        params.iforest.trees = n;
+    }
+    if let Some(d) = a.max_depth {
+        params.gbt.tree.max_depth = d;
+        params.forest.tree.max_depth = d;
+    }
+    let req = TrainRequest {
+        data: &a.data,
+        from,
+        to,
+        algo: a.algo,
+        features: FeatureConfig {
+            label_delay_secs: a.features.label_delay_days * 86_400,
+            allowed_lateness_secs: a.features.allowed_lateness,
+            ..FeatureConfig::default()
+        },
+        params,
+        progress,
+    };
+    let model = backtest::train(&req)?;
+    model.save(&a.out)?;
+    eprintln!(
+        "trained {} on {} transactions ({} frauds) in {:.1}s → {} [{}]",
+        a.algo.as_str(),
+        model.training.rows,
+        model.training.frauds,
+        model.training.seconds,
+        a.out.display(),
+        model.model_version
+    );
+    Ok(())
+}
+
+fn eval(a: EvalArgs, progress: bool) -> anyhow::Result<()> {
+    let model = Model::load(&a.model)?;
+    let req = EvalRequest {
+        data: &a.data,
+        from: date("test-from", &a.test_from)?,
+        to: date("test-to", &a.test_to)?,
+        exclude_known_since: a
+            .exclude_known_since
+            .as_deref()
+            .map(|s| date("exclude-known-since", s))
+            .transpose()?,
+        progress,
+    };
+    if req.to <= req.from {
+        bail!("--test-to must be after --test-from");
+    }
+    let report = backtest::evaluate(&Scorer::new(model, RuleSet::default()), &req)?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn replay(a: ReplayArgs, progress: bool) -> anyhow::Result<()> {
+    let model = Model::load(&a.model)?;
+    let rules = load_rules(a.rules.as_deref())?;
+    let mut scorer = Scorer::new(model, rules);
+    if let Some(t) = a.review_threshold {
+        scorer.thresholds.review = t;
+    }
+    if let Some(t) = a.block_threshold {
+        scorer.thresholds.block = t;
+    }
+    let mut out: Box<dyn Write> = match &a.out {
+        Some(p) => Box::new(BufWriter::with_capacity(
+            1 << 20,
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
+        None => Box::new(BufWriter::new(std::io::stdout().lock())),
+    };
+    let s = backtest::replay(&scorer, &a.data, &mut out, progress)?;
+    eprintln!(
+        "replayed {} transactions in {:.2}s: {:.0} transactions/s; {} alerts ({} review, {} block, {} by rules), {} late",
+        s.transactions,
+        s.seconds,
+        s.transactions_per_second,
+        s.alerts,
+        s.review,
+        s.block,
+        s.rule_alerts,
+        s.late
+    );
+    Ok(())
+}

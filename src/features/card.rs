@@ -148,7 +148,8 @@ impl CardState {
         if let Some(p) = prev.or(self.before.as_ref()) {
             let dt = t - p.ts as i64;
             v.secs_since_prev = Some(dt);
-            if !lat.is_nan() && !p.lat.is_nan() {
+            // Beyond 30 days a card may have expired, so no speed either way.
+            if dt <= 30 * DAY && !lat.is_nan() && !p.lat.is_nan() {
                 let km = haversine_km(p.lat as f64, p.lon as f64, lat as f64, lon as f64);
                 // A minute's floor keeps two swipes in the same second finite.
                 v.velocity_kmh = km / (dt.max(60) as f64 / 3600.0);
@@ -188,7 +189,11 @@ impl CardState {
         let overflow = self.recent.len().saturating_sub(max_recent);
         let cut = expired.max(overflow);
         if cut > 0 {
-            self.before = Some(self.recent[cut - 1]);
+            // A late event may be evicted at once: keep the newest ever evicted.
+            let newest = self.recent[cut - 1];
+            if self.before.is_none_or(|b| b.ts <= newest.ts) {
+                self.before = Some(newest);
+            }
             self.recent.drain(..cut);
         }
         if self.recent.capacity() > 2 * self.recent.len().max(4) {

@@ -1,0 +1,322 @@
+//! Files through the engine: training, evaluation and replay all stream a
+//! file in time order through the same [`Engine`], so a model is trained on
+//! exactly the features it is served with.
+
+use crate::alerts::{Alert, now_rfc3339};
+use crate::evaluate::{self, Scored};
+use crate::features::store::key_hash;
+use crate::features::{Engine, EngineStats, FeatureConfig, Features, N_FEATURES, NAMES};
+use crate::ingest::time::{format_date, format_utc};
+use crate::ingest::{Transaction, TransactionReader};
+use crate::model::scorer::{Decision, Scorer};
+use crate::model::{Algo, FORMAT, FORMAT_VERSION, Model, TrainParams, Training};
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct StreamSummary {
+    pub rows: u64,
+    /// Rows behind the watermark by more than the allowed lateness: scored on
+    /// the state as it was, but not folded into it.
+    pub late: u64,
+    pub seconds: f64,
+    pub engine: EngineStats,
+}
+
+fn progress(enabled: bool) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {elapsed} {human_pos} transactions ({per_sec}) {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar
+}
+
+/// Streams `path` through a fresh engine, calling `each` with every
+/// transaction and its features. Fraud labels in the file become known one
+/// label delay after their transaction.
+pub fn stream(
+    path: &Path,
+    cfg: FeatureConfig,
+    show_progress: bool,
+    mut each: impl FnMut(&Transaction, &Features) -> anyhow::Result<()>,
+) -> anyhow::Result<StreamSummary> {
+    let started = Instant::now();
+    let mut reader =
+        TransactionReader::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut engine = Engine::new(cfg);
+    let mut tx = Transaction::default();
+    let bar = progress(show_progress);
+    let (mut rows, mut late) = (0u64, 0u64);
+    while reader
+        .next_into(&mut tx)
+        .with_context(|| format!("reading {}", path.display()))?
+    {
+        let features = match engine.process(&tx) {
+            Ok(f) => f,
+            Err(_) => {
+                late += 1;
+                engine.peek(&tx)
+            }
+        };
+        each(&tx, &features)?;
+        if tx.is_fraud == Some(true) {
+            engine.schedule_label(&tx.merchant_id, tx.time.utc);
+        }
+        rows += 1;
+        if rows & 0xffff == 0 {
+            bar.set_position(rows);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(StreamSummary {
+        rows,
+        late,
+        seconds: started.elapsed().as_secs_f64(),
+        engine: engine.stats(),
+    })
+}
+
+fn label_of(tx: &Transaction) -> anyhow::Result<u8> {
+    tx.is_fraud.map(u8::from).ok_or_else(|| {
+        anyhow::anyhow!(
+            "transaction {} has no `is_fraud` label; training and evaluation need labelled data",
+            tx.transaction_id
+        )
+    })
+}
+
+pub struct TrainRequest<'a> {
+    pub data: &'a Path,
+    pub from: i64,
+    pub to: i64,
+    pub algo: Algo,
+    pub features: FeatureConfig,
+    pub params: TrainParams,
+    pub progress: bool,
+}
+
+/// Collects the features of the training window and fits a model.
+pub fn train(req: &TrainRequest) -> anyhow::Result<Model> {
+    let started = Instant::now();
+    let mut x: Vec<f32> = Vec::new();
+    let mut y: Vec<u8> = Vec::new();
+    stream(req.data, req.features, req.progress, |tx, f| {
+        let t = tx.time.utc;
+        if t >= req.from && t < req.to {
+            y.push(label_of(tx)?);
+            x.extend_from_slice(&f.0);
+        }
+        Ok(())
+    })?;
+    if y.is_empty() {
+        anyhow::bail!(
+            "no transactions between {} and {} in {}",
+            format_date(req.from),
+            format_date(req.to),
+            req.data.display()
+        );
+    }
+    let (body, anomaly) = Model::fit(req.algo, &x, &y, &req.params)?;
+    let frauds = y.iter().filter(|&&v| v == 1).count();
+    let mut model = Model {
+        format: FORMAT.into(),
+        format_version: FORMAT_VERSION,
+        model_version: String::new(),
+        algo: req.algo,
+        created_at: now_rfc3339(),
+        features: NAMES.iter().map(|s| s.to_string()).collect(),
+        feature_config: req.features,
+        training: Training {
+            data: req
+                .data
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            from: format_date(req.from),
+            to: format_date(req.to),
+            rows: y.len(),
+            frauds,
+            seconds: 0.0,
+        },
+        metrics: serde_json::Map::new(),
+        thresholds: Model::default_thresholds(req.algo),
+        body,
+        anomaly,
+    };
+    let scorer = Scorer::new(model.clone(), Default::default());
+    let scores: Vec<f64> = x
+        .chunks_exact(N_FEATURES)
+        .map(|r| {
+            let mut a = [0f32; N_FEATURES];
+            a.copy_from_slice(r);
+            scorer.raw_score(&Features(a))
+        })
+        .collect();
+    model.metrics.insert(
+        "train".into(),
+        serde_json::json!({
+            "auc_roc": evaluate::auc_roc(&scores, &y),
+            "average_precision": evaluate::average_precision(&scores, &y),
+        }),
+    );
+    model.training.seconds = (started.elapsed().as_secs_f64() * 10.0).round() / 10.0;
+    let digest = key_hash(&serde_json::to_string(&model.body)?);
+    model.model_version = format!(
+        "{}-{}-{:08x}",
+        req.algo.as_str(),
+        model.training.to,
+        digest >> 32
+    );
+    Ok(model)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub auc_roc: f64,
+    pub average_precision: f64,
+    pub card_precision_at_100: f64,
+    pub transactions: usize,
+    pub frauds: usize,
+    pub excluded_transactions: usize,
+    pub model_version: String,
+    pub test_from: String,
+    pub test_to: String,
+}
+
+pub struct EvalRequest<'a> {
+    pub data: &'a Path,
+    pub from: i64,
+    pub to: i64,
+    pub exclude_known_since: Option<i64>,
+    pub progress: bool,
+}
+
+const DAY: i64 = 86_400;
+
+/// Scores the test window. With `exclude_known_since` D, on each test day X
+/// the cards with a fraud at or after D whose label was known before X
+/// began (fraud time + label delay < start of X) are left out.
+pub fn evaluate(scorer: &Scorer, req: &EvalRequest) -> anyhow::Result<EvalReport> {
+    let delay = scorer.model.feature_config.label_delay_secs;
+    let mut rows: Vec<Scored> = Vec::new();
+    let mut first_fraud: HashMap<u64, i64> = HashMap::new();
+    stream(
+        req.data,
+        scorer.model.feature_config,
+        req.progress,
+        |tx, f| {
+            let t = tx.time.utc;
+            let card = key_hash(&tx.card_id);
+            if let Some(since) = req.exclude_known_since
+                && t >= since
+                && tx.is_fraud == Some(true)
+            {
+                first_fraud
+                    .entry(card)
+                    .and_modify(|e| *e = (*e).min(t))
+                    .or_insert(t);
+            }
+            if t >= req.from && t < req.to {
+                rows.push(Scored {
+                    day: t.div_euclid(DAY),
+                    card,
+                    score: scorer.raw_score(f),
+                    fraud: label_of(tx)? == 1,
+                });
+            }
+            Ok(())
+        },
+    )?;
+    let before = rows.len();
+    rows.retain(|r| {
+        first_fraud
+            .get(&r.card)
+            .is_none_or(|&ft| ft + delay >= r.day * DAY)
+    });
+    let scores: Vec<f64> = rows.iter().map(|r| r.score).collect();
+    let labels: Vec<u8> = rows.iter().map(|r| u8::from(r.fraud)).collect();
+    Ok(EvalReport {
+        auc_roc: evaluate::auc_roc(&scores, &labels),
+        average_precision: evaluate::average_precision(&scores, &labels),
+        card_precision_at_100: evaluate::card_precision_at_k(&rows, 100),
+        transactions: rows.len(),
+        frauds: labels.iter().filter(|&&l| l == 1).count(),
+        excluded_transactions: before - rows.len(),
+        model_version: scorer.model.model_version.clone(),
+        test_from: format_date(req.from),
+        test_to: format_date(req.to),
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplaySummary {
+    pub transactions: u64,
+    pub alerts: u64,
+    pub review: u64,
+    pub block: u64,
+    pub rule_alerts: u64,
+    pub late: u64,
+    pub seconds: f64,
+    pub transactions_per_second: f64,
+}
+
+/// Scores every transaction and writes an alert line for each one that is
+/// not allowed.
+pub fn replay(
+    scorer: &Scorer,
+    data: &Path,
+    out: &mut dyn Write,
+    show_progress: bool,
+) -> anyhow::Result<ReplaySummary> {
+    let (mut alerts, mut review, mut block, mut rule_alerts) = (0u64, 0u64, 0u64, 0u64);
+    let produced_at = now_rfc3339();
+    let version = scorer.model.model_version.as_str();
+    let mut line = Vec::with_capacity(1024);
+    let summary = stream(data, scorer.model.feature_config, show_progress, |tx, f| {
+        let s = scorer.score(f, false);
+        if s.decision == Decision::Allow {
+            return Ok(());
+        }
+        alerts += 1;
+        match s.decision {
+            Decision::Block => block += 1,
+            _ => review += 1,
+        }
+        if !s.reasons.rules.is_empty() {
+            rule_alerts += 1;
+        }
+        line.clear();
+        serde_json::to_writer(&mut line, &Alert::new(tx, &s, version, produced_at.clone()))?;
+        line.push(b'\n');
+        out.write_all(&line)?;
+        Ok(())
+    })?;
+    out.flush()?;
+    Ok(ReplaySummary {
+        transactions: summary.rows,
+        alerts,
+        review,
+        block,
+        rule_alerts,
+        late: summary.late,
+        seconds: summary.seconds,
+        transactions_per_second: summary.rows as f64 / summary.seconds.max(1e-9),
+    })
+}
+
+/// Formats an instant for messages.
+pub fn show_time(t: i64) -> String {
+    let mut s = String::new();
+    format_utc(t, &mut s);
+    s
+}

@@ -1,0 +1,389 @@
+//! The streaming windows against a brute-force reference that rescans the
+//! whole history for every event, on random streams with out-of-order
+//! events; and the proof that labels not yet known change no feature.
+
+use peregrine::features::geo::haversine_km;
+use peregrine::features::{
+    Engine, FeatureConfig, Features, N_FEATURES, NAMES, NO_PREVIOUS_SECS, idx,
+};
+use peregrine::ingest::{Channel, EventTime, Transaction};
+use proptest::prelude::*;
+
+const DAY: i64 = 86_400;
+const HOUR: i64 = 3600;
+const T0: i64 = 1_522_540_800;
+
+#[derive(Debug, Clone)]
+struct Ev {
+    ts: i64,
+    card: u8,
+    merchant: u8,
+    amount: f64,
+    fraud: bool,
+    coords: Option<(f64, f64)>,
+}
+
+fn tx_of(e: &Ev, i: usize) -> Transaction {
+    Transaction {
+        transaction_id: i.to_string(),
+        time: EventTime {
+            utc: e.ts,
+            offset: 0,
+        },
+        card_id: format!("card{}", e.card),
+        merchant_id: format!("m{}", e.merchant),
+        amount: e.amount,
+        lat: e.coords.map(|c| c.0),
+        lon: e.coords.map(|c| c.1),
+        channel: Some(if e.merchant % 3 == 0 {
+            Channel::Ecom
+        } else {
+            Channel::Pos
+        }),
+        is_fraud: Some(e.fraud),
+        ..Transaction::default()
+    }
+}
+
+/// Runs the engine as the file commands do; `None` for a rejected late event.
+fn run_engine(events: &[Ev], cfg: FeatureConfig) -> Vec<Option<Features>> {
+    let mut engine = Engine::new(cfg);
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let tx = tx_of(e, i);
+            let f = engine.process(&tx).ok();
+            if f.is_some() && e.fraud {
+                engine.schedule_label(&tx.merchant_id, e.ts);
+            }
+            f
+        })
+        .collect()
+}
+
+/// The definition, computed the slow way from every earlier admitted event.
+fn reference(events: &[Ev], cfg: FeatureConfig) -> Vec<Option<[f64; N_FEATURES]>> {
+    let mut out: Vec<Option<[f64; N_FEATURES]>> = Vec::new();
+    let mut seen: Vec<(usize, bool)> = Vec::new(); // (index, large)
+    let mut watermark = i64::MIN;
+    let delay = cfg.label_delay_secs;
+    for (i, e) in events.iter().enumerate() {
+        let t = e.ts;
+        if watermark != i64::MIN && t < watermark - cfg.allowed_lateness_secs {
+            out.push(None);
+            continue;
+        }
+        watermark = watermark.max(t);
+        let day = t.div_euclid(DAY);
+        let card: Vec<(&Ev, bool)> = seen
+            .iter()
+            .filter(|(j, _)| events[*j].card == e.card)
+            .map(|&(j, l)| (&events[j], l))
+            .collect();
+        let in_days = |c: &Ev, w: i64| {
+            let d = c.ts.div_euclid(DAY);
+            d >= (t - w * DAY).div_euclid(DAY) && d <= day
+        };
+        let agg = |w: i64| {
+            let v: Vec<&(&Ev, bool)> = card.iter().filter(|(c, _)| in_days(c, w)).collect();
+            let n = v.len() as f64;
+            let s: f64 = v.iter().map(|(c, _)| c.amount).sum();
+            let s2: f64 = v.iter().map(|(c, _)| c.amount * c.amount).sum();
+            let large = v.iter().filter(|(_, l)| *l).count() as f64;
+            (n, s, s2, large)
+        };
+        let exact: Vec<&Ev> = card
+            .iter()
+            .map(|(c, _)| *c)
+            .filter(|c| c.ts > t - DAY && c.ts <= t)
+            .collect();
+        let mut f = [0f64; N_FEATURES];
+        f[idx::AMOUNT] = e.amount;
+        let weekday = (day + 3).rem_euclid(7);
+        f[idx::WEEKEND] = (weekday >= 5) as u8 as f64;
+        f[idx::NIGHT] = ((t.rem_euclid(DAY) / 3600) <= 6) as u8 as f64;
+        f[idx::CARD_COUNT_1D] = exact.len() as f64 + 1.0;
+        f[idx::CARD_MEAN_1D] =
+            (exact.iter().map(|c| c.amount).sum::<f64>() + e.amount) / f[idx::CARD_COUNT_1D];
+        let (n7, s7, _, l7) = agg(7);
+        let (n30, s30, q30, l30) = agg(30);
+        f[idx::CARD_COUNT_7D] = n7 + 1.0;
+        f[idx::CARD_MEAN_7D] = (s7 + e.amount) / (n7 + 1.0);
+        f[idx::CARD_COUNT_30D] = n30 + 1.0;
+        f[idx::CARD_MEAN_30D] = (s30 + e.amount) / (n30 + 1.0);
+        let merchant: Vec<&Ev> = seen
+            .iter()
+            .map(|&(j, _)| &events[j])
+            .filter(|m| m.merchant == e.merchant)
+            .collect();
+        let end = (t - delay).div_euclid(HOUR);
+        for (k, w) in [1i64, 7, 30].into_iter().enumerate() {
+            let start = (t - delay - w * DAY).div_euclid(HOUR);
+            let inw: Vec<&&Ev> = merchant
+                .iter()
+                .filter(|m| {
+                    let h = m.ts.div_euclid(HOUR);
+                    h >= start && h < end
+                })
+                .collect();
+            let n = inw.len() as f64;
+            let frauds = inw.iter().filter(|m| m.fraud).count() as f64;
+            f[idx::MERCHANT_DELAYED + 2 * k] = n;
+            f[idx::MERCHANT_DELAYED + 2 * k + 1] = if n > 0.0 { frauds / n } else { 0.0 };
+        }
+        let mean7 = if n7 > 0.0 { s7 / n7 } else { 0.0 };
+        let mean30 = if n30 > 0.0 { s30 / n30 } else { 0.0 };
+        f[idx::RATIO_7D] = if mean7 > 0.0 { e.amount / mean7 } else { 1.0 };
+        f[idx::RATIO_30D] = if mean30 > 0.0 { e.amount / mean30 } else { 1.0 };
+        f[idx::ZSCORE_30D] = if n30 >= 2.0 {
+            let var = (q30 / n30 - mean30 * mean30).max(0.0);
+            (e.amount - mean30) / var.sqrt().max(0.1 * mean30).max(0.01)
+        } else {
+            0.0
+        };
+        let large = n30 >= 3.0 && e.amount >= 2.5 * mean30;
+        f[idx::LARGE_7D] = l7 + large as u8 as f64;
+        f[idx::LARGE_30D] = l30 + large as u8 as f64;
+        f[idx::CARD_COUNT_1H] = 1.0 + exact.iter().filter(|c| c.ts > t - HOUR).count() as f64;
+        let mut ms: Vec<u8> = exact.iter().map(|c| c.merchant).collect();
+        ms.push(e.merchant);
+        ms.sort();
+        ms.dedup();
+        f[idx::DISTINCT_MERCHANTS_1D] = ms.len() as f64;
+        // The previous event: the latest at or before t, the later-arrived on ties.
+        let prev = card.iter().map(|(c, _)| *c).filter(|c| c.ts <= t).fold(
+            None,
+            |best: Option<&Ev>, c| match best {
+                Some(b) if b.ts > c.ts => Some(b),
+                _ => Some(c),
+            },
+        );
+        f[idx::SECS_SINCE_PREV] =
+            prev.map_or(NO_PREVIOUS_SECS, |p| (t - p.ts).min(NO_PREVIOUS_SECS)) as f64;
+        f[idx::VELOCITY] = match (prev.filter(|p| t - p.ts <= 30 * DAY), e.coords) {
+            (Some(p), Some((la, lo))) => match p.coords {
+                Some((pla, plo)) => {
+                    haversine_km(
+                        pla as f32 as f64,
+                        plo as f32 as f64,
+                        la as f32 as f64,
+                        lo as f32 as f64,
+                    ) / ((t - p.ts).max(60) as f64 / 3600.0)
+                }
+                None => 0.0,
+            },
+            _ => 0.0,
+        };
+        let h_lo = (t - HOUR).div_euclid(HOUR);
+        let h_hi = t.div_euclid(HOUR);
+        f[idx::MERCHANT_COUNT_1H] = 1.0
+            + merchant
+                .iter()
+                .filter(|m| (h_lo..=h_hi).contains(&m.ts.div_euclid(HOUR)))
+                .count() as f64;
+        f[idx::ECOM] = (e.merchant % 3 == 0) as u8 as f64;
+        f[idx::ATM] = 0.0;
+        seen.push((i, large));
+        out.push(Some(f));
+    }
+    out
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-3 + 1e-3 * b.abs()
+}
+
+fn check(events: &[Ev], cfg: FeatureConfig) -> Result<(), TestCaseError> {
+    let got = run_engine(events, cfg);
+    let want = reference(events, cfg);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        match (g, w) {
+            (None, None) => {}
+            (Some(g), Some(w)) => {
+                for k in 0..N_FEATURES {
+                    prop_assert!(
+                        close(g.0[k] as f64, w[k]),
+                        "event {i} {:?}: {} = {} but the reference says {}",
+                        events[i],
+                        NAMES[k],
+                        g.0[k],
+                        w[k]
+                    );
+                }
+            }
+            _ => prop_assert!(
+                false,
+                "event {i}: admitted {} vs reference {}",
+                g.is_some(),
+                w.is_some()
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Streams in event time with gaps from seconds to weeks (so every window
+/// edge and the idle expiry are crossed), some events arriving late within
+/// the allowed lateness and a few beyond it.
+fn streams(lateness: i64) -> impl Strategy<Value = Vec<Ev>> {
+    let step = prop_oneof![
+        6 => 0i64..600,
+        6 => 0i64..4 * HOUR,
+        3 => 0i64..2 * DAY,
+        1 => 5 * DAY..40 * DAY,
+    ];
+    let late = prop_oneof![8 => Just(0i64), 3 => 0..lateness + 1, 1 => lateness + 1..lateness * 3];
+    let coords = prop::option::weighted(0.8, (45.0f64..46.0, 5.0f64..6.0));
+    prop::collection::vec(
+        (
+            step,
+            late,
+            0u8..5,
+            0u8..4,
+            0.0f64..500.0,
+            prop::bool::weighted(0.15),
+            coords,
+        ),
+        1..300,
+    )
+    .prop_map(|raw| {
+        let mut base = T0;
+        raw.into_iter()
+            .map(|(step, late, card, merchant, amount, fraud, coords)| {
+                base += step;
+                Ev {
+                    ts: base - late,
+                    card,
+                    merchant,
+                    amount: (amount * 100.0).round() / 100.0,
+                    fraud,
+                    coords,
+                }
+            })
+            .collect()
+    })
+}
+
+fn cfg(delay_days: i64, lateness: i64) -> FeatureConfig {
+    FeatureConfig {
+        label_delay_secs: delay_days * DAY,
+        allowed_lateness_secs: lateness,
+        max_recent: 128,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn windows_match_the_reference(events in streams(HOUR)) {
+        check(&events, cfg(7, HOUR))?;
+    }
+
+    #[test]
+    fn windows_match_with_short_delay_and_long_lateness(events in streams(6 * HOUR)) {
+        check(&events, cfg(1, 6 * HOUR))?;
+    }
+
+    /// Flipping every label not yet known at T changes no feature of any
+    /// event at or before T.
+    #[test]
+    fn unknown_labels_change_nothing(events in streams(HOUR), cut in 0usize..300, flip_seed in any::<u64>()) {
+        let c = cfg(2, HOUR);
+        let t_cut = events[cut % events.len()].ts;
+        let mut flipped = events.clone();
+        let mut s = flip_seed;
+        for e in &mut flipped {
+            if e.ts + c.label_delay_secs > t_cut {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                e.fraud = (s >> 33) & 1 == 1;
+            }
+        }
+        let a = run_engine(&events, c);
+        let b = run_engine(&flipped, c);
+        for i in 0..events.len() {
+            if events[i].ts <= t_cut {
+                prop_assert_eq!(a[i], b[i], "event {} changed", i);
+            }
+        }
+    }
+}
+
+/// A label does reach the risk features once its delay has passed, so the
+/// leak test above is not passing because labels never count.
+#[test]
+fn known_labels_do_count() {
+    let c = cfg(1, HOUR);
+    let mut events = Vec::new();
+    for k in 0..10 {
+        events.push(Ev {
+            ts: T0 + k * HOUR,
+            card: k as u8 % 3,
+            merchant: 1,
+            amount: 10.0,
+            fraud: k % 2 == 0,
+            coords: None,
+        });
+    }
+    events.push(Ev {
+        ts: T0 + 2 * DAY,
+        card: 4,
+        merchant: 1,
+        amount: 10.0,
+        fraud: false,
+        coords: None,
+    });
+    let f = run_engine(&events, c).pop().unwrap().unwrap();
+    assert_eq!(f.get("merchant.count_1d"), Some(10.0));
+    assert_eq!(f.get("merchant.risk_1d"), Some(0.5));
+}
+
+/// State stays bounded: a card that bursts far past the raw-event bound
+/// keeps at most that many, and idle cards and merchants expire.
+#[test]
+fn state_is_bounded_and_idle_keys_expire() {
+    let c = FeatureConfig {
+        max_recent: 16,
+        ..cfg(7, HOUR)
+    };
+    let mut engine = Engine::new(c);
+    for k in 0..1000 {
+        let e = Ev {
+            ts: T0 + k,
+            card: 1,
+            merchant: (k % 7) as u8,
+            amount: 1.0,
+            fraud: false,
+            coords: None,
+        };
+        engine.process(&tx_of(&e, k as usize)).unwrap();
+    }
+    assert!(engine.stats().recent_overflows > 900);
+    let f = engine.peek(&tx_of(
+        &Ev {
+            ts: T0 + 1000,
+            card: 1,
+            merchant: 0,
+            amount: 1.0,
+            fraud: false,
+            coords: None,
+        },
+        0,
+    ));
+    assert_eq!(f.get("card.count_1h"), Some(17.0));
+    assert_eq!(f.get("card.count_7d"), Some(1001.0));
+    assert_eq!(engine.cards(), 1);
+    let later = Ev {
+        ts: T0 + 60 * DAY,
+        card: 2,
+        merchant: 9,
+        amount: 1.0,
+        fraud: false,
+        coords: None,
+    };
+    engine.process(&tx_of(&later, 1)).unwrap();
+    assert_eq!(engine.cards(), 1, "the idle card expired");
+    assert_eq!(engine.merchants(), 1, "the idle merchants expired");
+    assert_eq!(engine.stats().cards_expired, 1);
+}
