@@ -195,6 +195,8 @@ pub struct EvalReport {
 
 pub struct EvalRequest<'a> {
     pub data: &'a Path,
+    /// Where to write one CSV line per test transaction, if anywhere.
+    pub predictions: Option<&'a Path>,
     pub from: i64,
     pub to: i64,
     pub exclude_known_since: Option<i64>,
@@ -209,6 +211,7 @@ const DAY: i64 = 86_400;
 pub fn evaluate(scorer: &Scorer, req: &EvalRequest) -> anyhow::Result<EvalReport> {
     let delay = scorer.model.feature_config.label_delay_secs;
     let mut rows: Vec<Scored> = Vec::new();
+    let mut ids: Vec<String> = Vec::new();
     let mut first_fraud: HashMap<u64, i64> = HashMap::new();
     stream(
         req.data,
@@ -233,16 +236,39 @@ pub fn evaluate(scorer: &Scorer, req: &EvalRequest) -> anyhow::Result<EvalReport
                     score: scorer.raw_score(f),
                     fraud: label_of(tx)? == 1,
                 });
+                if req.predictions.is_some() {
+                    ids.push(tx.transaction_id.clone());
+                }
             }
             Ok(())
         },
     )?;
-    let before = rows.len();
-    rows.retain(|r| {
+    let known = |r: &Scored| {
         first_fraud
             .get(&r.card)
-            .is_none_or(|&ft| ft + delay >= r.day * DAY)
-    });
+            .is_some_and(|&ft| ft + delay < r.day * DAY)
+    };
+    if let Some(path) = req.predictions {
+        let mut w = std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?,
+        );
+        writeln!(w, "transaction_id,day,card_key,score,is_fraud,excluded")?;
+        for (r, id) in rows.iter().zip(&ids) {
+            writeln!(
+                w,
+                "{id},{},{:016x},{},{},{}",
+                format_date(r.day * DAY),
+                r.card,
+                r.score,
+                u8::from(r.fraud),
+                u8::from(known(r))
+            )?;
+        }
+        w.flush()?;
+    }
+    let before = rows.len();
+    rows.retain(|r| !known(r));
     let scores: Vec<f64> = rows.iter().map(|r| r.score).collect();
     let labels: Vec<u8> = rows.iter().map(|r| u8::from(r.fraud)).collect();
     Ok(EvalReport {

@@ -43,6 +43,8 @@ enum Command {
     Eval(EvalArgs),
     /// Backtest: score every transaction of a file and write the alerts.
     Replay(ReplayArgs),
+    /// Export the engine's features of a time window as CSV, to explore or train elsewhere.
+    Features(FeaturesArgs),
     /// Simulate, score with the built-in model and show alerts: no set-up needed.
     Demo(demo::DemoArgs),
 }
@@ -103,6 +105,15 @@ struct TrainArgs {
     /// Maximum tree depth (gbt, forest).
     #[arg(long)]
     max_depth: Option<usize>,
+    /// Shrinkage of each boosting round (gbt).
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    /// L2 penalty on leaf values (gbt) or on weights (logistic).
+    #[arg(long)]
+    lambda: Option<f64>,
+    /// Least hessian (gbt) or bootstrap weight (forest) in a leaf.
+    #[arg(long)]
+    min_child_weight: Option<f64>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
 }
@@ -123,6 +134,25 @@ struct EvalArgs {
     /// date whose label was already known that day.
     #[arg(long)]
     exclude_known_since: Option<String>,
+    /// Also write each test transaction's score to this CSV file.
+    #[arg(long)]
+    predictions: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct FeaturesArgs {
+    #[arg(long)]
+    data: PathBuf,
+    /// First day (inclusive), YYYY-MM-DD.
+    #[arg(long)]
+    from: String,
+    /// End (exclusive), YYYY-MM-DD.
+    #[arg(long)]
+    to: String,
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    features: FeatureArgs,
 }
 
 #[derive(Args)]
@@ -173,6 +203,7 @@ fn run(command: Command, progress: bool) -> anyhow::Result<()> {
         Command::Train(a) => train(a, progress),
         Command::Eval(a) => eval(a, progress),
         Command::Replay(a) => replay(a, progress),
+        Command::Features(a) => export_features(a, progress),
         Command::Demo(a) => demo::run(a, progress),
     }
 }
@@ -234,9 +265,7 @@ fn train(a: TrainArgs, progress: bool) -> anyhow::Result<()> {
     if to <= from {
         bail!("--train-to must be after --train-from");
     }
-    if a.features.label_delay_days < 0 || a.features.allowed_lateness < 0 {
-        bail!("--label-delay-days and --allowed-lateness must not be negative");
-    }
+    let features = feature_config(&a.features)?;
     let mut params = TrainParams::default();
     params.gbt.seed = a.seed;
     params.forest.seed = a.seed;
@@ -245,6 +274,17 @@ fn train(a: TrainArgs, progress: bool) -> anyhow::Result<()> {
         params.gbt.rounds = n;
         params.forest.trees = n;
         params.iforest.trees = n;
+    }
+    if let Some(v) = a.learning_rate {
+        params.gbt.learning_rate = v;
+    }
+    if let Some(v) = a.lambda {
+        params.gbt.tree.lambda = v;
+        params.logistic.alpha = v;
+    }
+    if let Some(v) = a.min_child_weight {
+        params.gbt.tree.min_child_weight = v;
+        params.forest.tree.min_child_weight = v;
     }
     if let Some(d) = a.max_depth {
         params.gbt.tree.max_depth = d;
@@ -255,11 +295,7 @@ fn train(a: TrainArgs, progress: bool) -> anyhow::Result<()> {
         from,
         to,
         algo: a.algo,
-        features: FeatureConfig {
-            label_delay_secs: a.features.label_delay_days * 86_400,
-            allowed_lateness_secs: a.features.allowed_lateness,
-            ..FeatureConfig::default()
-        },
+        features,
         params,
         progress,
     };
@@ -277,10 +313,56 @@ fn train(a: TrainArgs, progress: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn feature_config(a: &FeatureArgs) -> anyhow::Result<FeatureConfig> {
+    if a.label_delay_days < 0 || a.allowed_lateness < 0 {
+        bail!("--label-delay-days and --allowed-lateness must not be negative");
+    }
+    Ok(FeatureConfig {
+        label_delay_secs: a.label_delay_days * 86_400,
+        allowed_lateness_secs: a.allowed_lateness,
+        ..FeatureConfig::default()
+    })
+}
+
+fn export_features(a: FeaturesArgs, progress: bool) -> anyhow::Result<()> {
+    let (from, to) = (date("from", &a.from)?, date("to", &a.to)?);
+    let mut w = BufWriter::new(
+        std::fs::File::create(&a.out)
+            .with_context(|| format!("cannot create {}", a.out.display()))?,
+    );
+    writeln!(
+        w,
+        "transaction_id,{},is_fraud",
+        peregrine::features::NAMES.join(",")
+    )?;
+    let mut rows = 0u64;
+    backtest::stream(&a.data, feature_config(&a.features)?, progress, |tx, f| {
+        if tx.time.utc >= from && tx.time.utc < to {
+            write!(w, "{}", tx.transaction_id)?;
+            for v in f.0 {
+                write!(w, ",{v}")?;
+            }
+            match tx.is_fraud {
+                Some(l) => writeln!(w, ",{}", u8::from(l))?,
+                None => writeln!(w, ",")?,
+            }
+            rows += 1;
+        }
+        Ok(())
+    })?;
+    w.flush()?;
+    eprintln!(
+        "wrote the features of {rows} transactions to {}",
+        a.out.display()
+    );
+    Ok(())
+}
+
 fn eval(a: EvalArgs, progress: bool) -> anyhow::Result<()> {
     let model = Model::load(&a.model)?;
     let req = EvalRequest {
         data: &a.data,
+        predictions: a.predictions.as_deref(),
         from: date("test-from", &a.test_from)?,
         to: date("test-to", &a.test_to)?,
         exclude_known_since: a

@@ -182,6 +182,26 @@ fn reference(events: &[Ev], cfg: FeatureConfig) -> Vec<Option<[f64; N_FEATURES]>
                 .iter()
                 .filter(|m| (h_lo..=h_hi).contains(&m.ts.div_euclid(HOUR)))
                 .count() as f64;
+        let start30 = (t - delay - 30 * DAY).div_euclid(HOUR);
+        let window30: Vec<&&Ev> = merchant
+            .iter()
+            .filter(|m| (start30..end).contains(&m.ts.div_euclid(HOUR)))
+            .collect();
+        let fraud_hours: Vec<i64> = window30
+            .iter()
+            .filter(|m| m.fraud)
+            .map(|m| m.ts.div_euclid(HOUR))
+            .collect();
+        let age = |h: Option<&i64>| h.map_or(0.0, |h| (t - h * HOUR) as f64 / DAY as f64);
+        f[idx::FRAUD_AGE] = age(fraud_hours.iter().min());
+        f[idx::LAST_FRAUD_AGE] = age(fraud_hours.iter().max());
+        f[idx::CLEAN_SINCE_FRAUD] = match fraud_hours.iter().max() {
+            Some(&last) => window30
+                .iter()
+                .filter(|m| m.ts.div_euclid(HOUR) > last)
+                .count() as f64,
+            None => 0.0,
+        };
         f[idx::ECOM] = (e.merchant % 3 == 0) as u8 as f64;
         f[idx::ATM] = 0.0;
         seen.push((i, large));

@@ -43,6 +43,11 @@ pub struct MerchantView {
     pub count_1h: u32,
     /// Windows of 1, 7 and 30 days ending one label delay before `t`.
     pub delayed: [DelayedWindow; 3],
+    /// Hour panes of the oldest and newest known fraud in the 30-day delayed window.
+    pub first_fraud_hour: Option<i64>,
+    pub last_fraud_hour: Option<i64>,
+    /// Transactions of that window in panes after the newest known fraud.
+    pub clean_since_fraud: u32,
 }
 
 pub const DELAYED_DAYS: [i64; 3] = [1, 7, 30];
@@ -83,7 +88,16 @@ impl MerchantState {
                         w.frauds += p.frauds;
                     }
                 }
+                if p.frauds > 0 {
+                    v.last_fraud_hour.get_or_insert(h);
+                    v.first_fraud_hour = Some(h);
+                } else if v.last_fraud_hour.is_none() {
+                    v.clean_since_fraud += p.count;
+                }
             }
+        }
+        if v.last_fraud_hour.is_none() {
+            v.clean_since_fraud = 0;
         }
         v
     }

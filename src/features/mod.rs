@@ -46,8 +46,11 @@ pub const NAMES: [&str; N_FEATURES] = [
     "merchant.count_1h",
     "tx.ecom",
     "tx.atm",
+    "merchant.fraud_age_days",
+    "merchant.last_fraud_age_days",
+    "merchant.clean_since_fraud",
 ];
-pub const N_FEATURES: usize = 27;
+pub const N_FEATURES: usize = 30;
 
 /// Index of each feature in [`NAMES`].
 pub mod idx {
@@ -73,6 +76,9 @@ pub mod idx {
     pub const MERCHANT_COUNT_1H: usize = 24;
     pub const ECOM: usize = 25;
     pub const ATM: usize = 26;
+    pub const FRAUD_AGE: usize = 27;
+    pub const LAST_FRAUD_AGE: usize = 28;
+    pub const CLEAN_SINCE_FRAUD: usize = 29;
 }
 
 /// Time since the previous transaction is capped here (and given for a first one).
@@ -380,5 +386,9 @@ fn compute(
     f[idx::MERCHANT_COUNT_1H] = (mv.count_1h + 1) as f32;
     f[idx::ECOM] = f32::from(tx.channel == Some(Channel::Ecom));
     f[idx::ATM] = f32::from(tx.channel == Some(Channel::Atm));
+    let age = |h: Option<i64>| h.map_or(0.0, |h| (t - h * HOUR) as f64 / DAY as f64) as f32;
+    f[idx::FRAUD_AGE] = age(mv.first_fraud_hour);
+    f[idx::LAST_FRAUD_AGE] = age(mv.last_fraud_hour);
+    f[idx::CLEAN_SINCE_FRAUD] = mv.clean_since_fraud as f32;
     (Features(f), large)
 }

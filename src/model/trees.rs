@@ -131,8 +131,17 @@ impl Binned {
             let e: Vec<f32> = if sample.len() <= 255 {
                 sample[..sample.len().saturating_sub(1)].to_vec()
             } else {
-                let mut e: Vec<f32> = (1..256).map(|k| sample[k * sample.len() / 256]).collect();
+                // Quantile edges alone leave the sparse tails in a few wide
+                // bins, yet the tails are where fraud lives (an amount over a
+                // fixed limit, say): add edges evenly spaced on a log scale.
+                let squash = |v: f32| (v.abs() as f64).ln_1p().copysign(v as f64);
+                let unsquash = |s: f64| (s.abs().exp_m1().copysign(s)) as f32;
+                let (lo, hi) = (squash(sample[0]), squash(sample[sample.len() - 1]));
+                let mut e: Vec<f32> = (1..192).map(|k| sample[k * sample.len() / 192]).collect();
+                e.extend((1..64).map(|k| unsquash(lo + (hi - lo) * k as f64 / 64.0)));
+                e.sort_by(f32::total_cmp);
                 e.dedup();
+                e.truncate(255);
                 e
             };
             for r in 0..rows {

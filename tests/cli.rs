@@ -1,0 +1,356 @@
+//! The `peregrine` binary on small generated files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_peregrine"))
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = bin().args(args).output().expect("the binary runs");
+    out
+}
+
+fn ok(args: &[&str]) -> Output {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "peregrine {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        !out.status.success(),
+        "peregrine {args:?} should have failed"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn workdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("peregrine-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn simulate(dir: &Path, file: &str, seed: &str) -> PathBuf {
+    let data = dir.join(file);
+    ok(&[
+        "simulate",
+        "--out",
+        s(&data),
+        "--customers",
+        "400",
+        "--terminals",
+        "800",
+        "--days",
+        "60",
+        "--start",
+        "2018-04-01",
+        "--seed",
+        seed,
+    ]);
+    data
+}
+
+#[test]
+fn simulate_train_eval_replay() {
+    let dir = workdir("pipeline");
+    let data = simulate(&dir, "sim.csv.gz", "3");
+    let again = simulate(&dir, "again.csv.gz", "3");
+    let (a, b) = (
+        std::fs::read(&data).unwrap(),
+        std::fs::read(&again).unwrap(),
+    );
+    assert_eq!(a, b, "the simulator is deterministic for a seed");
+    assert_eq!(&a[..2], &[0x1f, 0x8b], "a .gz output is gzipped");
+
+    let model = dir.join("model.json");
+    ok(&[
+        "train",
+        "--data",
+        s(&data),
+        "--train-from",
+        "2018-04-20",
+        "--train-to",
+        "2018-05-10",
+        "--algo",
+        "gbt",
+        "--trees",
+        "60",
+        "--out",
+        s(&model),
+    ]);
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&model).unwrap()).unwrap();
+    assert_eq!(meta["algo"], "gbt");
+    assert_eq!(meta["training"]["from"], "2018-04-20");
+    assert_eq!(
+        meta["features"].as_array().unwrap().len(),
+        peregrine::features::N_FEATURES
+    );
+    assert!(meta["training"]["rows"].as_u64().unwrap() > 1000);
+
+    let out = ok(&[
+        "eval",
+        "--data",
+        s(&data),
+        "--model",
+        s(&model),
+        "--test-from",
+        "2018-05-17",
+        "--test-to",
+        "2018-05-24",
+        "--exclude-known-since",
+        "2018-04-20",
+    ]);
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("eval prints one JSON object");
+    for key in [
+        "auc_roc",
+        "average_precision",
+        "card_precision_at_100",
+        "transactions",
+        "frauds",
+    ] {
+        assert!(report.get(key).is_some(), "missing {key} in {report}");
+    }
+    assert!(report["auc_roc"].as_f64().unwrap() > 0.7, "{report}");
+    assert!(
+        report["average_precision"].as_f64().unwrap() > 0.3,
+        "{report}"
+    );
+    assert!(report["excluded_transactions"].as_u64().unwrap() > 0);
+
+    let rules = dir.join("rules.txt");
+    std::fs::write(
+        &rules,
+        "big high: amount > 220\nburst medium: card.count_1h > 4\n",
+    )
+    .unwrap();
+    let alerts = dir.join("alerts.jsonl");
+    let out = ok(&[
+        "replay",
+        "--data",
+        s(&data),
+        "--model",
+        s(&model),
+        "--rules",
+        s(&rules),
+        "--out",
+        s(&alerts),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("transactions/s"), "{stderr}");
+    let text = std::fs::read_to_string(&alerts).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() > 50);
+    let by_rule = lines
+        .iter()
+        .filter(|a| {
+            a["reasons"]["rules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["rule"] == "big")
+        })
+        .collect::<Vec<_>>();
+    assert!(!by_rule.is_empty());
+    for a in &by_rule {
+        assert!(a["amount"].as_f64().unwrap() > 220.0);
+        assert_eq!(a["decision"], "block");
+    }
+    for a in &lines {
+        assert!(a["alert_id"].as_str().unwrap().starts_with("al-"));
+        assert!(!a["reasons"]["top_features"].as_array().unwrap().is_empty());
+        assert_eq!(a["model_version"], meta["model_version"]);
+    }
+    // Replaying again gives the same alerts, with the same ids.
+    let again = dir.join("again.jsonl");
+    ok(&[
+        "replay",
+        "--data",
+        s(&data),
+        "--model",
+        s(&model),
+        "--rules",
+        s(&rules),
+        "--out",
+        s(&again),
+    ]);
+    let ids = |t: &str| {
+        t.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["alert_id"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&text), ids(&std::fs::read_to_string(&again).unwrap()));
+}
+
+#[test]
+fn bad_rows_name_field_and_line() {
+    let dir = workdir("bad");
+    let model = dir.join("m.json");
+    let data = simulate(&dir, "ok.csv", "1");
+    ok(&[
+        "train",
+        "--data",
+        s(&data),
+        "--train-from",
+        "2018-04-10",
+        "--train-to",
+        "2018-05-01",
+        "--algo",
+        "logistic",
+        "--out",
+        s(&model),
+    ]);
+
+    let header = "transaction_id,timestamp,card_id,merchant_id,amount,is_fraud\n";
+    let cases = [
+        ("1,2018-04-01T00:00:00Z,c,m,abc,0\n", "line 2", "`amount`"),
+        (
+            "1,2018-04-01T00:00:00Z,c,m,5,0\n2,2018-04-31T00:00:00Z,c,m,5,0\n",
+            "line 3",
+            "`timestamp`",
+        ),
+        ("1,2018-04-01T00:00:00Z,,m,5,0\n", "line 2", "`card_id`"),
+        ("1,2018-04-01T00:00:00Z,c,m,5,yes\n", "line 2", "`is_fraud`"),
+    ];
+    for (i, (rows, line, field)) in cases.iter().enumerate() {
+        let f = dir.join(format!("bad{i}.csv"));
+        std::fs::write(&f, format!("{header}{rows}")).unwrap();
+        let err = fails(&[
+            "replay",
+            "--data",
+            s(&f),
+            "--model",
+            s(&model),
+            "--out",
+            s(&dir.join("o.jsonl")),
+        ]);
+        assert!(err.contains(line) && err.contains(field), "case {i}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let f = dir.join("bad.jsonl");
+    std::fs::write(&f, "{\"transaction_id\":\"1\",\"timestamp\":\"2018-04-01T00:00:00Z\",\"card_id\":\"c\",\"merchant_id\":\"m\",\"amount\":1}\n{\"transaction_id\":\"2\",\"timestamp\":\"2018-04-01T00:00:00Z\",\"card_id\":\"c\",\"amount\":1}\n").unwrap();
+    let err = fails(&["replay", "--data", s(&f), "--model", s(&model)]);
+    assert!(
+        err.contains("line 2") && err.contains("`merchant_id`"),
+        "{err}"
+    );
+
+    let f = dir.join("nolabel.csv");
+    std::fs::write(
+        &f,
+        "transaction_id,timestamp,card_id,merchant_id,amount\n1,2018-04-01T00:00:00Z,c,m,5\n",
+    )
+    .unwrap();
+    let err = fails(&[
+        "train",
+        "--data",
+        s(&f),
+        "--train-from",
+        "2018-04-01",
+        "--train-to",
+        "2018-04-02",
+        "--out",
+        s(&dir.join("x.json")),
+    ]);
+    assert!(err.contains("is_fraud"), "{err}");
+}
+
+#[test]
+fn clear_errors_for_bad_arguments_models_and_rules() {
+    let dir = workdir("args");
+    let data = simulate(&dir, "d.csv", "2");
+    let err = fails(&[
+        "train",
+        "--data",
+        s(&data),
+        "--train-from",
+        "01/04/2018",
+        "--train-to",
+        "2018-05-01",
+        "--out",
+        "x",
+    ]);
+    assert!(
+        err.contains("--train-from") && err.contains("YYYY-MM-DD"),
+        "{err}"
+    );
+    let err = fails(&[
+        "eval",
+        "--data",
+        s(&data),
+        "--model",
+        s(&dir.join("missing.json")),
+        "--test-from",
+        "2018-05-01",
+        "--test-to",
+        "2018-05-02",
+    ]);
+    assert!(err.contains("missing.json"), "{err}");
+    let bad_model = dir.join("bad.json");
+    std::fs::write(
+        &bad_model,
+        "{\"format\": \"peregrine-model\", \"format_version\": 1, \"features\": [\"amount\"]}",
+    )
+    .unwrap();
+    let err = fails(&[
+        "eval",
+        "--data",
+        s(&data),
+        "--model",
+        s(&bad_model),
+        "--test-from",
+        "2018-05-01",
+        "--test-to",
+        "2018-05-02",
+    ]);
+    assert!(
+        err.contains("differ from this engine") && err.contains("missing from the model"),
+        "{err}"
+    );
+
+    let model = dir.join("m.json");
+    ok(&[
+        "train",
+        "--data",
+        s(&data),
+        "--train-from",
+        "2018-04-10",
+        "--train-to",
+        "2018-05-01",
+        "--algo",
+        "iforest",
+        "--out",
+        s(&model),
+    ]);
+    let rules = dir.join("rules.txt");
+    std::fs::write(&rules, "fine low: amount > 1\nbroken high: amount >> 3\n").unwrap();
+    let err = fails(&[
+        "replay",
+        "--data",
+        s(&data),
+        "--model",
+        s(&model),
+        "--rules",
+        s(&rules),
+    ]);
+    assert!(err.contains("rule `broken` (line 2, column 22)"), "{err}");
+
+    let help = String::from_utf8(ok(&["--help"]).stdout).unwrap();
+    for cmd in ["simulate", "train", "eval", "replay", "demo"] {
+        assert!(help.contains(cmd), "{help}");
+    }
+}
