@@ -16,6 +16,7 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
+use std::sync::mpsc;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -27,6 +28,9 @@ pub struct StreamSummary {
     pub seconds: f64,
     pub engine: EngineStats,
 }
+
+/// Events read ahead so that their state can be prefetched together.
+const BATCH: usize = 64;
 
 fn progress(enabled: bool) -> ProgressBar {
     if !enabled {
@@ -42,40 +46,84 @@ fn progress(enabled: bool) -> ProgressBar {
     bar
 }
 
-/// Streams `path` through a fresh engine, calling `each` with every
-/// transaction and its features. Fraud labels in the file become known one
-/// label delay after their transaction.
-pub fn stream(
+/// A run of transactions with their features, passed between threads whole
+/// so that their buffers are reused rather than reallocated.
+pub struct Batch {
+    pub txs: Vec<Transaction>,
+    pub features: Vec<Features>,
+    pub len: usize,
+}
+
+impl Batch {
+    pub fn new() -> Batch {
+        Batch {
+            txs: vec![Transaction::default(); BATCH],
+            features: vec![Features([0.0; N_FEATURES]); BATCH],
+            len: 0,
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&Transaction, &Features)> {
+        self.txs[..self.len].iter().zip(&self.features[..self.len])
+    }
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Batch::new()
+    }
+}
+
+/// Streams `path` through a fresh engine a batch at a time; `sink` takes
+/// each batch and hands back one to fill next (the same, or a recycled one).
+/// Fraud labels in the file become known one label delay after their transaction.
+pub fn stream_batches(
     path: &Path,
     cfg: FeatureConfig,
     show_progress: bool,
-    mut each: impl FnMut(&Transaction, &Features) -> anyhow::Result<()>,
+    mut sink: impl FnMut(Batch) -> anyhow::Result<Batch>,
 ) -> anyhow::Result<StreamSummary> {
     let started = Instant::now();
     let mut reader =
         TransactionReader::open(path).with_context(|| format!("reading {}", path.display()))?;
     let mut engine = Engine::new(cfg);
-    let mut tx = Transaction::default();
+    let mut batch = Batch::new();
     let bar = progress(show_progress);
     let (mut rows, mut late) = (0u64, 0u64);
-    while reader
-        .next_into(&mut tx)
-        .with_context(|| format!("reading {}", path.display()))?
-    {
-        let features = match engine.process(&tx) {
-            Ok(f) => f,
-            Err(_) => {
-                late += 1;
-                engine.peek(&tx)
-            }
-        };
-        each(&tx, &features)?;
-        if tx.is_fraud == Some(true) {
-            engine.schedule_label(&tx.merchant_id, tx.time.utc);
+    loop {
+        let mut n = 0;
+        while n < BATCH
+            && reader
+                .next_into(&mut batch.txs[n])
+                .with_context(|| format!("reading {}", path.display()))?
+        {
+            n += 1;
         }
-        rows += 1;
-        if rows & 0xffff == 0 {
+        for tx in &batch.txs[..n] {
+            engine.prefetch(tx);
+        }
+        for (tx, out) in batch.txs[..n].iter().zip(&mut batch.features) {
+            *out = match engine.process(tx) {
+                Ok(f) => f,
+                Err(_) => {
+                    late += 1;
+                    engine.peek(tx)
+                }
+            };
+            if tx.is_fraud == Some(true) {
+                engine.schedule_label(&tx.merchant_id, tx.time.utc);
+            }
+        }
+        batch.len = n;
+        rows += n as u64;
+        if rows & 0xffff < BATCH as u64 {
             bar.set_position(rows);
+        }
+        if n > 0 {
+            batch = sink(batch)?;
+        }
+        if n < BATCH {
+            break;
         }
     }
     bar.finish_and_clear();
@@ -84,6 +132,21 @@ pub fn stream(
         late,
         seconds: started.elapsed().as_secs_f64(),
         engine: engine.stats(),
+    })
+}
+
+/// Streams `path`, calling `each` with every transaction and its features.
+pub fn stream(
+    path: &Path,
+    cfg: FeatureConfig,
+    show_progress: bool,
+    mut each: impl FnMut(&Transaction, &Features) -> anyhow::Result<()>,
+) -> anyhow::Result<StreamSummary> {
+    stream_batches(path, cfg, show_progress, |batch| {
+        for (tx, f) in batch.iter() {
+            each(tx, f)?;
+        }
+        Ok(batch)
     })
 }
 
@@ -297,46 +360,72 @@ pub struct ReplaySummary {
 }
 
 /// Scores every transaction and writes an alert line for each one that is
-/// not allowed.
+/// not allowed. Features are computed on this thread while another scores
+/// the previous batch and writes its alerts.
 pub fn replay(
     scorer: &Scorer,
     data: &Path,
-    out: &mut dyn Write,
+    out: &mut (dyn Write + Send),
     show_progress: bool,
 ) -> anyhow::Result<ReplaySummary> {
-    let (mut alerts, mut review, mut block, mut rule_alerts) = (0u64, 0u64, 0u64, 0u64);
     let produced_at = now_rfc3339();
     let version = scorer.model.model_version.as_str();
-    let mut line = Vec::with_capacity(1024);
-    let summary = stream(data, scorer.model.feature_config, show_progress, |tx, f| {
-        let s = scorer.score(f, false);
-        if s.decision == Decision::Allow {
-            return Ok(());
-        }
-        alerts += 1;
-        match s.decision {
-            Decision::Block => block += 1,
-            _ => review += 1,
-        }
-        if !s.reasons.rules.is_empty() {
-            rule_alerts += 1;
-        }
-        line.clear();
-        serde_json::to_writer(&mut line, &Alert::new(tx, &s, version, produced_at.clone()))?;
-        line.push(b'\n');
-        out.write_all(&line)?;
-        Ok(())
-    })?;
-    out.flush()?;
-    Ok(ReplaySummary {
-        transactions: summary.rows,
-        alerts,
-        review,
-        block,
-        rule_alerts,
-        late: summary.late,
-        seconds: summary.seconds,
-        transactions_per_second: summary.rows as f64 / summary.seconds.max(1e-9),
+    let (to_scorer, from_engine) = mpsc::sync_channel::<Batch>(8);
+    let (to_engine, recycled) = mpsc::channel::<Batch>();
+    std::thread::scope(|scope| {
+        let worker = scope.spawn(move || -> anyhow::Result<[u64; 4]> {
+            let (mut alerts, mut review, mut block, mut rule_alerts) = (0u64, 0u64, 0u64, 0u64);
+            let mut line = Vec::with_capacity(1024);
+            for batch in from_engine {
+                for (tx, f) in batch.iter() {
+                    let s = scorer.score(f, false);
+                    if s.decision == Decision::Allow {
+                        continue;
+                    }
+                    alerts += 1;
+                    match s.decision {
+                        Decision::Block => block += 1,
+                        _ => review += 1,
+                    }
+                    if !s.reasons.rules.is_empty() {
+                        rule_alerts += 1;
+                    }
+                    line.clear();
+                    serde_json::to_writer(
+                        &mut line,
+                        &Alert::new(tx, &s, version, produced_at.clone()),
+                    )?;
+                    line.push(b'\n');
+                    out.write_all(&line)?;
+                }
+                // The engine may have finished; a lost recycle is only a lost buffer.
+                let _ = to_engine.send(batch);
+            }
+            out.flush()?;
+            Ok([alerts, review, block, rule_alerts])
+        });
+        let streamed = stream_batches(data, scorer.model.feature_config, show_progress, |batch| {
+            to_scorer
+                .send(batch)
+                .map_err(|_| anyhow::anyhow!("the scoring thread stopped"))?;
+            Ok(recycled.try_recv().unwrap_or_default())
+        });
+        drop(to_scorer);
+        let counts = worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("the scoring thread panicked"))?;
+        let summary = streamed?;
+        let [alerts, review, block, rule_alerts] = counts?;
+        Ok(ReplaySummary {
+            transactions: summary.rows,
+            alerts,
+            review,
+            block,
+            rule_alerts,
+            late: summary.late,
+            seconds: summary.seconds,
+            transactions_per_second: summary.rows as f64 / summary.seconds.max(1e-9),
+        })
     })
 }
 

@@ -173,6 +173,10 @@ struct ReplayArgs {
     /// Score at or over which an alert asks for a block (default: the model's).
     #[arg(long)]
     block_threshold: Option<f64>,
+    /// Anomaly score at or over which a transaction is sent for review,
+    /// whatever the model's score (default: anomaly only reported on alerts).
+    #[arg(long)]
+    anomaly_threshold: Option<f64>,
 }
 
 fn date(flag: &str, s: &str) -> anyhow::Result<i64> {
@@ -390,12 +394,15 @@ fn replay(a: ReplayArgs, progress: bool) -> anyhow::Result<()> {
     if let Some(t) = a.block_threshold {
         scorer.thresholds.block = t;
     }
-    let mut out: Box<dyn Write> = match &a.out {
+    if a.anomaly_threshold.is_some() {
+        scorer.thresholds.anomaly_review = a.anomaly_threshold;
+    }
+    let mut out: Box<dyn Write + Send> = match &a.out {
         Some(p) => Box::new(BufWriter::with_capacity(
             1 << 20,
             std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
         )),
-        None => Box::new(BufWriter::new(std::io::stdout().lock())),
+        None => Box::new(BufWriter::new(std::io::stdout())),
     };
     let s = backtest::replay(&scorer, &a.data, &mut out, progress)?;
     eprintln!(

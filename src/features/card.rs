@@ -85,6 +85,14 @@ impl CardState {
         self.newest_day
     }
 
+    pub fn prefetch(&self) {
+        super::store::prefetch(self, std::mem::size_of::<Self>());
+        super::store::prefetch(
+            self.recent.as_ptr(),
+            self.recent.len() * std::mem::size_of::<Recent>(),
+        );
+    }
+
     pub fn recent_len(&self) -> usize {
         self.recent.len()
     }
@@ -94,21 +102,33 @@ impl CardState {
         self.recent.capacity() * std::mem::size_of::<Recent>()
     }
 
-    fn panes(&self, from_day: i64, to_day: i64) -> PaneSum {
-        let mut s = PaneSum::default();
+    /// Sums over the panes of days `[from_30, to]`, and of `[from_7, to]` on the way.
+    fn panes(&self, from_30: i64, from_7: i64, to_day: i64) -> (PaneSum, PaneSum) {
+        let (mut s30, mut s7) = (PaneSum::default(), PaneSum::default());
         let newest = self.newest_day as i64;
-        let lo = from_day.max(newest - PANES as i64 + 1);
         let hi = to_day.min(newest);
-        let mut d = lo;
+        let mut d = from_30.max(newest - PANES as i64 + 1);
         while d <= hi {
             let i = d as usize % PANES;
-            s.count += self.counts[i] as u32;
-            s.sum += self.sums[i] as f64;
-            s.sumsq += self.sumsq[i] as f64;
-            s.large += self.large[i] as u32;
+            let (c, s, q, l) = (
+                self.counts[i] as u32,
+                self.sums[i] as f64,
+                self.sumsq[i] as f64,
+                self.large[i] as u32,
+            );
+            s30.count += c;
+            s30.sum += s;
+            s30.sumsq += q;
+            s30.large += l;
+            if d >= from_7 {
+                s7.count += c;
+                s7.sum += s;
+                s7.sumsq += q;
+                s7.large += l;
+            }
             d += 1;
         }
-        s
+        (s30, s7)
     }
 
     /// The card's contribution to the features of an event at `t`, before
@@ -117,8 +137,11 @@ impl CardState {
     pub fn view(&self, t: i64, merchant: u32, lat: f32, lon: f32) -> CardView {
         let mut v = CardView::default();
         let day = t.div_euclid(DAY);
-        v.prev_7d = self.panes((t - 7 * DAY).div_euclid(DAY), day);
-        v.prev_30d = self.panes((t - 30 * DAY).div_euclid(DAY), day);
+        (v.prev_30d, v.prev_7d) = self.panes(
+            (t - 30 * DAY).div_euclid(DAY),
+            (t - 7 * DAY).div_euclid(DAY),
+            day,
+        );
 
         let mut merchants = [0u32; 64];
         let mut distinct = 0usize;

@@ -202,6 +202,16 @@ impl Engine {
         Ok(())
     }
 
+    /// Starts loading the state `tx` will read; see [`store::prefetch`].
+    pub fn prefetch(&self, tx: &Transaction) {
+        if let Some(c) = self.cards.get(key_hash(&tx.card_id)) {
+            c.prefetch();
+        }
+        if let Some(m) = self.merchants.get(&key_hash(&tx.merchant_id)) {
+            m.prefetch();
+        }
+    }
+
     /// Features of `tx` as if it were processed now, without changing state.
     pub fn peek(&self, tx: &Transaction) -> Features {
         let card = self.cards.get(key_hash(&tx.card_id));
@@ -276,7 +286,7 @@ impl Engine {
     }
 
     /// Moves event time forward: releases labels that are now known and,
-    /// every six hours of event time, drops idle keys.
+    /// once a day of event time, drops idle keys.
     fn advance(&mut self, t: i64) {
         if t > self.watermark {
             self.watermark = t;
@@ -289,7 +299,7 @@ impl Engine {
             self.apply_label(merchant, tx_time);
         }
         if self.watermark >= self.next_sweep {
-            self.next_sweep = self.watermark + 6 * HOUR;
+            self.next_sweep = self.watermark + DAY;
             self.sweep();
         }
     }

@@ -55,8 +55,10 @@ pub enum Body {
 pub struct Thresholds {
     pub review: f64,
     pub block: f64,
-    /// The anomaly score at which a supervised model's alert is raised anyway.
-    pub anomaly_review: f64,
+    /// The anomaly score at which an alert is raised whatever the model's
+    /// score. `None`: the anomaly score is only reported on alerts, which
+    /// spares computing it for every transaction.
+    pub anomaly_review: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -153,12 +155,12 @@ impl Model {
             Algo::Iforest => Thresholds {
                 review: 0.65,
                 block: 0.75,
-                anomaly_review: 0.65,
+                anomaly_review: None,
             },
             _ => Thresholds {
                 review: 0.5,
                 block: 0.9,
-                anomaly_review: 0.8,
+                anomaly_review: None,
             },
         }
     }

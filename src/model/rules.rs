@@ -145,6 +145,34 @@ pub struct RuleSet {
     pub rules: Vec<Rule>,
 }
 
+impl Num {
+    fn reads(&self, var: usize) -> bool {
+        match self {
+            Num::Const(_) => false,
+            Num::Var(i) => *i == var,
+            Num::Neg(a) => a.reads(var),
+            Num::Bin(_, a, b) => a.reads(var) || b.reads(var),
+        }
+    }
+}
+
+impl Cond {
+    fn reads(&self, var: usize) -> bool {
+        match self {
+            Cond::Cmp(_, a, b) => a.reads(var) || b.reads(var),
+            Cond::And(a, b) | Cond::Or(a, b) => a.reads(var) || b.reads(var),
+            Cond::Not(a) => a.reads(var),
+        }
+    }
+}
+
+impl RuleSet {
+    /// Whether any rule reads the anomaly score.
+    pub fn reads_anomaly(&self) -> bool {
+        self.rules.iter().any(|r| r.cond.reads(ANOMALY))
+    }
+}
+
 impl fmt::Display for RuleSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for r in &self.rules {

@@ -2,6 +2,7 @@
 //! fired, the top contributing features, and the decision they lead to.
 
 use super::rules::{RuleInput, RuleSet, Severity};
+use super::trees::Compiled;
 use super::{Body, Model, Thresholds};
 use crate::features::{Features, N_FEATURES, NAMES};
 use serde::Serialize;
@@ -63,20 +64,39 @@ pub struct Scorer {
     pub model: Model,
     pub rules: RuleSet,
     pub thresholds: Thresholds,
+    /// The model's trees in their fast layout, when they are shallow enough.
+    fast: Option<Compiled>,
+    /// The same for the isolation forest, with path lengths in the leaves.
+    fast_anomaly: Option<Compiled>,
 }
 
 impl Scorer {
     pub fn new(model: Model, rules: RuleSet) -> Scorer {
         let thresholds = model.thresholds;
+        let fast = match &model.body {
+            Body::Gbt(m) => Compiled::new(&m.trees),
+            Body::Forest(m) => Compiled::new(&m.trees),
+            Body::Iforest(m) => m.compile(),
+            _ => None,
+        };
+        let fast_anomaly = model.anomaly.as_ref().and_then(|a| a.compile());
         Scorer {
             model,
             rules,
             thresholds,
+            fast,
+            fast_anomaly,
         }
     }
 
     /// The model's score alone: the fast path for evaluation.
     pub fn raw_score(&self, f: &Features) -> f64 {
+        match (&self.model.body, &self.fast) {
+            (Body::Gbt(m), Some(c)) => return 1.0 / (1.0 + (-(m.base_margin + c.sum(&f.0))).exp()),
+            (Body::Forest(m), Some(c)) => return c.sum(&f.0) / m.trees.len().max(1) as f64,
+            (Body::Iforest(m), Some(c)) => return m.score_from_paths(c.sum(&f.0)),
+            _ => {}
+        }
         match &self.model.body {
             Body::Logistic(m) => m.score(&f.0),
             Body::Forest(m) => m.score(&f.0),
@@ -89,7 +109,10 @@ impl Scorer {
     /// not `allow` or `explain` is set, since they cost more than the score.
     pub fn score(&self, f: &Features, explain: bool) -> Score {
         let score = self.raw_score(f);
-        let anomaly = self.model.anomaly.as_ref().map(|a| a.score(&f.0));
+        // Rules may read the anomaly score, and a threshold may alert on it:
+        // only then is it needed for every transaction.
+        let needs_anomaly = self.thresholds.anomaly_review.is_some() || self.rules.reads_anomaly();
+        let mut anomaly = if needs_anomaly { self.anomaly(f) } else { None };
         let input = RuleInput {
             features: &f.0,
             score,
@@ -113,8 +136,8 @@ impl Scorer {
         } else {
             Decision::Allow
         };
-        let anomalous =
-            decision == Decision::Allow && anomaly.is_some_and(|a| a >= t.anomaly_review);
+        let anomalous = decision == Decision::Allow
+            && matches!((anomaly, t.anomaly_review), (Some(a), Some(limit)) if a >= limit);
         if anomalous {
             decision = Decision::Review;
         }
@@ -124,6 +147,9 @@ impl Scorer {
                 Severity::Medium => Decision::Review,
                 Severity::Low => Decision::Allow,
             });
+        }
+        if anomaly.is_none() && (explain || decision != Decision::Allow) {
+            anomaly = self.anomaly(f);
         }
         let top_features = if explain || decision != Decision::Allow {
             self.explain(f, anomalous)
@@ -140,6 +166,15 @@ impl Scorer {
                 anomalous,
             },
         }
+    }
+
+    /// The anomaly score of the forest trained alongside the model, if any.
+    pub fn anomaly(&self, f: &Features) -> Option<f64> {
+        let a = self.model.anomaly.as_ref()?;
+        Some(match &self.fast_anomaly {
+            Some(c) => a.score_from_paths(c.sum(&f.0)),
+            None => a.score(&f.0),
+        })
     }
 
     /// The features that contributed most, by absolute contribution.

@@ -355,11 +355,11 @@ pub struct GbtParams {
 impl Default for GbtParams {
     fn default() -> Self {
         GbtParams {
-            rounds: 300,
-            learning_rate: 0.08,
+            rounds: 100,
+            learning_rate: 0.15,
             subsample: 0.8,
             tree: TreeParams {
-                max_depth: 6,
+                max_depth: 4,
                 min_child_weight: 1.0,
                 lambda: 1.0,
                 min_gain: 0.0,
@@ -558,5 +558,147 @@ mod tests {
         t.feature[root] = 0;
         t.left[root] = 0;
         assert!(t.validate(3).is_err());
+    }
+}
+
+/// Trees laid out for scoring: each tree as a complete binary tree of fixed
+/// depth (a leaf above that depth is padded with always-left nodes), so a
+/// walk is `depth` branch-free steps, and four trees walk side by side.
+#[derive(Debug, Clone, Default)]
+pub struct Compiled {
+    depth: u32,
+    trees: usize,
+    /// Per tree, `2^depth − 1` nodes as (threshold, feature).
+    nodes: Vec<(f32, u32)>,
+    /// Per tree, `2^depth` leaf values.
+    leaves: Vec<f32>,
+}
+
+/// Deeper trees pad to too many nodes; they keep the pointer walk.
+pub const MAX_COMPILED_DEPTH: u32 = 8;
+
+impl Tree {
+    pub fn depth(&self) -> u32 {
+        fn go(t: &Tree, i: usize) -> u32 {
+            if t.feature[i] == LEAF {
+                0
+            } else {
+                1 + go(t, t.left[i] as usize).max(go(t, t.right[i] as usize))
+            }
+        }
+        if self.is_empty() { 0 } else { go(self, 0) }
+    }
+}
+
+impl Compiled {
+    pub fn new(trees: &[Tree]) -> Option<Compiled> {
+        let depth = trees.iter().map(Tree::depth).max().unwrap_or(0).max(1);
+        if depth > MAX_COMPILED_DEPTH {
+            return None;
+        }
+        let inner = (1usize << depth) - 1;
+        let mut c = Compiled {
+            depth,
+            trees: trees.len(),
+            nodes: Vec::with_capacity(inner * trees.len()),
+            leaves: Vec::with_capacity((inner + 1) * trees.len()),
+        };
+        for t in trees {
+            let base_n = c.nodes.len();
+            let base_l = c.leaves.len();
+            c.nodes.resize(base_n + inner, (f32::INFINITY, 0));
+            c.leaves.resize(base_l + inner + 1, 0.0);
+            // (complete-tree slot, source node, level)
+            let mut stack = vec![(0usize, 0usize, 0u32)];
+            while let Some((slot, src, level)) = stack.pop() {
+                if level == depth {
+                    c.leaves[base_l + slot - inner] = t.value[src];
+                    continue;
+                }
+                if t.feature[src] == LEAF {
+                    // Padding: always go left, and give every leaf below the value.
+                    let first = (slot + 1) << (depth - level);
+                    let n = 1usize << (depth - level);
+                    for k in 0..n {
+                        c.leaves[base_l + first - 1 - inner + k] = t.value[src];
+                    }
+                    continue;
+                }
+                c.nodes[base_n + slot] = (t.threshold[src], t.feature[src] as u32);
+                stack.push((2 * slot + 1, t.left[src] as usize, level + 1));
+                stack.push((2 * slot + 2, t.right[src] as usize, level + 1));
+            }
+        }
+        Some(c)
+    }
+
+    /// Sum of the trees' leaf values for `x`.
+    #[inline]
+    pub fn sum(&self, x: &[f32]) -> f64 {
+        // Eight independent walks in flight hide the latency of each step.
+        const LANES: usize = 8;
+        let inner = (1usize << self.depth) - 1;
+        let step = |nodes: &[(f32, u32)], i: usize| {
+            let (t, f) = nodes[i];
+            2 * i + 1 + usize::from(x.get(f as usize).is_some_and(|&v| v > t))
+        };
+        let mut total = 0.0f64;
+        let mut k = 0;
+        while k + LANES <= self.trees {
+            let n: [&[(f32, u32)]; LANES] =
+                std::array::from_fn(|j| &self.nodes[(k + j) * inner..(k + j + 1) * inner]);
+            let mut i = [0usize; LANES];
+            for _ in 0..self.depth {
+                for j in 0..LANES {
+                    i[j] = step(n[j], i[j]);
+                }
+            }
+            for (j, &leaf) in i.iter().enumerate() {
+                total += self.leaves[(k + j) * (inner + 1) + leaf - inner] as f64;
+            }
+            k += LANES;
+        }
+        while k < self.trees {
+            let n = &self.nodes[k * inner..(k + 1) * inner];
+            let mut i = 0;
+            for _ in 0..self.depth {
+                i = step(n, i);
+            }
+            total += self.leaves[k * (inner + 1) + i - inner] as f64;
+            k += 1;
+        }
+        total
+    }
+}
+
+#[cfg(test)]
+mod compiled_tests {
+    use super::*;
+
+    #[test]
+    fn compiled_trees_score_like_the_walk() {
+        let mut rng = Rng::new(8);
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        for _ in 0..3000 {
+            let r: Vec<f32> = (0..4).map(|_| rng.normal(0.0, 1.0) as f32).collect();
+            y.push(u8::from(r[0] * r[1] > 0.3 || r[2] > 1.5));
+            x.extend(r);
+        }
+        for depth in [1, 3, 6] {
+            let p = GbtParams {
+                rounds: 23,
+                tree: TreeParams {
+                    max_depth: depth,
+                    ..GbtParams::default().tree
+                },
+                ..GbtParams::default()
+            };
+            let m = Gbt::train(&x, &y, 4, &p);
+            let c = Compiled::new(&m.trees).unwrap();
+            for r in x.chunks_exact(4).take(500) {
+                let walk: f64 = m.trees.iter().map(|t| t.predict(r) as f64).sum();
+                assert!((walk - c.sum(r)).abs() < 1e-9, "depth {depth}");
+            }
+        }
     }
 }
