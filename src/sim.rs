@@ -15,6 +15,7 @@
 //!    a genuine payment, at terminals at least 40 km from its home.
 
 use crate::ingest::time::format_utc;
+use crate::ingest::{Channel, EventTime, Transaction};
 use crate::rng::Rng;
 use std::io::{self, Write};
 
@@ -329,6 +330,37 @@ impl Simulation {
                 });
             }
         }
+    }
+
+    /// Fills `tx` with transaction `i`, as the CSV file would give it.
+    pub fn fill(&self, i: usize, tx: &mut Transaction) {
+        let t = &self.transactions[i];
+        let term = &self.terminals[t.terminal as usize];
+        tx.transaction_id.clear();
+        tx.transaction_id
+            .push_str(itoa_buf::Buf::default().fmt(i as u64));
+        tx.time = EventTime {
+            utc: self.cfg.start + t.ts,
+            offset: 0,
+        };
+        tx.card_id.clear();
+        tx.card_id
+            .push_str(itoa_buf::Buf::default().fmt(t.customer as u64));
+        tx.merchant_id.clear();
+        tx.merchant_id.push('T');
+        tx.merchant_id
+            .push_str(itoa_buf::Buf::default().fmt(t.terminal as u64));
+        tx.amount = t.amount;
+        tx.currency.clear();
+        tx.currency.push_str("EUR");
+        tx.country.clear();
+        tx.country.push_str("FR");
+        tx.mcc = Some(term.mcc);
+        tx.channel = Some([Channel::Pos, Channel::Ecom, Channel::Atm][term.channel as usize]);
+        // Rounded as in the CSV, so a file and the in-memory stream score alike.
+        tx.lat = Some(((48.0 + term.y * 0.009) * 10_000.0).round() / 10_000.0);
+        tx.lon = Some(((2.0 + term.x * 0.0135) * 10_000.0).round() / 10_000.0);
+        tx.is_fraud = Some(t.scenario > 0);
     }
 
     /// Writes the transactions as CSV in the engine's schema, with an extra

@@ -8,8 +8,7 @@ fn bin() -> Command {
 }
 
 fn run(args: &[&str]) -> Output {
-    let out = bin().args(args).output().expect("the binary runs");
-    out
+    bin().args(args).output().expect("the binary runs")
 }
 
 fn ok(args: &[&str]) -> Output {

@@ -35,7 +35,7 @@ fn tx_of(e: &Ev, i: usize) -> Transaction {
         amount: e.amount,
         lat: e.coords.map(|c| c.0),
         lon: e.coords.map(|c| c.1),
-        channel: Some(if e.merchant % 3 == 0 {
+        channel: Some(if e.merchant.is_multiple_of(3) {
             Channel::Ecom
         } else {
             Channel::Pos
@@ -202,7 +202,7 @@ fn reference(events: &[Ev], cfg: FeatureConfig) -> Vec<Option<[f64; N_FEATURES]>
                 .count() as f64,
             None => 0.0,
         };
-        f[idx::ECOM] = (e.merchant % 3 == 0) as u8 as f64;
+        f[idx::ECOM] = (e.merchant.is_multiple_of(3)) as u8 as f64;
         f[idx::ATM] = 0.0;
         seen.push((i, large));
         out.push(Some(f));

@@ -379,11 +379,11 @@ impl Parser<'_> {
         if self.peek() == Some(&Tok::LParen) {
             let save = self.pos;
             self.pos += 1;
-            if let Ok(c) = self.cond() {
-                if self.peek() == Some(&Tok::RParen) {
-                    self.pos += 1;
-                    return Ok(c);
-                }
+            if let Ok(c) = self.cond()
+                && self.peek() == Some(&Tok::RParen)
+            {
+                self.pos += 1;
+                return Ok(c);
             }
             self.pos = save;
         }

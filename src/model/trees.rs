@@ -119,28 +119,47 @@ pub struct Binned {
 }
 
 impl Binned {
-    pub fn new(x: &[f32], cols: usize) -> Binned {
+    /// Up to 255 edges per feature: quantiles of all rows, quantiles of the
+    /// positive rows (fraud is rare, so plain quantiles leave the values where
+    /// it lives in a few wide bins: an amount limit would blur), and edges
+    /// evenly spaced on a log scale for the sparse tails.
+    pub fn new(x: &[f32], cols: usize, labels: Option<&[u8]>) -> Binned {
         let rows = x.len() / cols;
         let mut bins = vec![0u8; rows * cols];
         let mut edges = Vec::with_capacity(cols);
         let step = (rows / 200_000).max(1);
+        let quantiles = |mut v: Vec<f32>, k: usize| -> Vec<f32> {
+            v.sort_by(f32::total_cmp);
+            v.dedup();
+            if v.len() <= k {
+                return v;
+            }
+            (1..k).map(|i| v[i * v.len() / k]).collect()
+        };
         for c in 0..cols {
-            let mut sample: Vec<f32> = (0..rows).step_by(step).map(|r| x[r * cols + c]).collect();
-            sample.sort_by(f32::total_cmp);
-            sample.dedup();
-            let e: Vec<f32> = if sample.len() <= 255 {
-                sample[..sample.len().saturating_sub(1)].to_vec()
+            let all: Vec<f32> = (0..rows).step_by(step).map(|r| x[r * cols + c]).collect();
+            let mut distinct = all.clone();
+            distinct.sort_by(f32::total_cmp);
+            distinct.dedup();
+            let e: Vec<f32> = if distinct.len() <= 255 {
+                distinct[..distinct.len().saturating_sub(1)].to_vec()
             } else {
-                // Quantile edges alone leave the sparse tails in a few wide
-                // bins, yet the tails are where fraud lives (an amount over a
-                // fixed limit, say): add edges evenly spaced on a log scale.
                 let squash = |v: f32| (v.abs() as f64).ln_1p().copysign(v as f64);
                 let unsquash = |s: f64| (s.abs().exp_m1().copysign(s)) as f32;
-                let (lo, hi) = (squash(sample[0]), squash(sample[sample.len() - 1]));
-                let mut e: Vec<f32> = (1..192).map(|k| sample[k * sample.len() / 192]).collect();
+                let (lo, hi) = (squash(distinct[0]), squash(distinct[distinct.len() - 1]));
+                let mut e = quantiles(all, 128);
+                if let Some(y) = labels {
+                    let pos: Vec<f32> = (0..rows)
+                        .filter(|&r| y[r] == 1)
+                        .map(|r| x[r * cols + c])
+                        .collect();
+                    e.extend(quantiles(pos, 64));
+                }
                 e.extend((1..64).map(|k| unsquash(lo + (hi - lo) * k as f64 / 64.0)));
                 e.sort_by(f32::total_cmp);
                 e.dedup();
+                // The last edge must stay below the largest value or its bin is empty.
+                e.retain(|&v| v < distinct[distinct.len() - 1]);
                 e.truncate(255);
                 e
             };
@@ -237,9 +256,9 @@ pub fn grow(
         for &f in &features {
             let hf = &hist[f * 256..f * 256 + 256];
             let (mut gl, mut hl) = (0.0, 0.0);
-            for b in 0..data.edges[f].len() {
-                gl += hf[b].g;
-                hl += hf[b].h;
+            for (b, bin) in hf.iter().enumerate().take(data.edges[f].len()) {
+                gl += bin.g;
+                hl += bin.h;
                 let (gr, hr) = (n.g - gl, n.h - hl);
                 if hl < p.min_child_weight || hr < p.min_child_weight {
                     continue;
@@ -372,7 +391,7 @@ impl Default for GbtParams {
 
 impl Gbt {
     pub fn train(x: &[f32], y: &[u8], cols: usize, p: &GbtParams) -> Gbt {
-        let data = Binned::new(x, cols);
+        let data = Binned::new(x, cols, Some(y));
         let n = data.rows;
         let pos = y.iter().filter(|&&v| v == 1).count() as f64;
         let prior = ((pos + 0.5) / (n as f64 + 1.0)).clamp(1e-6, 1.0 - 1e-6);
@@ -449,7 +468,7 @@ impl Default for ForestParams {
 
 impl Forest {
     pub fn train(x: &[f32], y: &[u8], cols: usize, p: &ForestParams) -> Forest {
-        let data = Binned::new(x, cols);
+        let data = Binned::new(x, cols, Some(y));
         let n = data.rows;
         let mut rng = Rng::new(p.seed);
         let mut g = vec![0f32; n];
