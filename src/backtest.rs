@@ -5,7 +5,7 @@
 use crate::alerts::{Alert, now_rfc3339};
 use crate::evaluate::{self, Scored};
 use crate::features::store::key_hash;
-use crate::features::{Engine, EngineStats, FeatureConfig, Features, N_FEATURES, NAMES};
+use crate::features::{Engine, EngineStats, FeatureConfig, Features, Keys, N_FEATURES, NAMES};
 use crate::ingest::time::{format_date, format_utc};
 use crate::ingest::{Transaction, TransactionReader};
 use crate::model::scorer::{Decision, Scorer};
@@ -88,6 +88,7 @@ pub fn stream_batches(
         TransactionReader::open(path).with_context(|| format!("reading {}", path.display()))?;
     let mut engine = Engine::new(cfg);
     let mut batch = Batch::new();
+    let mut keys = [Keys::default(); BATCH];
     let bar = progress(show_progress);
     let (mut rows, mut late) = (0u64, 0u64);
     loop {
@@ -99,11 +100,12 @@ pub fn stream_batches(
         {
             n += 1;
         }
-        for tx in &batch.txs[..n] {
-            engine.prefetch(tx);
+        for (tx, k) in batch.txs[..n].iter().zip(&mut keys) {
+            *k = Keys::of(tx);
+            engine.prefetch(*k);
         }
-        for (tx, out) in batch.txs[..n].iter().zip(&mut batch.features) {
-            *out = match engine.process(tx) {
+        for ((tx, out), k) in batch.txs[..n].iter().zip(&mut batch.features).zip(&keys) {
+            *out = match engine.process_keyed(tx, *k) {
                 Ok(f) => f,
                 Err(_) => {
                     late += 1;

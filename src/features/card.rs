@@ -20,29 +20,40 @@ pub struct Recent {
     pub lon: f32,
 }
 
+#[derive(Debug, Clone, Copy, Default)]
+struct Prev {
+    ts: u32,
+    lat: f32,
+    lon: f32,
+}
+
+const COUNT_BITS: u16 = 0x0fff;
+const LARGE_ONE: u16 = 0x1000;
+
 #[derive(Debug, Clone)]
 pub struct CardState {
     newest_day: u32,
-    counts: [u16; PANES],
+    /// Per day: the count in the low 12 bits, large amounts in the high 4
+    /// (each saturating), so a pane costs 10 bytes with its two sums.
+    tally: [u16; PANES],
     sums: [f32; PANES],
     sumsq: [f32; PANES],
-    large: [u8; PANES],
     /// Raw events within the last day plus the allowed lateness, oldest first.
     recent: Vec<Recent>,
-    /// The newest event evicted from `recent`, for "time since previous".
-    before: Option<Recent>,
+    /// The newest event evicted from `recent`, for "time since previous"
+    /// and speed; `ts` 0 when none.
+    before: Prev,
 }
 
 impl Default for CardState {
     fn default() -> Self {
         CardState {
             newest_day: 0,
-            counts: [0; PANES],
+            tally: [0; PANES],
             sums: [0.0; PANES],
             sumsq: [0.0; PANES],
-            large: [0; PANES],
             recent: Vec::new(),
-            before: None,
+            before: Prev::default(),
         }
     }
 }
@@ -111,10 +122,10 @@ impl CardState {
         while d <= hi {
             let i = d as usize % PANES;
             let (c, s, q, l) = (
-                self.counts[i] as u32,
+                (self.tally[i] & COUNT_BITS) as u32,
                 self.sums[i] as f64,
                 self.sumsq[i] as f64,
-                self.large[i] as u32,
+                (self.tally[i] >> 12) as u32,
             );
             s30.count += c;
             s30.sum += s;
@@ -168,12 +179,19 @@ impl CardState {
             }
         }
         v.distinct_merchants_1d = distinct as u32 + 1;
-        if let Some(p) = prev.or(self.before.as_ref()) {
-            let dt = t - p.ts as i64;
+        let prev = prev
+            .map(|r| (r.ts, r.lat, r.lon))
+            .or((self.before.ts != 0).then_some((
+                self.before.ts,
+                self.before.lat,
+                self.before.lon,
+            )));
+        if let Some((p_ts, p_lat, p_lon)) = prev {
+            let dt = t - p_ts as i64;
             v.secs_since_prev = Some(dt);
             // Beyond 30 days a card may have expired, so no speed either way.
-            if dt <= 30 * DAY && !lat.is_nan() && !p.lat.is_nan() {
-                let km = haversine_km(p.lat as f64, p.lon as f64, lat as f64, lon as f64);
+            if dt <= 30 * DAY && !lat.is_nan() && !p_lat.is_nan() {
+                let km = haversine_km(p_lat as f64, p_lon as f64, lat as f64, lon as f64);
                 // A minute's floor keeps two swipes in the same second finite.
                 v.velocity_kmh = km / (dt.max(60) as f64 / 3600.0);
             }
@@ -190,20 +208,21 @@ impl CardState {
             let gap = (day - self.newest_day) as usize;
             for k in 1..=gap.min(PANES) {
                 let i = (self.newest_day as usize + k) % PANES;
-                self.counts[i] = 0;
+                self.tally[i] = 0;
                 self.sums[i] = 0.0;
                 self.sumsq[i] = 0.0;
-                self.large[i] = 0;
             }
             self.newest_day = day;
         }
         if self.newest_day - day < PANES as u32 {
             let i = day as usize % PANES;
             let a = ev.amount;
-            self.counts[i] = self.counts[i].saturating_add(1);
+            let t = self.tally[i];
+            let count = if t & COUNT_BITS < COUNT_BITS { 1 } else { 0 };
+            let large = if large && t >> 12 < 15 { LARGE_ONE } else { 0 };
+            self.tally[i] = t + count + large;
             self.sums[i] += a;
             self.sumsq[i] += a * a;
-            self.large[i] = self.large[i].saturating_add(u8::from(large));
         }
 
         let pos = self.recent.partition_point(|r| r.ts <= ev.ts);
@@ -214,14 +233,31 @@ impl CardState {
         if cut > 0 {
             // A late event may be evicted at once: keep the newest ever evicted.
             let newest = self.recent[cut - 1];
-            if self.before.is_none_or(|b| b.ts <= newest.ts) {
-                self.before = Some(newest);
+            if self.before.ts <= newest.ts {
+                self.before = Prev {
+                    ts: newest.ts,
+                    lat: newest.lat,
+                    lon: newest.lon,
+                };
             }
             self.recent.drain(..cut);
         }
-        if self.recent.capacity() > 2 * self.recent.len().max(4) {
-            self.recent.shrink_to(self.recent.len().max(4));
+        // Most cards hold one or two recent events: keep the buffer that small.
+        if self.recent.capacity() >= 2 * self.recent.len() + 2 {
+            self.recent.shrink_to(self.recent.len() + 1);
         }
         overflow > expired
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn state_size() {
+        println!(
+            "CardState {} bytes",
+            std::mem::size_of::<super::CardState>()
+        );
+        assert!(std::mem::size_of::<super::CardState>() <= 368);
     }
 }

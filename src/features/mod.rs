@@ -202,26 +202,32 @@ impl Engine {
         Ok(())
     }
 
-    /// Starts loading the state `tx` will read; see [`store::prefetch`].
-    pub fn prefetch(&self, tx: &Transaction) {
-        if let Some(c) = self.cards.get(key_hash(&tx.card_id)) {
+    /// Starts loading the state of these keys; see [`store::prefetch`].
+    pub fn prefetch(&self, keys: Keys) {
+        if let Some(c) = self.cards.get(keys.card) {
             c.prefetch();
         }
-        if let Some(m) = self.merchants.get(&key_hash(&tx.merchant_id)) {
+        if let Some(m) = self.merchants.get(&keys.merchant) {
             m.prefetch();
         }
     }
 
     /// Features of `tx` as if it were processed now, without changing state.
     pub fn peek(&self, tx: &Transaction) -> Features {
-        let card = self.cards.get(key_hash(&tx.card_id));
-        let merchant = self.merchants.get(&key_hash(&tx.merchant_id));
-        compute(&self.cfg, card, merchant, tx).0
+        let keys = Keys::of(tx);
+        let card = self.cards.get(keys.card);
+        let merchant = self.merchants.get(&keys.merchant);
+        compute(&self.cfg, card, merchant, tx, keys).0
     }
 
     /// Computes the features of `tx` and folds it into the state. An event
     /// too far behind the watermark changes nothing and is returned as an error.
     pub fn process(&mut self, tx: &Transaction) -> Result<Features, TooLate> {
+        self.process_keyed(tx, Keys::of(tx))
+    }
+
+    /// [`Engine::process`] with the keys already hashed.
+    pub fn process_keyed(&mut self, tx: &Transaction, keys: Keys) -> Result<Features, TooLate> {
         let t = tx.time.utc;
         if let Err(e) = self.check_late(t) {
             self.stats.too_late += 1;
@@ -230,10 +236,10 @@ impl Engine {
         self.advance(t);
         let cfg = self.cfg;
         let oldest_hour = self.oldest_merchant_hour();
-        let merchant_key = key_hash(&tx.merchant_id);
-        let card = self.cards.get_or_default(key_hash(&tx.card_id));
+        let merchant_key = keys.merchant;
+        let card = self.cards.get_or_default(keys.card);
         let merchant = self.merchants.entry(merchant_key).or_default();
-        let (features, large) = compute(&cfg, Some(&*card), Some(&*merchant), tx);
+        let (features, large) = compute(&cfg, Some(&*card), Some(&*merchant), tx, keys);
         let ev = Recent {
             ts: t as u32,
             amount: tx.amount as f32,
@@ -318,6 +324,22 @@ impl Engine {
     }
 }
 
+/// The hashed card and merchant ids of a transaction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Keys {
+    pub card: u64,
+    pub merchant: u64,
+}
+
+impl Keys {
+    pub fn of(tx: &Transaction) -> Keys {
+        Keys {
+            card: key_hash(&tx.card_id),
+            merchant: key_hash(&tx.merchant_id),
+        }
+    }
+}
+
 fn coord(lat: Option<f64>, lon: Option<f64>) -> (f32, f32) {
     match (lat, lon) {
         (Some(a), Some(b)) => (a as f32, b as f32),
@@ -332,11 +354,12 @@ fn compute(
     card: Option<&CardState>,
     merchant: Option<&MerchantState>,
     tx: &Transaction,
+    keys: Keys,
 ) -> (Features, bool) {
     let t = tx.time.utc;
     let amount = tx.amount;
     let (lat, lon) = coord(tx.lat, tx.lon);
-    let merchant_key = (key_hash(&tx.merchant_id) >> 32) as u32;
+    let merchant_key = (keys.merchant >> 32) as u32;
     let cv = card
         .map(|c| c.view(t, merchant_key, lat, lon))
         .unwrap_or_default();
