@@ -116,11 +116,9 @@ struct Columns {
 type Setter = fn(&mut Transaction, &[u8]) -> Result<(), FieldError>;
 
 impl Columns {
-    fn from_header(header: &csv::ByteRecord) -> Result<Columns, ReadError> {
+    fn from_header(header: &Record) -> Result<Columns, ReadError> {
         let find = |name: &str| {
-            header
-                .iter()
-                .position(|h| h.eq_ignore_ascii_case(name.as_bytes()))
+            (0..header.len()).position(|i| header.get(i).trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
         };
         let need = |name: &'static str| {
             find(name).ok_or_else(|| ReadError::Row {
@@ -150,8 +148,8 @@ impl Columns {
         })
     }
 
-    fn fill(&self, rec: &csv::ByteRecord, tx: &mut Transaction) -> Result<(), FieldError> {
-        let field = |i: usize| rec.get(i).unwrap_or_default();
+    fn fill(&self, rec: &Record, tx: &mut Transaction) -> Result<(), FieldError> {
+        let field = |i: usize| rec.get(i);
         tx.set_id(field(self.id))?;
         tx.set_timestamp(field(self.timestamp))?;
         tx.set_card(field(self.card))?;
@@ -165,11 +163,137 @@ impl Columns {
     }
 }
 
+/// One CSV row: its fields as ranges of a buffer. Rows without quotes (the
+/// common case) are split in place; quoted fields are unescaped into a copy.
+#[derive(Default)]
+struct Record {
+    line: Vec<u8>,
+    unquoted: Vec<u8>,
+    fields: Vec<(u32, u32)>,
+    quoted: bool,
+}
+
+impl Record {
+    fn len(&self) -> usize {
+        self.fields.len()
+    }
+
+    fn get(&self, i: usize) -> &[u8] {
+        let Some(&(a, b)) = self.fields.get(i) else {
+            return &[];
+        };
+        let buf = if self.quoted { &self.unquoted } else { &self.line };
+        &buf[a as usize..b as usize]
+    }
+}
+
+/// A CSV reader (RFC 4180: quoted fields, `""` escapes, line breaks inside
+/// quotes). Written for this schema's hot path: no per-row allocation.
+struct CsvRows {
+    reader: BufReader<Box<dyn Read + Send>>,
+    line_no: u64,
+}
+
+impl CsvRows {
+    /// Reads the next non-empty row; returns the line it started on.
+    fn next(&mut self, rec: &mut Record) -> Result<Option<u64>, ReadError> {
+        loop {
+            rec.line.clear();
+            if self.reader.read_until(b'\n', &mut rec.line)? == 0 {
+                return Ok(None);
+            }
+            self.line_no += 1;
+            let start = self.line_no;
+            trim_newline(&mut rec.line);
+            if rec.line.is_empty() {
+                continue;
+            }
+            rec.fields.clear();
+            if memchr_quote(&rec.line).is_none() {
+                rec.quoted = false;
+                let mut a = 0u32;
+                for (i, &c) in rec.line.iter().enumerate() {
+                    if c == b',' {
+                        rec.fields.push((a, i as u32));
+                        a = i as u32 + 1;
+                    }
+                }
+                rec.fields.push((a, rec.line.len() as u32));
+                return Ok(Some(start));
+            }
+            rec.quoted = true;
+            self.split_quoted(rec, start)?;
+            return Ok(Some(start));
+        }
+    }
+
+    fn split_quoted(&mut self, rec: &mut Record, start: u64) -> Result<(), ReadError> {
+        rec.unquoted.clear();
+        let mut pos = 0usize;
+        let mut field_start = 0u32;
+        let mut in_quotes = false;
+        loop {
+            while pos < rec.line.len() {
+                let c = rec.line[pos];
+                if in_quotes {
+                    if c == b'"' {
+                        if rec.line.get(pos + 1) == Some(&b'"') {
+                            rec.unquoted.push(b'"');
+                            pos += 1;
+                        } else {
+                            in_quotes = false;
+                        }
+                    } else {
+                        rec.unquoted.push(c);
+                    }
+                } else if c == b'"' {
+                    in_quotes = true;
+                } else if c == b',' {
+                    rec.fields.push((field_start, rec.unquoted.len() as u32));
+                    field_start = rec.unquoted.len() as u32;
+                } else {
+                    rec.unquoted.push(c);
+                }
+                pos += 1;
+            }
+            if !in_quotes {
+                rec.fields.push((field_start, rec.unquoted.len() as u32));
+                return Ok(());
+            }
+            // A line break inside quotes belongs to the field.
+            rec.unquoted.push(b'\n');
+            let before = rec.line.len();
+            if self.reader.read_until(b'\n', &mut rec.line)? == 0 {
+                return Err(ReadError::Format {
+                    line: start,
+                    reason: "a quoted field is not closed before the end of the file".into(),
+                });
+            }
+            self.line_no += 1;
+            trim_newline(&mut rec.line);
+            pos = before;
+        }
+    }
+}
+
+fn trim_newline(line: &mut Vec<u8>) {
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    }
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+}
+
+fn memchr_quote(b: &[u8]) -> Option<usize> {
+    b.iter().position(|&c| c == b'"')
+}
+
 enum Format {
     Csv {
-        reader: csv::Reader<Box<dyn Read + Send>>,
+        rows: CsvRows,
         columns: Columns,
-        record: csv::ByteRecord,
+        record: Record,
     },
     Jsonl {
         reader: BufReader<Box<dyn Read + Send>>,
@@ -192,11 +316,7 @@ impl TransactionReader {
 
     pub fn from_reader(raw: Box<dyn Read + Send>) -> Result<TransactionReader, ReadError> {
         let mut reader = BufReader::with_capacity(1 << 18, raw);
-        let first = reader
-            .fill_buf()?
-            .iter()
-            .find(|c| !c.is_ascii_whitespace())
-            .copied();
+        let first = reader.fill_buf()?.iter().find(|c| !c.is_ascii_whitespace()).copied();
         if first == Some(b'{') {
             return Ok(TransactionReader {
                 format: Format::Jsonl {
@@ -206,18 +326,24 @@ impl TransactionReader {
                 },
             });
         }
-        let mut csv = csv::ReaderBuilder::new()
-            .has_headers(true)
-            .flexible(true)
-            .buffer_capacity(1 << 18)
-            .from_reader(Box::new(reader) as Box<dyn Read + Send>);
-        let header = csv.byte_headers().map_err(csv_error)?.clone();
+        let mut rows = CsvRows { reader, line_no: 0 };
+        let mut header = Record::default();
+        if rows.next(&mut header)?.is_none() {
+            return Err(ReadError::Format {
+                line: 1,
+                reason: "the file is empty: expected a CSV header or JSON Lines".into(),
+            });
+        }
+        // A byte-order mark before the first column name is not part of it.
+        if header.line.starts_with(&[0xef, 0xbb, 0xbf]) && !header.quoted {
+            header.fields[0].0 += 3;
+        }
         let columns = Columns::from_header(&header)?;
         Ok(TransactionReader {
             format: Format::Csv {
-                reader: csv,
+                rows,
                 columns,
-                record: csv::ByteRecord::new(),
+                record: Record::default(),
             },
         })
     }
@@ -226,14 +352,13 @@ impl TransactionReader {
     pub fn next_into(&mut self, tx: &mut Transaction) -> Result<bool, ReadError> {
         match &mut self.format {
             Format::Csv {
-                reader,
+                rows,
                 columns,
                 record,
             } => {
-                if !reader.read_byte_record(record).map_err(csv_error)? {
+                let Some(line) = rows.next(record)? else {
                     return Ok(false);
-                }
-                let line = record.position().map_or(0, |p| p.line());
+                };
                 columns
                     .fill(record, tx)
                     .map_err(|source| ReadError::Row { line, source })?;
@@ -261,17 +386,6 @@ impl TransactionReader {
                 return Ok(true);
             },
         }
-    }
-}
-
-fn csv_error(e: csv::Error) -> ReadError {
-    let line = e.position().map_or(0, |p| p.line());
-    match e.into_kind() {
-        csv::ErrorKind::Io(io) => ReadError::Io(io),
-        other => ReadError::Format {
-            line,
-            reason: format!("{other:?}"),
-        },
     }
 }
 
@@ -303,6 +417,25 @@ mod tests {
         assert_eq!(rows[0].lat, Some(45.5));
         assert_eq!(rows[1].lat, None);
         assert_eq!(rows[1].card_id, "c2");
+    }
+
+    #[test]
+    fn quoted_fields_escapes_and_line_breaks() {
+        let rows = read_all(
+            "\u{feff}transaction_id,timestamp,card_id,merchant_id,amount\r\n\
+             \"1\",2018-04-01T00:00:01Z,\"c,1\",\"the \"\"best\"\" shop\",2\r\n\
+             \r\n\
+             2,2018-04-01T00:00:02Z,c2,\"two\nlines\",3\n\
+             3,2018-04-01T00:00:03Z,c3,m3,4",
+        )
+        .unwrap();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0].card_id, "c,1");
+        assert_eq!(rows[0].merchant_id, "the \"best\" shop");
+        assert_eq!(rows[1].merchant_id, "two\nlines");
+        assert_eq!(rows[2].amount, 4.0);
+        let err = read_all("transaction_id,timestamp,card_id,merchant_id,amount\n1,2018-04-01T00:00:01Z,\"c,m,1\n").unwrap_err();
+        assert!(err.to_string().contains("not closed"), "{err}");
     }
 
     #[test]
