@@ -29,8 +29,12 @@ pub struct StreamSummary {
     pub engine: EngineStats,
 }
 
-/// Events read ahead so that their state can be prefetched together.
-const BATCH: usize = 64;
+/// Events handed between threads at once: large, so that the threads wake
+/// each other rarely.
+const BATCH: usize = 1024;
+/// Events whose state is prefetched together: enough to overlap the memory
+/// latencies, few enough that the lines are still cached when used.
+const PREFETCH: usize = 32;
 
 fn progress(enabled: bool) -> ProgressBar {
     if !enabled {
@@ -87,47 +91,66 @@ pub fn stream_batches(
     let mut reader =
         TransactionReader::open(path).with_context(|| format!("reading {}", path.display()))?;
     let mut engine = Engine::new(cfg);
-    let mut batch = Batch::new();
-    let mut keys = [Keys::default(); BATCH];
+    let mut keys = [Keys::default(); PREFETCH];
     let bar = progress(show_progress);
     let (mut rows, mut late) = (0u64, 0u64);
-    loop {
-        let mut n = 0;
-        while n < BATCH
-            && reader
-                .next_into(&mut batch.txs[n])
-                .with_context(|| format!("reading {}", path.display()))?
-        {
-            n += 1;
-        }
-        for (tx, k) in batch.txs[..n].iter().zip(&mut keys) {
-            *k = Keys::of(tx);
-            engine.prefetch(*k);
-        }
-        for ((tx, out), k) in batch.txs[..n].iter().zip(&mut batch.features).zip(&keys) {
-            *out = match engine.process_keyed(tx, *k) {
-                Ok(f) => f,
-                Err(_) => {
-                    late += 1;
-                    engine.peek(tx)
+    // Parsing runs on its own thread, a batch ahead of the features.
+    let (parsed_tx, parsed) = mpsc::sync_channel::<Result<Batch, crate::ingest::ReadError>>(2);
+    let (empty_tx, empty) = mpsc::channel::<Batch>();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        scope.spawn(move || {
+            loop {
+                let mut batch = empty.try_recv().unwrap_or_default();
+                let mut n = 0;
+                while n < BATCH {
+                    match reader.next_into(&mut batch.txs[n]) {
+                        Ok(true) => n += 1,
+                        Ok(false) => break,
+                        Err(e) => {
+                            let _ = parsed_tx.send(Err(e));
+                            return;
+                        }
+                    }
                 }
-            };
-            if tx.is_fraud == Some(true) {
-                engine.schedule_label(&tx.merchant_id, tx.time.utc);
+                batch.len = n;
+                if parsed_tx.send(Ok(batch)).is_err() || n < BATCH {
+                    return;
+                }
+            }
+        });
+        for parsed in parsed {
+            let mut batch = parsed.with_context(|| format!("reading {}", path.display()))?;
+            let n = batch.len;
+            for start in (0..n).step_by(PREFETCH) {
+                let end = (start + PREFETCH).min(n);
+                for (tx, k) in batch.txs[start..end].iter().zip(&mut keys) {
+                    *k = Keys::of(tx);
+                    engine.prefetch(*k);
+                }
+                let txs = &batch.txs[start..end];
+                for ((tx, out), k) in txs.iter().zip(&mut batch.features[start..end]).zip(&keys) {
+                    *out = match engine.process_keyed(tx, *k) {
+                        Ok(f) => f,
+                        Err(_) => {
+                            late += 1;
+                            engine.peek(tx)
+                        }
+                    };
+                    if tx.is_fraud == Some(true) {
+                        engine.schedule_label(&tx.merchant_id, tx.time.utc);
+                    }
+                }
+            }
+            rows += n as u64;
+            bar.set_position(rows);
+            if n > 0 {
+                let back = sink(batch)?;
+                // The reader may be done; a lost recycle is only a lost buffer.
+                let _ = empty_tx.send(back);
             }
         }
-        batch.len = n;
-        rows += n as u64;
-        if rows & 0xffff < BATCH as u64 {
-            bar.set_position(rows);
-        }
-        if n > 0 {
-            batch = sink(batch)?;
-        }
-        if n < BATCH {
-            break;
-        }
-    }
+        Ok(())
+    })?;
     bar.finish_and_clear();
     Ok(StreamSummary {
         rows,
@@ -372,7 +395,7 @@ pub fn replay(
 ) -> anyhow::Result<ReplaySummary> {
     let produced_at = now_rfc3339();
     let version = scorer.model.model_version.as_str();
-    let (to_scorer, from_engine) = mpsc::sync_channel::<Batch>(8);
+    let (to_scorer, from_engine) = mpsc::sync_channel::<Batch>(4);
     let (to_engine, recycled) = mpsc::channel::<Batch>();
     std::thread::scope(|scope| {
         let worker = scope.spawn(move || -> anyhow::Result<[u64; 4]> {
@@ -380,7 +403,7 @@ pub fn replay(
             let mut line = Vec::with_capacity(1024);
             for batch in from_engine {
                 for (tx, f) in batch.iter() {
-                    let s = scorer.score(f, false);
+                    let Some(s) = scorer.triage(f) else { continue };
                     if s.decision == Decision::Allow {
                         continue;
                     }

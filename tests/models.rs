@@ -178,3 +178,49 @@ pub fn tempdir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Replay's shortcut decides exactly as the full score does, on the built-in
+/// model and rules over a simulated stream.
+#[test]
+fn triage_decides_like_the_full_score() {
+    use peregrine::features::Engine;
+    use peregrine::ingest::Transaction;
+    use peregrine::model::rules::parse_rules;
+    let model = Model::from_json(include_str!("../models/default.json"), "default").unwrap();
+    let rules = parse_rules(include_str!("../models/default.rules")).unwrap();
+    let scorer = Scorer::new(model, rules);
+    let sim = Simulation::run(SimConfig {
+        customers: 500,
+        terminals: 1000,
+        days: 60,
+        seed: 5,
+        ..SimConfig::default()
+    });
+    let mut engine = Engine::new(scorer.model.feature_config);
+    let mut tx = Transaction::default();
+    let (mut skipped, mut alerts) = (0, 0);
+    for i in 0..sim.transactions.len() {
+        sim.fill(i, &mut tx);
+        let f = engine.process(&tx).unwrap();
+        let full = scorer.score(&f, false);
+        match scorer.triage(&f) {
+            None => {
+                skipped += 1;
+                assert_eq!(
+                    full.decision,
+                    Decision::Allow,
+                    "transaction {i} was skipped but alerts"
+                );
+            }
+            Some(s) => assert_eq!(s, full),
+        }
+        alerts += usize::from(full.decision != Decision::Allow);
+        if tx.is_fraud == Some(true) {
+            engine.schedule_label(&tx.merchant_id, tx.time.utc);
+        }
+    }
+    assert!(
+        alerts > 50 && skipped > sim.transactions.len() / 2,
+        "{alerts} alerts, {skipped} skipped"
+    );
+}

@@ -118,7 +118,12 @@ type Setter = fn(&mut Transaction, &[u8]) -> Result<(), FieldError>;
 impl Columns {
     fn from_header(header: &Record) -> Result<Columns, ReadError> {
         let find = |name: &str| {
-            (0..header.len()).position(|i| header.get(i).trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
+            (0..header.len()).position(|i| {
+                header
+                    .get(i)
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(name.as_bytes())
+            })
         };
         let need = |name: &'static str| {
             find(name).ok_or_else(|| ReadError::Row {
@@ -182,7 +187,11 @@ impl Record {
         let Some(&(a, b)) = self.fields.get(i) else {
             return &[];
         };
-        let buf = if self.quoted { &self.unquoted } else { &self.line };
+        let buf = if self.quoted {
+            &self.unquoted
+        } else {
+            &self.line
+        };
         &buf[a as usize..b as usize]
     }
 }
@@ -212,11 +221,9 @@ impl CsvRows {
             if memchr_quote(&rec.line).is_none() {
                 rec.quoted = false;
                 let mut a = 0u32;
-                for (i, &c) in rec.line.iter().enumerate() {
-                    if c == b',' {
-                        rec.fields.push((a, i as u32));
-                        a = i as u32 + 1;
-                    }
+                for i in memchr::memchr_iter(b',', &rec.line) {
+                    rec.fields.push((a, i as u32));
+                    a = i as u32 + 1;
                 }
                 rec.fields.push((a, rec.line.len() as u32));
                 return Ok(Some(start));
@@ -286,7 +293,7 @@ fn trim_newline(line: &mut Vec<u8>) {
 }
 
 fn memchr_quote(b: &[u8]) -> Option<usize> {
-    b.iter().position(|&c| c == b'"')
+    memchr::memchr(b'"', b)
 }
 
 enum Format {
@@ -316,7 +323,11 @@ impl TransactionReader {
 
     pub fn from_reader(raw: Box<dyn Read + Send>) -> Result<TransactionReader, ReadError> {
         let mut reader = BufReader::with_capacity(1 << 18, raw);
-        let first = reader.fill_buf()?.iter().find(|c| !c.is_ascii_whitespace()).copied();
+        let first = reader
+            .fill_buf()?
+            .iter()
+            .find(|c| !c.is_ascii_whitespace())
+            .copied();
         if first == Some(b'{') {
             return Ok(TransactionReader {
                 format: Format::Jsonl {
@@ -434,7 +445,10 @@ mod tests {
         assert_eq!(rows[0].merchant_id, "the \"best\" shop");
         assert_eq!(rows[1].merchant_id, "two\nlines");
         assert_eq!(rows[2].amount, 4.0);
-        let err = read_all("transaction_id,timestamp,card_id,merchant_id,amount\n1,2018-04-01T00:00:01Z,\"c,m,1\n").unwrap_err();
+        let err = read_all(
+            "transaction_id,timestamp,card_id,merchant_id,amount\n1,2018-04-01T00:00:01Z,\"c,m,1\n",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("not closed"), "{err}");
     }
 
