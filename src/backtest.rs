@@ -403,7 +403,7 @@ pub fn replay(
             let mut line = Vec::with_capacity(1024);
             for batch in from_engine {
                 for (tx, f) in batch.iter() {
-                    let Some(s) = scorer.triage(f) else { continue };
+                    let s = scorer.score(f, false);
                     if s.decision == Decision::Allow {
                         continue;
                     }

@@ -167,11 +167,6 @@ impl Cond {
 }
 
 impl RuleSet {
-    /// Whether any rule reads the model's score.
-    pub fn reads_score(&self) -> bool {
-        self.rules.iter().any(|r| r.cond.reads(SCORE))
-    }
-
     /// Whether any rule reads the anomaly score.
     pub fn reads_anomaly(&self) -> bool {
         self.rules.iter().any(|r| r.cond.reads(ANOMALY))

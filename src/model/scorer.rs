@@ -105,43 +105,6 @@ impl Scorer {
         }
     }
 
-    /// The score when it could lead to an alert, `None` when the transaction
-    /// is certain to be allowed: no rule above `low` fires, no anomaly
-    /// threshold is set, and the trees prove the score below the review
-    /// threshold before all of them are walked. Decisions are exactly those
-    /// of [`Scorer::score`]; only the work for sure passes is skipped.
-    pub fn triage(&self, f: &Features) -> Option<Score> {
-        let t = &self.thresholds;
-        let exact = || Some(self.score(f, false));
-        if t.anomaly_review.is_some() || self.rules.reads_score() || self.rules.reads_anomaly() {
-            return exact();
-        }
-        let input = RuleInput {
-            features: &f.0,
-            score: 0.0,
-            anomaly: 0.0,
-        };
-        if self
-            .rules
-            .rules
-            .iter()
-            .any(|r| r.severity > Severity::Low && r.fires(&input))
-        {
-            return exact();
-        }
-        let below = match (&self.model.body, &self.fast) {
-            (Body::Gbt(m), Some(c)) if t.review > 0.0 && t.review < 1.0 => {
-                let limit = (t.review / (1.0 - t.review)).ln() - m.base_margin;
-                c.sum_unless_below(&f.0, limit).is_none()
-            }
-            (Body::Forest(m), Some(c)) => c
-                .sum_unless_below(&f.0, t.review * m.trees.len() as f64)
-                .is_none(),
-            _ => false,
-        };
-        if below { None } else { exact() }
-    }
-
     /// The full score. Explanations are computed only when the decision is
     /// not `allow` or `explain` is set, since they cost more than the score.
     pub fn score(&self, f: &Features, explain: bool) -> Score {

@@ -591,8 +591,6 @@ pub struct Compiled {
     nodes: Vec<(f32, u32)>,
     /// Per tree, `2^depth` leaf values.
     leaves: Vec<f32>,
-    /// `suffix_max[k]`: the most that trees k.. can still add.
-    suffix_max: Vec<f64>,
     max_feature: usize,
 }
 
@@ -624,7 +622,6 @@ impl Compiled {
             trees: trees.len(),
             nodes: Vec::with_capacity(inner * trees.len()),
             leaves: Vec::with_capacity((inner + 1) * trees.len()),
-            suffix_max: vec![0.0; trees.len() + 1],
             max_feature: 0,
         };
         for t in trees {
@@ -654,32 +651,18 @@ impl Compiled {
                 stack.push((2 * slot + 2, t.right[src] as usize, level + 1));
             }
         }
-        for k in (0..c.trees).rev() {
-            let leaves = &c.leaves[k * (inner + 1)..(k + 1) * (inner + 1)];
-            let most = leaves.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-            c.suffix_max[k] = c.suffix_max[k + 1] + most;
-        }
         Some(c)
     }
 
     /// Sum of the trees' leaf values for `x`.
     #[inline]
     pub fn sum(&self, x: &[f32]) -> f64 {
-        self.sum_unless_below(x, f64::NEG_INFINITY)
-            .unwrap_or(f64::NEG_INFINITY)
-    }
-
-    /// The sum, or `None` as soon as it is certain to end below `limit`:
-    /// what the trees walked so far add up to, plus the most the rest could
-    /// add, is under it. Deciding "no alert" seldom needs every tree.
-    #[inline]
-    pub fn sum_unless_below(&self, x: &[f32], limit: f64) -> Option<f64> {
         // Eight independent walks in flight hide the latency of each step.
         const LANES: usize = 8;
         let inner = (1usize << self.depth) - 1;
         // Features are checked once here, so the walk needs no bounds checks.
         if self.max_feature >= x.len() {
-            return Some(f64::NAN);
+            return f64::NAN;
         }
         let step = |nodes: &[(f32, u32)], i: usize| {
             debug_assert!(i < nodes.len());
@@ -705,9 +688,6 @@ impl Compiled {
                 total += self.leaves[(k + j) * (inner + 1) + leaf - inner] as f64;
             }
             k += LANES;
-            if total + self.suffix_max[k] < limit {
-                return None;
-            }
         }
         while k < self.trees {
             let n = &self.nodes[k * inner..(k + 1) * inner];
@@ -718,7 +698,7 @@ impl Compiled {
             total += self.leaves[k * (inner + 1) + i - inner] as f64;
             k += 1;
         }
-        Some(total)
+        total
     }
 }
 
@@ -749,13 +729,6 @@ mod compiled_tests {
             for r in x.chunks_exact(4).take(500) {
                 let walk: f64 = m.trees.iter().map(|t| t.predict(r) as f64).sum();
                 assert!((walk - c.sum(r)).abs() < 1e-9, "depth {depth}");
-                // Stopping early never hides a sum at or over the limit.
-                for limit in [-1.0, -0.1, 0.0, 0.2, 1.0] {
-                    match c.sum_unless_below(r, limit) {
-                        Some(s) => assert!((s - walk).abs() < 1e-9),
-                        None => assert!(walk < limit, "{walk} < {limit}"),
-                    }
-                }
             }
         }
     }
