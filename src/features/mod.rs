@@ -15,7 +15,7 @@ use merchant::{HOUR, MerchantState};
 use serde::Serialize;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use store::{IdMap, KeyedStore, key_hash};
+use store::{KeyedStore, key_hash};
 
 /// Feature names, in the order models see them.
 pub const NAMES: [&str; N_FEATURES] = [
@@ -147,7 +147,7 @@ pub struct TooLate {
 pub struct Engine {
     cfg: FeatureConfig,
     cards: KeyedStore<CardState>,
-    merchants: IdMap<MerchantState>,
+    merchants: KeyedStore<MerchantState>,
     /// Fraud labels not yet known: (known at, merchant key, transaction time).
     pending: BinaryHeap<Reverse<(i64, u64, i64)>>,
     watermark: i64,
@@ -163,7 +163,7 @@ impl Engine {
                 ..cfg
             },
             cards: KeyedStore::default(),
-            merchants: IdMap::default(),
+            merchants: KeyedStore::default(),
             pending: BinaryHeap::new(),
             watermark: i64::MIN,
             next_sweep: i64::MIN,
@@ -207,7 +207,7 @@ impl Engine {
         if let Some(c) = self.cards.get(keys.card) {
             c.prefetch();
         }
-        if let Some(m) = self.merchants.get(&keys.merchant) {
+        if let Some(m) = self.merchants.get(keys.merchant) {
             m.prefetch();
         }
     }
@@ -216,7 +216,7 @@ impl Engine {
     pub fn peek(&self, tx: &Transaction) -> Features {
         let keys = Keys::of(tx);
         let card = self.cards.get(keys.card);
-        let merchant = self.merchants.get(&keys.merchant);
+        let merchant = self.merchants.get(keys.merchant);
         compute(&self.cfg, card, merchant, tx, keys).0
     }
 
@@ -238,7 +238,7 @@ impl Engine {
         let oldest_hour = self.oldest_merchant_hour();
         let merchant_key = keys.merchant;
         let card = self.cards.get_or_default(keys.card);
-        let merchant = self.merchants.entry(merchant_key).or_default();
+        let merchant = self.merchants.get_or_default(merchant_key);
         let (features, large) = compute(&cfg, Some(&*card), Some(&*merchant), tx, keys);
         let ev = Recent {
             ts: t as u32,
@@ -274,7 +274,7 @@ impl Engine {
 
     fn apply_label(&mut self, merchant_key: u64, tx_time: i64) {
         let oldest = self.oldest_merchant_hour();
-        let m = self.merchants.entry(merchant_key).or_default();
+        let m = self.merchants.get_or_default(merchant_key);
         if m.add_fraud(tx_time, oldest) {
             self.stats.labels_applied += 1;
         } else {
@@ -315,12 +315,10 @@ impl Engine {
             (self.watermark - self.cfg.allowed_lateness_secs - 30 * DAY).div_euclid(DAY) - 1;
         self.stats.cards_expired += self.cards.retain(|c| c.newest_day() as i64 >= idle_day) as u64;
         let oldest = self.oldest_merchant_hour();
-        let before = self.merchants.len();
-        self.merchants.retain(|_, m| {
+        self.stats.merchants_expired += self.merchants.retain(|m| {
             m.expire(oldest);
             !m.is_empty()
-        });
-        self.stats.merchants_expired += (before - self.merchants.len()) as u64;
+        }) as u64;
     }
 }
 

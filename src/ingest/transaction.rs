@@ -120,10 +120,7 @@ impl Transaction {
         if raw.is_empty() {
             return Err(FieldError::missing("amount"));
         }
-        let v = std::str::from_utf8(raw)
-            .ok()
-            .and_then(|s| s.trim().parse::<f64>().ok());
-        self.set_amount_value(v, raw)
+        self.set_amount_value(parse_number(raw), raw)
     }
 
     fn set_amount_value(&mut self, v: Option<f64>, raw: &[u8]) -> Result<(), FieldError> {
@@ -316,6 +313,40 @@ impl Transaction {
     }
 }
 
+/// Parses a plain decimal (`-12.34`) exactly and fast: the digits as an
+/// integer divided by a power of ten, both exact, so the one rounding is the
+/// division's, as `str::parse` would round. Anything else goes to `str::parse`.
+pub fn parse_number(raw: &[u8]) -> Option<f64> {
+    const POW10: [f64; 16] = [
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+    ];
+    let (neg, digits) = match raw.first() {
+        Some(b'-') => (true, &raw[1..]),
+        _ => (false, raw),
+    };
+    let mut mantissa = 0u64;
+    let mut n = 0usize;
+    let mut frac: Option<usize> = None;
+    for &c in digits {
+        match c {
+            b'0'..=b'9' => {
+                mantissa = mantissa * 10 + (c - b'0') as u64;
+                n += 1;
+                if let Some(f) = frac.as_mut() {
+                    *f += 1;
+                }
+            }
+            b'.' if frac.is_none() => frac = Some(0),
+            _ => return std::str::from_utf8(raw).ok()?.trim().parse().ok(),
+        }
+    }
+    if n == 0 || n > 15 {
+        return std::str::from_utf8(raw).ok()?.trim().parse().ok();
+    }
+    let v = mantissa as f64 / POW10[frac.unwrap_or(0)];
+    Some(if neg { -v } else { v })
+}
+
 fn set_required_str(dst: &mut String, field: &'static str, raw: &[u8]) -> Result<(), FieldError> {
     let s = std::str::from_utf8(raw).map_err(|_| FieldError::new(field, "not valid UTF-8"))?;
     let s = s.trim();
@@ -356,10 +387,7 @@ fn parse_coordinate(
     if raw.is_empty() {
         return Ok(None);
     }
-    let v = std::str::from_utf8(raw)
-        .ok()
-        .and_then(|s| s.trim().parse::<f64>().ok());
-    check_coordinate(field, v, bound, raw)
+    check_coordinate(field, parse_number(raw), bound, raw)
 }
 
 fn check_coordinate(
@@ -430,6 +458,36 @@ mod tests {
         assert_eq!(tx.channel, Some(Channel::Ecom));
         assert_eq!(tx.is_fraud, Some(true));
         assert_eq!(Transaction::from_json(&tx.to_json()).unwrap(), tx);
+    }
+
+    #[test]
+    fn fast_numbers_parse_exactly_as_std() {
+        for text in [
+            "0",
+            "57.16",
+            "-0.5",
+            "123456789.123456",
+            "48.2920",
+            "0.1",
+            "9999999999.99",
+            " 12.5",
+            "1e3",
+            "1.2.3",
+            "",
+            "-",
+            ".",
+        ] {
+            let want: Option<f64> = text.trim().parse().ok();
+            assert_eq!(parse_number(text.as_bytes()), want, "{text:?}");
+        }
+        let mut x = 1u64;
+        for _ in 0..10_000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let text = format!("{}.{:02}", (x >> 40) % 100_000, (x >> 20) % 100);
+            assert_eq!(parse_number(text.as_bytes()), text.parse().ok(), "{text}");
+        }
     }
 
     #[test]
