@@ -19,12 +19,8 @@ pub const DEFAULT_RULES: &str = include_str!("../models/default.rules");
 
 #[derive(Args)]
 pub struct DemoArgs {
-    #[arg(long, default_value_t = 5000)]
-    customers: usize,
-    #[arg(long, default_value_t = 10_000)]
-    terminals: usize,
-    #[arg(long, default_value_t = 183)]
-    days: u32,
+    #[command(flatten)]
+    size: crate::SimSize,
     /// A seed other than the built-in model's training data (seed 0).
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -48,16 +44,16 @@ pub fn run(a: DemoArgs, _progress: bool) -> anyhow::Result<()> {
     );
     let started = Instant::now();
     let sim = Simulation::run(SimConfig {
-        customers: a.customers,
-        terminals: a.terminals,
-        days: a.days,
+        customers: a.size.customers,
+        terminals: a.size.terminals,
+        days: a.size.days,
         seed: a.seed,
         ..SimConfig::default()
     });
     let n = sim.transactions.len();
     eprintln!(
         "simulated {n} card transactions over {} days with injected fraud (seed {}) in {:.1}s",
-        a.days,
+        a.size.days,
         a.seed,
         started.elapsed().as_secs_f64()
     );

@@ -54,12 +54,8 @@ struct SimulateArgs {
     /// Output file (CSV; gzipped when it ends in .gz).
     #[arg(long)]
     out: PathBuf,
-    #[arg(long, default_value_t = 5000)]
-    customers: usize,
-    #[arg(long, default_value_t = 10_000)]
-    terminals: usize,
-    #[arg(long, default_value_t = 183)]
-    days: u32,
+    #[command(flatten)]
+    size: SimSize,
     /// First day, YYYY-MM-DD (UTC).
     #[arg(long, default_value = "2018-04-01")]
     start: String,
@@ -69,6 +65,17 @@ struct SimulateArgs {
     /// 3 compromised cards, 4 card testing, 5 account takeover.
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5")]
     scenarios: Vec<u8>,
+}
+
+/// How much the simulator generates.
+#[derive(Args)]
+pub struct SimSize {
+    #[arg(long, default_value_t = 5000)]
+    pub customers: usize,
+    #[arg(long, default_value_t = 10_000)]
+    pub terminals: usize,
+    #[arg(long, default_value_t = 183)]
+    pub days: u32,
 }
 
 #[derive(Args)]
@@ -234,14 +241,14 @@ fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     if let Some(bad) = a.scenarios.iter().find(|s| !(1..=5).contains(*s)) {
         bail!("--scenarios: {bad} is not a scenario (1 to 5)");
     }
-    if a.customers == 0 || a.terminals == 0 || a.days == 0 {
+    if a.size.customers == 0 || a.size.terminals == 0 || a.size.days == 0 {
         bail!("--customers, --terminals and --days must be at least 1");
     }
     let started = Instant::now();
     let cfg = SimConfig {
-        customers: a.customers,
-        terminals: a.terminals,
-        days: a.days,
+        customers: a.size.customers,
+        terminals: a.size.terminals,
+        days: a.size.days,
         start: date("start", &a.start)?,
         seed: a.seed,
         scenarios: a.scenarios,

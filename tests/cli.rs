@@ -353,3 +353,35 @@ fn clear_errors_for_bad_arguments_models_and_rules() {
         assert!(help.contains(cmd), "{help}");
     }
 }
+
+#[test]
+fn demo_runs_with_the_built_in_model() {
+    let out = ok(&[
+        "demo",
+        "--customers",
+        "300",
+        "--terminals",
+        "600",
+        "--days",
+        "60",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("built-in model gbt-"), "{stderr}");
+    assert!(
+        stderr.contains("tx/s") && stderr.contains("p99"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("Alert precision") && stdout.contains("compromised card"),
+        "{stdout}"
+    );
+    let start = stdout.find("{\n").expect("an example alert");
+    let end = stdout[start..].find("\n}").expect("the alert closes") + start + 2;
+    let alert: serde_json::Value = serde_json::from_str(&stdout[start..end]).unwrap();
+    assert!(
+        alert["reasons"]["top_features"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    );
+}

@@ -32,6 +32,19 @@ fn quick_params() -> TrainParams {
     p
 }
 
+fn train_small(data: &Path, algo: Algo) -> Model {
+    train(&TrainRequest {
+        data,
+        from: peregrine::ingest::time::parse_date("2018-04-20").unwrap(),
+        to: peregrine::ingest::time::parse_date("2018-05-15").unwrap(),
+        algo,
+        features: FeatureConfig::default(),
+        params: quick_params(),
+        progress: false,
+    })
+    .unwrap()
+}
+
 fn random_rows(n: usize) -> Vec<Features> {
     let mut rng = Rng::new(9);
     (0..n)
@@ -50,16 +63,7 @@ fn every_model_type_round_trips() {
     let dir = tempdir("roundtrip");
     let data = small_data(&dir);
     for algo in [Algo::Logistic, Algo::Forest, Algo::Gbt, Algo::Iforest] {
-        let model = train(&TrainRequest {
-            data: &data,
-            from: peregrine::ingest::time::parse_date("2018-04-20").unwrap(),
-            to: peregrine::ingest::time::parse_date("2018-05-15").unwrap(),
-            algo,
-            features: FeatureConfig::default(),
-            params: quick_params(),
-            progress: false,
-        })
-        .unwrap();
+        let model = train_small(&data, algo);
         let path = dir.join(format!("{}.json", algo.as_str()));
         model.save(&path).unwrap();
         let loaded = Model::load(&path).unwrap();
@@ -89,16 +93,7 @@ fn every_model_type_round_trips() {
 fn explanations_add_up_and_decisions_follow_thresholds() {
     let dir = tempdir("explain");
     let data = small_data(&dir);
-    let model = train(&TrainRequest {
-        data: &data,
-        from: peregrine::ingest::time::parse_date("2018-04-20").unwrap(),
-        to: peregrine::ingest::time::parse_date("2018-05-15").unwrap(),
-        algo: Algo::Logistic,
-        features: FeatureConfig::default(),
-        params: quick_params(),
-        progress: false,
-    })
-    .unwrap();
+    let model = train_small(&data, Algo::Logistic);
     let mut scorer = Scorer::new(model, RuleSet::default());
     scorer.thresholds.review = 0.0;
     scorer.thresholds.block = 2.0;
@@ -130,16 +125,7 @@ fn explanations_add_up_and_decisions_follow_thresholds() {
 fn feature_mismatch_is_a_clear_error() {
     let dir = tempdir("mismatch");
     let data = small_data(&dir);
-    let model = train(&TrainRequest {
-        data: &data,
-        from: peregrine::ingest::time::parse_date("2018-04-20").unwrap(),
-        to: peregrine::ingest::time::parse_date("2018-05-15").unwrap(),
-        algo: Algo::Gbt,
-        features: FeatureConfig::default(),
-        params: quick_params(),
-        progress: false,
-    })
-    .unwrap();
+    let model = train_small(&data, Algo::Gbt);
     let mut json: serde_json::Value = serde_json::to_value(&model).unwrap();
     json["features"][3] = "card.count_2d".into();
     let err = Model::from_json(&json.to_string(), "m.json").unwrap_err();
