@@ -81,6 +81,10 @@ pub mod idx {
     pub const CLEAN_SINCE_FRAUD: usize = 29;
 }
 
+/// How often, in event time, idle keys are looked for: a sweep visits every
+/// key, so weekly; a key then lives at most a week past its 31 idle days.
+const SWEEP_EVERY: i64 = 7 * DAY;
+
 /// Time since the previous transaction is capped here (and given for a first one).
 pub const NO_PREVIOUS_SECS: i64 = 30 * DAY;
 
@@ -292,7 +296,7 @@ impl Engine {
     }
 
     /// Moves event time forward: releases labels that are now known and,
-    /// once a day of event time, drops idle keys.
+    /// once a week of event time, drops idle keys.
     fn advance(&mut self, t: i64) {
         if t > self.watermark {
             self.watermark = t;
@@ -305,7 +309,7 @@ impl Engine {
             self.apply_label(merchant, tx_time);
         }
         if self.watermark >= self.next_sweep {
-            self.next_sweep = self.watermark + DAY;
+            self.next_sweep = self.watermark + SWEEP_EVERY;
             self.sweep();
         }
     }

@@ -68,6 +68,7 @@ pub struct Scorer {
     fast: Option<Compiled>,
     /// The same for the isolation forest, with path lengths in the leaves.
     fast_anomaly: Option<Compiled>,
+    rules_read_anomaly: bool,
 }
 
 impl Scorer {
@@ -82,6 +83,7 @@ impl Scorer {
         let fast_anomaly = model.anomaly.as_ref().and_then(|a| a.compile());
         Scorer {
             model,
+            rules_read_anomaly: rules.reads_anomaly(),
             rules,
             thresholds,
             fast,
@@ -111,7 +113,7 @@ impl Scorer {
         let score = self.raw_score(f);
         // Rules may read the anomaly score, and a threshold may alert on it:
         // only then is it needed for every transaction.
-        let needs_anomaly = self.thresholds.anomaly_review.is_some() || self.rules.reads_anomaly();
+        let needs_anomaly = self.thresholds.anomaly_review.is_some() || self.rules_read_anomaly;
         let mut anomaly = if needs_anomaly { self.anomaly(f) } else { None };
         let input = RuleInput {
             features: &f.0,
