@@ -6,7 +6,7 @@ use crate::alerts::{Alert, now_rfc3339};
 use crate::evaluate::{self, Scored};
 use crate::features::store::key_hash;
 use crate::features::{Engine, EngineStats, FeatureConfig, Features, Keys, N_FEATURES, NAMES};
-use crate::ingest::time::{format_date, format_utc};
+use crate::ingest::time::format_date;
 use crate::ingest::{Transaction, TransactionReader};
 use crate::model::scorer::{Decision, Scorer};
 use crate::model::{Algo, FORMAT, FORMAT_VERSION, Model, TrainParams, Training};
@@ -452,11 +452,4 @@ pub fn replay(
             transactions_per_second: summary.rows as f64 / summary.seconds.max(1e-9),
         })
     })
-}
-
-/// Formats an instant for messages.
-pub fn show_time(t: i64) -> String {
-    let mut s = String::new();
-    format_utc(t, &mut s);
-    s
 }

@@ -104,15 +104,6 @@ impl CardState {
         );
     }
 
-    pub fn recent_len(&self) -> usize {
-        self.recent.len()
-    }
-
-    /// Heap bytes held beyond the struct itself.
-    pub fn heap_bytes(&self) -> usize {
-        self.recent.capacity() * std::mem::size_of::<Recent>()
-    }
-
     /// Sums over the panes of days `[from_30, to]`, and of `[from_7, to]` on the way.
     fn panes(&self, from_30: i64, from_7: i64, to_day: i64) -> (PaneSum, PaneSum) {
         let (mut s30, mut s7) = (PaneSum::default(), PaneSum::default());
