@@ -216,8 +216,12 @@ impl CardState {
             self.sumsq[i] += a * a;
         }
 
-        let pos = self.recent.partition_point(|r| r.ts <= ev.ts);
-        self.recent.insert(pos, ev);
+        if self.recent.last().is_none_or(|r| r.ts <= ev.ts) {
+            self.recent.push(ev);
+        } else {
+            let pos = self.recent.partition_point(|r| r.ts <= ev.ts);
+            self.recent.insert(pos, ev);
+        }
         let expired = self.recent.partition_point(|r| (r.ts as i64) < horizon);
         let overflow = self.recent.len().saturating_sub(max_recent);
         let cut = expired.max(overflow);

@@ -155,7 +155,13 @@ impl MerchantState {
 
     /// Index of the pane of `hour`, inserted if missing.
     fn pane_index(&mut self, hour: u32) -> usize {
-        let pos = self.panes.partition_point(|p| p.hour < hour);
+        // In time order the pane is the newest one, or a new one after it.
+        let pos = match self.panes.back() {
+            Some(p) if p.hour == hour => return self.panes.len() - 1,
+            Some(p) if p.hour < hour => self.panes.len(),
+            None => 0,
+            _ => self.panes.partition_point(|p| p.hour < hour),
+        };
         if self.panes.get(pos).is_none_or(|p| p.hour != hour) {
             let (total_count, total_frauds) = match pos.checked_sub(1) {
                 Some(j) => (self.panes[j].total_count, self.panes[j].total_frauds),
