@@ -60,6 +60,23 @@ fn simulate(dir: &Path, file: &str, seed: &str) -> PathBuf {
     data
 }
 
+/// A quick model on April's data.
+fn train_april(data: &Path, algo: &str, model: &Path) {
+    ok(&[
+        "train",
+        "--data",
+        s(data),
+        "--train-from",
+        "2018-04-10",
+        "--train-to",
+        "2018-05-01",
+        "--algo",
+        algo,
+        "--out",
+        s(model),
+    ]);
+}
+
 #[test]
 fn simulate_train_eval_replay() {
     let dir = workdir("pipeline");
@@ -200,19 +217,7 @@ fn bad_rows_name_field_and_line() {
     let dir = workdir("bad");
     let model = dir.join("m.json");
     let data = simulate(&dir, "ok.csv", "1");
-    ok(&[
-        "train",
-        "--data",
-        s(&data),
-        "--train-from",
-        "2018-04-10",
-        "--train-to",
-        "2018-05-01",
-        "--algo",
-        "logistic",
-        "--out",
-        s(&model),
-    ]);
+    train_april(&data, "logistic", &model);
 
     let header = "transaction_id,timestamp,card_id,merchant_id,amount,is_fraud\n";
     let cases = [
@@ -322,19 +327,7 @@ fn clear_errors_for_bad_arguments_models_and_rules() {
     );
 
     let model = dir.join("m.json");
-    ok(&[
-        "train",
-        "--data",
-        s(&data),
-        "--train-from",
-        "2018-04-10",
-        "--train-to",
-        "2018-05-01",
-        "--algo",
-        "iforest",
-        "--out",
-        s(&model),
-    ]);
+    train_april(&data, "iforest", &model);
     let rules = dir.join("rules.txt");
     std::fs::write(&rules, "fine low: amount > 1\nbroken high: amount >> 3\n").unwrap();
     let err = fails(&[
