@@ -60,6 +60,20 @@ fn simulate(dir: &Path, file: &str, seed: &str) -> PathBuf {
     data
 }
 
+fn replay_to(data: &Path, model: &Path, rules: &Path, out: &Path) -> Output {
+    ok(&[
+        "replay",
+        "--data",
+        s(data),
+        "--model",
+        s(model),
+        "--rules",
+        s(rules),
+        "--out",
+        s(out),
+    ])
+}
+
 /// A quick model on April's data.
 fn train_april(data: &Path, algo: &str, model: &Path) {
     ok(&[
@@ -152,17 +166,7 @@ fn simulate_train_eval_replay() {
     )
     .unwrap();
     let alerts = dir.join("alerts.jsonl");
-    let out = ok(&[
-        "replay",
-        "--data",
-        s(&data),
-        "--model",
-        s(&model),
-        "--rules",
-        s(&rules),
-        "--out",
-        s(&alerts),
-    ]);
+    let out = replay_to(&data, &model, &rules, &alerts);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("transactions/s"), "{stderr}");
     let text = std::fs::read_to_string(&alerts).unwrap();
@@ -193,17 +197,7 @@ fn simulate_train_eval_replay() {
     }
     // Replaying again gives the same alerts, with the same ids.
     let again = dir.join("again.jsonl");
-    ok(&[
-        "replay",
-        "--data",
-        s(&data),
-        "--model",
-        s(&model),
-        "--rules",
-        s(&rules),
-        "--out",
-        s(&again),
-    ]);
+    replay_to(&data, &model, &rules, &again);
     let ids = |t: &str| {
         t.lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["alert_id"].clone())
