@@ -6,16 +6,10 @@ use hdrhistogram::Histogram;
 use peregrine::alerts::{Alert, now_rfc3339};
 use peregrine::features::{Engine, N_FEATURES};
 use peregrine::ingest::Transaction;
-use peregrine::model::Model;
-use peregrine::model::rules::parse_rules;
 use peregrine::model::scorer::{Decision, Scorer};
 use peregrine::sim::{SimConfig, Simulation};
 use std::io::Write;
 use std::time::{Duration, Instant};
-
-/// The model and rules built into the binary (`models/` in the repository).
-pub const DEFAULT_MODEL: &str = include_str!("../models/default.json");
-pub const DEFAULT_RULES: &str = include_str!("../models/default.rules");
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -27,9 +21,7 @@ pub struct DemoArgs {
 }
 
 pub fn builtin_scorer() -> anyhow::Result<Scorer> {
-    let model = Model::from_json(DEFAULT_MODEL, "built-in model")?;
-    let rules = parse_rules(DEFAULT_RULES)?;
-    Ok(Scorer::new(model, rules))
+    peregrine::model::builtin::scorer()
 }
 
 pub fn run(a: DemoArgs, _progress: bool) -> anyhow::Result<()> {

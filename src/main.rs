@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 mod demo;
+mod service_cli;
 
 #[derive(Parser)]
 #[command(
@@ -45,7 +46,13 @@ enum Command {
     Replay(ReplayArgs),
     /// Export the engine's features of a time window as CSV, to explore or train elsewhere.
     Features(FeaturesArgs),
-    /// Simulate, score with the built-in model and show alerts: no set-up needed.
+    /// Run the service: Kafka in, alerts out, HTTP scoring API and metrics.
+    Serve(service_cli::ServeArgs),
+    /// Send a transactions file to a Kafka topic as JSON, keyed by card_id.
+    Produce(service_cli::ProduceArgs),
+    /// Read a Kafka topic from the start and print its messages as JSON lines.
+    Consume(service_cli::ConsumeArgs),
+    /// The whole pipeline on a simulated live stream, with the built-in model: no set-up needed.
     Demo(demo::DemoArgs),
 }
 
@@ -215,6 +222,9 @@ fn run(command: Command, progress: bool) -> anyhow::Result<()> {
         Command::Eval(a) => eval(a, progress),
         Command::Replay(a) => replay(a, progress),
         Command::Features(a) => export_features(a, progress),
+        Command::Serve(a) => service_cli::serve(a),
+        Command::Produce(a) => service_cli::produce(a),
+        Command::Consume(a) => service_cli::consume(a),
         Command::Demo(a) => demo::run(a, progress),
     }
 }

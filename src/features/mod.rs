@@ -96,6 +96,12 @@ impl Features {
         NAMES.iter().position(|n| *n == name).map(|i| self.0[i])
     }
 
+    /// Sets the merchant's 1-hour count from its `previous` transactions,
+    /// for a merchant table that knows them more exactly than its panes.
+    pub fn set_merchant_previous_1h(&mut self, previous: u32) {
+        self.0[idx::MERCHANT_COUNT_1H] = (previous + 1) as f32;
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         NAMES
             .iter()
@@ -244,21 +250,73 @@ impl Engine {
         let card = self.cards.get_or_default(keys.card);
         let merchant = self.merchants.get_or_default(merchant_key);
         let (features, large) = compute(&cfg, Some(&*card), Some(&*merchant), tx, keys);
-        let ev = Recent {
-            ts: t as u32,
-            amount: tx.amount as f32,
-            merchant: (merchant_key >> 32) as u32,
-            lat: coord(tx.lat, tx.lon).0,
-            lon: coord(tx.lat, tx.lon).1,
-        };
         let horizon = self.watermark - cfg.allowed_lateness_secs - DAY;
-        if card.apply(ev, large, horizon, cfg.max_recent) {
+        if fold_card(card, tx, keys, large, horizon, cfg.max_recent) {
             self.stats.recent_overflows += 1;
         }
         merchant.add_transaction(t);
         merchant.expire(oldest_hour);
         self.stats.events += 1;
         Ok(features)
+    }
+
+    /// Whether this engine holds state for the card.
+    pub fn has_card(&self, card_id: &str) -> bool {
+        self.cards.get(key_hash(card_id)).is_some()
+    }
+
+    /// The service's path. A card's state lives in the engine of its Kafka
+    /// partition, while a merchant's transactions arrive on every partition,
+    /// so its state comes from `merchants`, a table fed from all of them.
+    /// Only the card's state changes.
+    pub fn process_card(
+        &mut self,
+        tx: &Transaction,
+        merchants: &Engine,
+    ) -> Result<Features, TooLate> {
+        let keys = Keys::of(tx);
+        let t = tx.time.utc;
+        if let Err(e) = self.check_late(t) {
+            self.stats.too_late += 1;
+            return Err(e);
+        }
+        self.advance(t);
+        let cfg = self.cfg;
+        let card = self.cards.get_or_default(keys.card);
+        let merchant = merchants.merchants.get(keys.merchant);
+        let (features, large) = compute(&cfg, Some(&*card), merchant, tx, keys);
+        let horizon = self.watermark - cfg.allowed_lateness_secs - DAY;
+        if fold_card(card, tx, keys, large, horizon, cfg.max_recent) {
+            self.stats.recent_overflows += 1;
+        }
+        self.stats.events += 1;
+        Ok(features)
+    }
+
+    /// [`Engine::peek`] with the merchant's state from `merchants`.
+    pub fn peek_card(&self, tx: &Transaction, merchants: &Engine) -> Features {
+        let keys = Keys::of(tx);
+        let card = self.cards.get(keys.card);
+        let merchant = merchants.merchants.get(keys.merchant);
+        compute(&self.cfg, card, merchant, tx, keys).0
+    }
+
+    /// Folds a transaction into the merchant's state only: the shared table
+    /// of the service. Any arrival order is fine within the retention, since
+    /// partitions are read at different paces. Returns false for an event
+    /// older than the retention.
+    pub fn add_merchant_transaction(&mut self, merchant_id: &str, t: i64) -> bool {
+        self.advance(t);
+        let oldest_hour = self.oldest_merchant_hour();
+        if t.div_euclid(HOUR) < oldest_hour {
+            self.stats.too_late += 1;
+            return false;
+        }
+        let merchant = self.merchants.get_or_default(key_hash(merchant_id));
+        merchant.add_transaction(t);
+        merchant.expire(oldest_hour);
+        self.stats.events += 1;
+        true
     }
 
     /// A fraud label from a file: it becomes known `label_delay` after the
@@ -347,6 +405,26 @@ fn coord(lat: Option<f64>, lon: Option<f64>) -> (f32, f32) {
         (Some(a), Some(b)) => (a as f32, b as f32),
         _ => (f32::NAN, f32::NAN),
     }
+}
+
+/// Folds an event into its card's state; true if the recent events overflowed.
+fn fold_card(
+    card: &mut CardState,
+    tx: &Transaction,
+    keys: Keys,
+    large: bool,
+    horizon: i64,
+    max_recent: usize,
+) -> bool {
+    let (lat, lon) = coord(tx.lat, tx.lon);
+    let ev = Recent {
+        ts: tx.time.utc as u32,
+        amount: tx.amount as f32,
+        merchant: (keys.merchant >> 32) as u32,
+        lat,
+        lon,
+    };
+    card.apply(ev, large, horizon, max_recent)
 }
 
 /// The one feature computation, from the state before the event.

@@ -1,5 +1,6 @@
 //! Models: stored formats with metadata, training, and scoring with reasons.
 
+pub mod builtin;
 pub mod iforest;
 pub mod logistic;
 pub mod rules;

@@ -1,0 +1,395 @@
+//! The service's settings: one typed struct, filled from a TOML file, then
+//! the environment (`PEREGRINE_…`), then command-line flags, each layer
+//! overriding the one before. An unknown key is an error that names it.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+#[derive(Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Kafka bootstrap servers, `host:port[,host:port…]`.
+    pub brokers: String,
+    /// False runs the HTTP API alone, with no Kafka at all.
+    pub kafka_enabled: bool,
+    pub group_id: String,
+    pub input_topic: String,
+    pub alert_topic: String,
+    pub label_topic: String,
+    pub dlq_topic: String,
+    /// Every scored transaction with its score and decision, for audit and
+    /// for comparing runs; off when empty.
+    pub score_topic: String,
+    pub http_addr: String,
+    /// Model file; the built-in model when unset.
+    pub model: Option<PathBuf>,
+    /// Rules file; the built-in rules when unset.
+    pub rules: Option<PathBuf>,
+    pub review_threshold: Option<f64>,
+    pub block_threshold: Option<f64>,
+    /// Bearer token for `POST /v1/model/reload`; reloads are refused when unset.
+    pub admin_token: Option<String>,
+    /// Seconds the service may take to drain and commit after SIGTERM.
+    pub shutdown_timeout_secs: u64,
+    /// Larger Kafka messages are dead-lettered as oversize.
+    pub max_message_bytes: usize,
+    /// Larger HTTP request bodies are refused with 413.
+    pub max_body_bytes: usize,
+    /// Re-read a newly assigned partition's recent history before scoring it.
+    pub rebuild_on_assign: bool,
+    /// Seconds between the status lines in the log; 0 turns them off.
+    pub log_interval_secs: u64,
+    /// Raw librdkafka properties (SASL, TLS, timeouts), passed through as given.
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            brokers: "127.0.0.1:9092".into(),
+            kafka_enabled: true,
+            group_id: "peregrine".into(),
+            input_topic: "transactions".into(),
+            alert_topic: "fraud-alerts".into(),
+            label_topic: "fraud-labels".into(),
+            dlq_topic: "transactions-dlq".into(),
+            score_topic: String::new(),
+            http_addr: "127.0.0.1:8080".into(),
+            model: None,
+            rules: None,
+            review_threshold: None,
+            block_threshold: None,
+            admin_token: None,
+            shutdown_timeout_secs: 20,
+            max_message_bytes: 64 * 1024,
+            max_body_bytes: 1024 * 1024,
+            rebuild_on_assign: true,
+            log_interval_secs: 10,
+            librdkafka: BTreeMap::new(),
+        }
+    }
+}
+
+/// Keys whose values are not strings, so the environment's text is parsed.
+const TYPED_KEYS: &[&str] = &[
+    "kafka_enabled",
+    "review_threshold",
+    "block_threshold",
+    "shutdown_timeout_secs",
+    "max_message_bytes",
+    "max_body_bytes",
+    "rebuild_on_assign",
+    "log_interval_secs",
+];
+
+const KEYS: &[&str] = &[
+    "brokers",
+    "kafka_enabled",
+    "group_id",
+    "input_topic",
+    "alert_topic",
+    "label_topic",
+    "dlq_topic",
+    "score_topic",
+    "http_addr",
+    "model",
+    "rules",
+    "review_threshold",
+    "block_threshold",
+    "admin_token",
+    "shutdown_timeout_secs",
+    "max_message_bytes",
+    "max_body_bytes",
+    "rebuild_on_assign",
+    "log_interval_secs",
+];
+
+pub const ENV_PREFIX: &str = "PEREGRINE_";
+/// `PEREGRINE_LIBRDKAFKA_SASL_PASSWORD` sets the librdkafka property `sasl.password`.
+const ENV_LIBRDKAFKA: &str = "PEREGRINE_LIBRDKAFKA_";
+/// Names the settings file; not a setting itself.
+pub const ENV_CONFIG: &str = "PEREGRINE_CONFIG";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the settings file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("settings file {path}: {message}")]
+    File { path: String, message: String },
+    #[error("unknown environment variable {0}: no such setting")]
+    UnknownEnv(String),
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("setting `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl Settings {
+    /// The file's settings over the defaults, then the environment's over those.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                text.parse::<toml::Table>().map_err(|e| ConfigError::File {
+                    path: path.display().to_string(),
+                    message: e.message().to_string(),
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        let file_name = file.map(|p| p.display().to_string());
+        // Checked before the environment is merged, so an error names its source.
+        if let Some(path) = &file_name {
+            Settings::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
+                ConfigError::File {
+                    path: path.clone(),
+                    message: e.message().to_string(),
+                }
+            })?;
+        }
+        for (var, value) in env {
+            let Some(name) = var.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            if var == ENV_CONFIG {
+                continue;
+            }
+            if let Some(option) = var.strip_prefix(ENV_LIBRDKAFKA) {
+                let key = option.to_ascii_lowercase().replace('_', ".");
+                let raw = table
+                    .entry("librdkafka")
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                if let toml::Value::Table(t) = raw {
+                    t.insert(key, toml::Value::String(value));
+                }
+                continue;
+            }
+            let key = name.to_ascii_lowercase();
+            if !KEYS.contains(&key.as_str()) {
+                return Err(ConfigError::UnknownEnv(var));
+            }
+            let parsed = if TYPED_KEYS.contains(&key.as_str()) {
+                format!("v = {value}")
+                    .parse::<toml::Table>()
+                    .ok()
+                    .and_then(|mut t| t.remove("v"))
+                    .ok_or_else(|| ConfigError::Env {
+                        var: var.clone(),
+                        message: format!("`{value}` is not a number or boolean"),
+                    })?
+            } else {
+                toml::Value::String(value)
+            };
+            table.insert(key, parsed);
+        }
+        let settings =
+            Settings::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Env {
+                var: "PEREGRINE_*".into(),
+                message: e.message().to_string(),
+            })?;
+        Ok(settings)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.into(),
+            })
+        };
+        if self.kafka_enabled {
+            for (key, v) in [
+                ("brokers", &self.brokers),
+                ("group_id", &self.group_id),
+                ("input_topic", &self.input_topic),
+                ("alert_topic", &self.alert_topic),
+                ("label_topic", &self.label_topic),
+                ("dlq_topic", &self.dlq_topic),
+            ] {
+                if v.trim().is_empty() {
+                    return invalid(key, "must not be empty");
+                }
+            }
+        }
+        if self.http_addr.parse::<std::net::SocketAddr>().is_err() {
+            return invalid("http_addr", "expected an address such as 0.0.0.0:8080");
+        }
+        for (key, t) in [
+            ("review_threshold", self.review_threshold),
+            ("block_threshold", self.block_threshold),
+        ] {
+            if let Some(t) = t
+                && !(0.0..=1.0).contains(&t)
+            {
+                return invalid(key, "must be between 0 and 1");
+            }
+        }
+        if self.max_message_bytes == 0 || self.max_body_bytes == 0 {
+            return invalid("max_message_bytes", "limits must be positive");
+        }
+        if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+            return invalid("admin_token", "must be at least 16 characters");
+        }
+        Ok(())
+    }
+}
+
+/// A librdkafka property whose value must not reach a log.
+pub fn is_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["password", "secret", "token", "key"]
+        .iter()
+        .any(|s| k.contains(s))
+        && !k.ends_with(".location")
+}
+
+/// Secrets are redacted, so the settings can be logged at start.
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let raw: BTreeMap<&str, &str> = self
+            .librdkafka
+            .iter()
+            .map(|(k, v)| {
+                let v = if is_secret(k) {
+                    "<redacted>"
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), v)
+            })
+            .collect();
+        f.debug_struct("Settings")
+            .field("brokers", &self.brokers)
+            .field("kafka_enabled", &self.kafka_enabled)
+            .field("group_id", &self.group_id)
+            .field("input_topic", &self.input_topic)
+            .field("alert_topic", &self.alert_topic)
+            .field("label_topic", &self.label_topic)
+            .field("dlq_topic", &self.dlq_topic)
+            .field("score_topic", &self.score_topic)
+            .field("http_addr", &self.http_addr)
+            .field("model", &self.model)
+            .field("rules", &self.rules)
+            .field("review_threshold", &self.review_threshold)
+            .field("block_threshold", &self.block_threshold)
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("shutdown_timeout_secs", &self.shutdown_timeout_secs)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("rebuild_on_assign", &self.rebuild_on_assign)
+            .field("librdkafka", &raw)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn write(text: &str) -> tempfile_path::Path {
+        tempfile_path::Path::new(text)
+    }
+
+    mod tempfile_path {
+        pub struct Path(pub std::path::PathBuf);
+        impl Path {
+            pub fn new(text: &str) -> Path {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let p = std::env::temp_dir().join(format!(
+                    "peregrine-settings-{}-{n}.toml",
+                    std::process::id()
+                ));
+                std::fs::write(&p, text).unwrap();
+                Path(p)
+            }
+        }
+        impl Drop for Path {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let f = write(
+            "group_id = \"from-file\"\nshutdown_timeout_secs = 5\n[librdkafka]\n\"security.protocol\" = \"sasl_plaintext\"\n",
+        );
+        let s = Settings::load(
+            Some(&f.0),
+            env(&[
+                ("PEREGRINE_GROUP_ID", "from-env"),
+                ("PEREGRINE_MAX_BODY_BYTES", "2048"),
+                ("PEREGRINE_LIBRDKAFKA_SASL_PASSWORD", "hunter2"),
+                ("HOME", "/ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.group_id, "from-env");
+        assert_eq!(s.shutdown_timeout_secs, 5);
+        assert_eq!(s.max_body_bytes, 2048);
+        assert_eq!(s.librdkafka["security.protocol"], "sasl_plaintext");
+        assert_eq!(s.librdkafka["sasl.password"], "hunter2");
+        let logged = format!("{s:?}");
+        assert!(!logged.contains("hunter2"), "{logged}");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let f = write("brokers = \"a:1\"\ngroup = \"x\"\n");
+        let e = Settings::load(Some(&f.0), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `group`"), "{e}");
+        let e = Settings::load(None, env(&[("PEREGRINE_GROUPID", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("PEREGRINE_GROUPID"), "{e}");
+        let e = Settings::load(None, env(&[("PEREGRINE_MAX_BODY_BYTES", "lots")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("PEREGRINE_MAX_BODY_BYTES"), "{e}");
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let s = Settings {
+            http_addr: "nowhere".into(),
+            ..Settings::default()
+        };
+        assert!(s.validate().unwrap_err().to_string().contains("http_addr"));
+        let s = Settings {
+            admin_token: Some("short".into()),
+            ..Settings::default()
+        };
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("admin_token")
+        );
+        assert!(Settings::default().validate().is_ok());
+    }
+}

@@ -1,0 +1,377 @@
+//! The HTTP API (axum): scoring, the live model and its reload, health,
+//! readiness, metrics and the OpenAPI document. Errors are JSON naming what
+//! was wrong.
+
+use crate::features::Features;
+use crate::ingest::Transaction;
+use crate::model::scorer::{Score, Scorer};
+use crate::serve::{Shared, log};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::watch;
+
+pub const OPENAPI: &str = include_str!("openapi.json");
+/// Transactions per batch request.
+pub const MAX_BATCH: usize = 10_000;
+
+type AppState = Arc<Shared>;
+
+pub fn router(shared: AppState) -> Router {
+    let limit = shared.settings.max_body_bytes;
+    Router::new()
+        .route("/v1/score", post(score))
+        .route("/v1/score/batch", post(score_batch))
+        .route("/v1/model", get(model))
+        .route("/v1/model/reload", post(reload))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(shared.clone(), track))
+        .with_state(shared)
+}
+
+pub async fn serve(
+    shared: AppState,
+    listener: tokio::net::TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let app = router(shared);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.changed().await;
+        })
+        .await;
+    if let Err(e) = result {
+        log("ERROR", format_args!("HTTP server: {e}"));
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>, field: Option<&str>) -> Response {
+    let mut body = json!({ "error": message.into() });
+    if let Some(f) = field {
+        body["field"] = f.into();
+    }
+    (status, axum::Json(body)).into_response()
+}
+
+fn body_error(e: BytesRejection) -> Response {
+    let status = e.status();
+    let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        "request body is over the size limit".to_string()
+    } else {
+        e.body_text()
+    };
+    error(status, message, None)
+}
+
+/// Counts every request by its route and status code, and times it.
+async fn track(State(shared): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let started = Instant::now();
+    let response = next.run(req).await;
+    let m = &shared.metrics;
+    m.http_requests
+        .with_label_values(&[&route, response.status().as_str()])
+        .inc();
+    m.http_seconds
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+#[derive(Deserialize)]
+struct ScoreQuery {
+    #[serde(default)]
+    update: bool,
+}
+
+fn parse_json(body: &[u8]) -> Result<Value, Box<Response>> {
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("request body is not valid JSON: {e}"),
+            None,
+        ))
+    })
+}
+
+fn to_transaction(v: &Value) -> Result<Transaction, (String, &'static str)> {
+    Transaction::from_json(v).map_err(|e| (e.to_string(), e.field))
+}
+
+fn score_body(tx: &Transaction, features: &Features, score: &Score, scorer: &Scorer) -> Value {
+    json!({
+        "transaction_id": tx.transaction_id,
+        "score": score.score,
+        "anomaly": score.anomaly,
+        "decision": score.decision,
+        "reasons": score.reasons,
+        "model_version": scorer.model.model_version,
+        "features": features.to_json(),
+    })
+}
+
+async fn score(
+    State(shared): State<AppState>,
+    query: Result<Query<ScoreQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Query(q) = match query {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text(), Some("update")),
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return body_error(e),
+    };
+    let v = match parse_json(&body) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let tx = match to_transaction(&v) {
+        Ok(tx) => tx,
+        Err((msg, field)) => return error(StatusCode::UNPROCESSABLE_ENTITY, msg, Some(field)),
+    };
+    let (features, score, scorer) = shared.score(&tx, q.update);
+    axum::Json(score_body(&tx, &features, &score, &scorer)).into_response()
+}
+
+/// A JSON array of transactions, or `{"transactions": [...]}`; scored in order.
+async fn score_batch(
+    State(shared): State<AppState>,
+    query: Result<Query<ScoreQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Query(q) = match query {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text(), Some("update")),
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return body_error(e),
+    };
+    let v = match parse_json(&body) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let items = match &v {
+        Value::Array(a) => a,
+        Value::Object(o) => match o.get("transactions") {
+            Some(Value::Array(a)) => a,
+            _ => {
+                return error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "expected an array of transactions",
+                    Some("transactions"),
+                );
+            }
+        },
+        _ => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "expected an array of transactions",
+                Some("transactions"),
+            );
+        }
+    };
+    if items.len() > MAX_BATCH {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{} transactions is over the limit of {MAX_BATCH}",
+                items.len()
+            ),
+            Some("transactions"),
+        );
+    }
+    // All are checked before any is applied, so a bad item changes no state.
+    let mut txs = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        match to_transaction(item) {
+            Ok(tx) => txs.push(tx),
+            Err((msg, field)) => {
+                let mut r = json!({
+                    "error": format!("transaction {i}: {msg}"),
+                    "field": field,
+                    "index": i,
+                });
+                r["index"] = i.into();
+                return (StatusCode::UNPROCESSABLE_ENTITY, axum::Json(r)).into_response();
+            }
+        }
+    }
+    let results: Vec<Value> = txs
+        .iter()
+        .map(|tx| {
+            let (f, s, scorer) = shared.score(tx, q.update);
+            score_body(tx, &f, &s, &scorer)
+        })
+        .collect();
+    axum::Json(json!({ "results": results })).into_response()
+}
+
+fn model_body(scorer: &Scorer) -> Value {
+    let m = &scorer.model;
+    json!({
+        "model_version": m.model_version,
+        "algo": m.algo.as_str(),
+        "features": m.features,
+        "feature_config": m.feature_config,
+        "training": m.training,
+        "metrics": m.metrics,
+        "created_at": m.created_at,
+        "thresholds": scorer.thresholds,
+        "rules": scorer.rules.rules.iter().map(|r| json!({
+            "name": r.name,
+            "severity": r.severity,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn model(State(shared): State<AppState>) -> Response {
+    axum::Json(model_body(&shared.scorer())).into_response()
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReloadRequest {
+    model: Option<PathBuf>,
+    rules: Option<PathBuf>,
+}
+
+/// Compares in time independent of where the first difference is.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn reload(
+    State(shared): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Some(token) = shared.settings.admin_token.as_deref() else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "reloads are disabled: no admin_token is configured",
+            None,
+        );
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "));
+    if !given.is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes())) {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "a valid admin bearer token is required",
+            Some("Authorization"),
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            "Bearer".parse().expect("static header"),
+        );
+        return r;
+    }
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return body_error(e),
+    };
+    let req: ReloadRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ReloadRequest::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid reload request: {e}"),
+                    None,
+                );
+            }
+        }
+    };
+    let result = {
+        let shared = shared.clone();
+        tokio::task::spawn_blocking(move || {
+            shared.reload(req.model.as_deref(), req.rules.as_deref())
+        })
+        .await
+    };
+    match result {
+        Ok(Ok(scorer)) => {
+            axum::Json(json!({ "reloaded": true, "model": model_body(&scorer) })).into_response()
+        }
+        Ok(Err(e)) => {
+            log("WARN", format_args!("model reload rejected: {e:#}"));
+            error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{e:#}; the previous model stays live"),
+                None,
+            )
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
+    }
+}
+
+async fn healthz() -> Response {
+    axum::Json(json!({ "status": "alive" })).into_response()
+}
+
+async fn readyz(State(shared): State<AppState>) -> Response {
+    let r = shared.readiness();
+    let body = json!({
+        "ready": r.ready,
+        "waiting_for": r.waiting_for,
+        "kafka": shared.settings.kafka_enabled,
+        "partitions": shared.metrics.partitions.get(),
+        "model_version": shared.scorer().model.model_version,
+    });
+    let status = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(shared): State<AppState>) -> Response {
+    shared.refresh_gauges();
+    shared.readiness();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        shared.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn not_found() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "no such route; see /openapi.json",
+        None,
+    )
+}

@@ -1,0 +1,200 @@
+//! Prometheus metrics, in a registry owned by the service. Every label has a
+//! bounded set of values: decisions, rule names from the rules file,
+//! dead-letter reasons, partitions, routes and status codes.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub consumed: IntCounter,
+    pub scored: IntCounter,
+    pub late: IntCounter,
+    pub alerts: IntCounterVec,
+    pub rule_alerts: IntCounterVec,
+    pub dead_letters: IntCounterVec,
+    pub labels: IntCounterVec,
+    pub score: Histogram,
+    pub scoring_seconds: Histogram,
+    pub event_to_alert_seconds: Histogram,
+    pub consumer_lag: IntGaugeVec,
+    pub partitions: IntGauge,
+    pub rebuilt: IntCounter,
+    pub ready: IntGauge,
+    pub model_info: IntGaugeVec,
+    pub reloads: IntCounterVec,
+    pub http_requests: IntCounterVec,
+    pub http_seconds: HistogramVec,
+    pub cards: IntGauge,
+    pub merchants: IntGauge,
+    pub delivery_retries: IntCounter,
+}
+
+fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+    r.register(Box::new(c.clone()))
+        .expect("metric names are unique and valid");
+    c
+}
+
+/// Seconds, from 50 µs to 10 s.
+fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+        1.0, 2.5, 5.0, 10.0,
+    ]
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let counter = |name: &str, help: &str| {
+            register(&r, IntCounter::new(name, help).expect("valid counter"))
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &r,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter"),
+            )
+        };
+        let gauge =
+            |name: &str, help: &str| register(&r, IntGauge::new(name, help).expect("valid gauge"));
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            register(
+                &r,
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                    .expect("valid histogram"),
+            )
+        };
+        Metrics {
+            consumed: counter(
+                "peregrine_transactions_consumed_total",
+                "Messages read from the input topic, valid or not.",
+            ),
+            scored: counter(
+                "peregrine_transactions_scored_total",
+                "Transactions scored, from Kafka and from the HTTP API.",
+            ),
+            late: counter(
+                "peregrine_transactions_late_total",
+                "Transactions later than the allowed lateness: scored, not folded into the state.",
+            ),
+            alerts: counter_vec(
+                "peregrine_alerts_total",
+                "Alerts produced, by decision.",
+                &["decision"],
+            ),
+            rule_alerts: counter_vec(
+                "peregrine_rule_hits_total",
+                "Rules that fired on an alert, by rule name.",
+                &["rule"],
+            ),
+            dead_letters: counter_vec(
+                "peregrine_dead_letters_total",
+                "Messages sent to the dead-letter topic, by reason.",
+                &["reason"],
+            ),
+            labels: counter_vec(
+                "peregrine_labels_total",
+                "Fraud labels read from the label topic, by outcome.",
+                &["outcome"],
+            ),
+            score: histogram(
+                "peregrine_score",
+                "Model scores of scored transactions.",
+                (1..=20).map(|i| i as f64 / 20.0).collect(),
+            ),
+            scoring_seconds: histogram(
+                "peregrine_scoring_seconds",
+                "Time to compute the features and the score of one transaction.",
+                latency_buckets(),
+            ),
+            event_to_alert_seconds: histogram(
+                "peregrine_event_to_alert_seconds",
+                "From the input record's timestamp to the broker's acknowledgement of its alert.",
+                latency_buckets(),
+            ),
+            consumer_lag: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "peregrine_consumer_lag",
+                        "Messages behind the end of each assigned input partition.",
+                    ),
+                    &["partition"],
+                )
+                .expect("valid gauge"),
+            ),
+            partitions: gauge(
+                "peregrine_partitions_assigned",
+                "Input partitions assigned to this instance.",
+            ),
+            rebuilt: counter(
+                "peregrine_rebuild_transactions_total",
+                "Transactions re-read to rebuild card state after a partition assignment.",
+            ),
+            ready: gauge("peregrine_ready", "1 when the service is ready to score."),
+            model_info: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new("peregrine_model_info", "The live model: 1 for its version."),
+                    &["version", "algo"],
+                )
+                .expect("valid gauge"),
+            ),
+            reloads: counter_vec(
+                "peregrine_model_reloads_total",
+                "Model reloads, by result.",
+                &["result"],
+            ),
+            http_requests: counter_vec(
+                "peregrine_http_requests_total",
+                "HTTP requests, by route and status code.",
+                &["route", "status"],
+            ),
+            http_seconds: register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "peregrine_http_request_seconds",
+                        "HTTP request durations, by route.",
+                    )
+                    .buckets(latency_buckets()),
+                    &["route"],
+                )
+                .expect("valid histogram"),
+            ),
+            cards: gauge("peregrine_cards", "Cards with state on this instance."),
+            merchants: gauge(
+                "peregrine_merchants",
+                "Merchants in this instance's merchant table.",
+            ),
+            delivery_retries: counter(
+                "peregrine_delivery_retries_total",
+                "Alert, score or dead-letter messages sent again after a failed delivery.",
+            ),
+            registry: r,
+        }
+    }
+
+    pub fn set_model(&self, version: &str, algo: &str) {
+        self.model_info.reset();
+        self.model_info.with_label_values(&[version, algo]).set(1);
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec fails only on invalid metric families, which
+        // registration already rejected.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,625 @@
+//! Kafka in, alerts out. One consumer in the group reads the input topic and
+//! hands each message to the task of its partition; each task owns its
+//! partition's card state, scores in batches, and stores a batch's offset
+//! only once every alert and dead letter of the batch is acknowledged by the
+//! broker. That is at-least-once: after a crash the uncommitted tail is read
+//! again and yields the same alert ids.
+
+use super::{CardEngine, Shared, log};
+use crate::alerts::{Alert, now_rfc3339};
+use crate::config::Settings;
+use crate::ingest::Transaction;
+use crate::model::scorer::{Decision, Scorer};
+use rdkafka::ClientConfig;
+use rdkafka::Message;
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+/// Messages scored together before their acknowledgements are awaited.
+const BATCH: usize = 512;
+/// Messages queued for one partition's task.
+const QUEUE: usize = 4096;
+
+/// The settings every client shares: brokers, then the pass-through options.
+pub fn client_config(s: &Settings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &s.brokers);
+    for (k, v) in &s.librdkafka {
+        c.set(k, v);
+    }
+    c
+}
+
+pub fn producer(s: &Settings) -> anyhow::Result<FutureProducer> {
+    let mut c = client_config(s);
+    c.set("linger.ms", "5");
+    // Not overridable: at-least-once rests on them. No message timeout, so
+    // a broker outage delays alerts instead of losing them.
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "0");
+    Ok(c.create()?)
+}
+
+/// Why a message was dead-lettered: the bounded label of the metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadReason {
+    Empty,
+    Oversize,
+    NotJson,
+    InvalidField,
+}
+
+impl DeadReason {
+    pub const ALL: [DeadReason; 4] = [
+        DeadReason::Empty,
+        DeadReason::Oversize,
+        DeadReason::NotJson,
+        DeadReason::InvalidField,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadReason::Empty => "empty",
+            DeadReason::Oversize => "oversize",
+            DeadReason::NotJson => "not_json",
+            DeadReason::InvalidField => "invalid_field",
+        }
+    }
+}
+
+/// A transaction from a message's payload, or why it is not one.
+pub fn decode(
+    payload: Option<&[u8]>,
+    max_bytes: usize,
+) -> Result<Transaction, (DeadReason, String)> {
+    let bytes = match payload {
+        None | Some([]) => return Err((DeadReason::Empty, "the message has no payload".into())),
+        Some(b) => b,
+    };
+    if bytes.len() > max_bytes {
+        return Err((
+            DeadReason::Oversize,
+            format!("{} bytes is over the limit of {max_bytes}", bytes.len()),
+        ));
+    }
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| (DeadReason::NotJson, format!("not JSON: {e}")))?;
+    Transaction::from_json(&value).map_err(|e| (DeadReason::InvalidField, e.to_string()))
+}
+
+/// A message to produce, owned, so it can be sent again after a failure.
+struct Outgoing {
+    topic: String,
+    key: Vec<u8>,
+    payload: Vec<u8>,
+    headers: Vec<(&'static str, String)>,
+    /// The input record's timestamp, for the event-to-alert latency.
+    alert_of: Option<i64>,
+}
+
+/// Rebalances, as the consumer's callback reports them to the dispatcher.
+enum Assignment {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+struct GroupContext {
+    shared: Arc<Shared>,
+    topic: String,
+    events: std::sync::mpsc::Sender<Assignment>,
+}
+
+impl ClientContext for GroupContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
+        if (level as i32) <= (RDKafkaLogLevel::Warning as i32) {
+            log("WARN", format_args!("librdkafka {fac}: {msg}"));
+        }
+    }
+
+    fn stats(&self, stats: Statistics) {
+        let Some(topic) = stats.topics.get(&self.topic) else {
+            return;
+        };
+        for (p, part) in &topic.partitions {
+            // -1 is librdkafka's internal unassigned partition; a lag of -1 is unknown.
+            if *p >= 0 && part.consumer_lag >= 0 {
+                self.shared
+                    .metrics
+                    .consumer_lag
+                    .with_label_values(&[&p.to_string()])
+                    .set(part.consumer_lag);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let partitions = |tpl: &TopicPartitionList| -> Vec<i32> {
+            tpl.elements_for_topic(&self.topic)
+                .iter()
+                .map(|e| e.partition())
+                .collect()
+        };
+        let event = match rebalance {
+            Rebalance::Assign(tpl) => Assignment::Assigned(partitions(tpl)),
+            Rebalance::Revoke(tpl) => Assignment::Revoked(partitions(tpl)),
+            Rebalance::Error(e) => {
+                log("WARN", format_args!("rebalance failed: {e}"));
+                return;
+            }
+        };
+        let _ = self.events.send(event);
+    }
+}
+
+type GroupConsumer = StreamConsumer<GroupContext>;
+
+struct Worker {
+    queue: mpsc::Sender<OwnedMessage>,
+    task: JoinHandle<()>,
+}
+
+/// The pipeline: the merchant table reader, the group consumer and one task
+/// per assigned partition, until `stop` turns true.
+pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let s = &shared.settings;
+    let producer = producer(s)?;
+    let tables = tokio::spawn(super::tables::run(shared.clone(), stop.clone()));
+
+    let (events_tx, events) = std::sync::mpsc::channel();
+    let context = GroupContext {
+        shared: shared.clone(),
+        topic: s.input_topic.clone(),
+        events: events_tx,
+    };
+    let mut c = client_config(s);
+    c.set("group.id", &s.group_id)
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", "5000")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        // Offsets are stored by the partition tasks once alerts are acknowledged.
+        .set("enable.auto.offset.store", "false");
+    let consumer: Arc<GroupConsumer> = Arc::new(c.create_with_context(context)?);
+    consumer.subscribe(&[&s.input_topic])?;
+    log(
+        "INFO",
+        format_args!(
+            "consuming {} as group {} from {}",
+            s.input_topic, s.group_id, s.brokers
+        ),
+    );
+
+    let mut workers: HashMap<i32, Worker> = HashMap::new();
+    let mut finished: Vec<JoinHandle<()>> = Vec::new();
+    loop {
+        while let Ok(event) = events.try_recv() {
+            match event {
+                Assignment::Assigned(ps) => {
+                    log("INFO", format_args!("assigned partitions {ps:?}"));
+                    shared.metrics.partitions.add(ps.len() as i64);
+                }
+                Assignment::Revoked(ps) => {
+                    log("INFO", format_args!("revoked partitions {ps:?}"));
+                    shared.metrics.partitions.sub(ps.len() as i64);
+                    for p in ps {
+                        shared.metrics.consumer_lag.reset();
+                        shared
+                            .partitions
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&p);
+                        if let Some(w) = workers.remove(&p) {
+                            // Dropping the queue lets the task finish what it holds.
+                            finished.push(w.task);
+                        }
+                    }
+                }
+            }
+        }
+        let msg = tokio::select! {
+            _ = stop.changed() => break,
+            m = consumer.recv() => m,
+        };
+        let msg = match msg {
+            Ok(m) => m.detach(),
+            Err(e) => {
+                log("WARN", format_args!("consumer: {e}"));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        shared.metrics.consumed.inc();
+        let p = msg.partition();
+        let worker = workers.entry(p).or_insert_with(|| {
+            let engine: CardEngine = Arc::new(std::sync::Mutex::new(shared.new_engine()));
+            shared
+                .partitions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(p, engine.clone());
+            let (queue, rx) = mpsc::channel(QUEUE);
+            let task = tokio::spawn(partition_task(
+                shared.clone(),
+                consumer.clone(),
+                producer.clone(),
+                p,
+                rx,
+                engine,
+                stop.clone(),
+            ));
+            Worker { queue, task }
+        });
+        if worker.queue.send(msg).await.is_err() {
+            log("ERROR", format_args!("the task of partition {p} stopped"));
+            workers.remove(&p);
+        }
+    }
+
+    // Stop fetching; let every task finish its queue, then commit.
+    finished.extend(workers.into_values().map(|w| w.task));
+    for task in finished {
+        let _ = task.await;
+    }
+    let _ = tokio::task::spawn_blocking({
+        let producer = producer.clone();
+        move || rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30))
+    })
+    .await;
+    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        // Nothing stored since the last auto-commit is not an error worth more.
+        log("INFO", format_args!("final commit: {e}"));
+    }
+    let _ = tables.await;
+    log("INFO", "Kafka pipeline stopped");
+    Ok(())
+}
+
+async fn partition_task(
+    shared: Arc<Shared>,
+    consumer: Arc<GroupConsumer>,
+    producer: FutureProducer,
+    partition: i32,
+    mut rx: mpsc::Receiver<OwnedMessage>,
+    engine: CardEngine,
+    stop: watch::Receiver<bool>,
+) {
+    let Some(first) = rx.recv().await else {
+        return;
+    };
+    // Merchant features read the table, so scoring waits until it holds
+    // what the topics held at start.
+    while !shared.tables_ready.load(Ordering::Acquire) {
+        if *stop.borrow() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if shared.settings.rebuild_on_assign {
+        let t = first.timestamp().to_millis();
+        match rebuild(&shared, partition, first.offset(), t, &engine, &stop).await {
+            Ok(n) => log(
+                "INFO",
+                format_args!(
+                    "partition {partition}: card state rebuilt from {n} earlier transactions"
+                ),
+            ),
+            Err(e) => log(
+                "ERROR",
+                format_args!("partition {partition}: rebuild failed: {e:#}"),
+            ),
+        }
+    }
+    let mut batch = vec![first];
+    loop {
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let scorer = shared.scorer();
+        let out = score_batch(&shared, &scorer, &engine, &batch);
+        if deliver(&shared, &producer, out, &stop).await {
+            let last = batch.last().map_or(0, |m| m.offset());
+            // Fails only if the partition was revoked meanwhile; its new
+            // owner reads from the last commit, so nothing is lost.
+            let _ = consumer.store_offset(&shared.settings.input_topic, partition, last);
+        } else {
+            return;
+        }
+        batch.clear();
+        match rx.recv().await {
+            Some(m) => batch.push(m),
+            None => return,
+        }
+    }
+}
+
+/// Scores a batch under the locks, and returns what to produce.
+fn score_batch(
+    shared: &Shared,
+    scorer: &Scorer,
+    engine: &CardEngine,
+    batch: &[OwnedMessage],
+) -> Vec<Outgoing> {
+    let s = &shared.settings;
+    let m = &shared.metrics;
+    let produced_at = now_rfc3339();
+    let mut out = Vec::new();
+    let mut engine = engine.lock().unwrap_or_else(|e| e.into_inner());
+    let merchants = shared.merchants.read().unwrap_or_else(|e| e.into_inner());
+    for msg in batch {
+        let tx = match decode(msg.payload(), s.max_message_bytes) {
+            Ok(tx) => tx,
+            Err((reason, detail)) => {
+                m.dead_letters.with_label_values(&[reason.as_str()]).inc();
+                out.push(Outgoing {
+                    topic: s.dlq_topic.clone(),
+                    key: msg.key().unwrap_or_default().to_vec(),
+                    payload: msg.payload().unwrap_or_default().to_vec(),
+                    headers: vec![
+                        ("peregrine-reason", reason.as_str().to_string()),
+                        ("peregrine-error", detail),
+                        ("peregrine-source-topic", msg.topic().to_string()),
+                        ("peregrine-source-partition", msg.partition().to_string()),
+                        ("peregrine-source-offset", msg.offset().to_string()),
+                    ],
+                    alert_of: None,
+                });
+                continue;
+            }
+        };
+        let started = Instant::now();
+        let (features, late) = merchants.features(&mut engine, &tx, true);
+        if late.is_some() {
+            m.late.inc();
+        }
+        let score = scorer.score(&features, false);
+        m.scoring_seconds.observe(started.elapsed().as_secs_f64());
+        m.score.observe(score.score);
+        m.scored.inc();
+        let version = scorer.model.model_version.as_str();
+        if score.decision != Decision::Allow {
+            m.alerts.with_label_values(&[score.decision.as_str()]).inc();
+            for hit in &score.reasons.rules {
+                m.rule_alerts.with_label_values(&[&hit.rule]).inc();
+            }
+            let alert = Alert::new(&tx, &score, version, produced_at.clone());
+            out.push(Outgoing {
+                topic: s.alert_topic.clone(),
+                key: tx.card_id.as_bytes().to_vec(),
+                payload: serde_json::to_vec(&alert).unwrap_or_default(),
+                headers: Vec::new(),
+                alert_of: msg.timestamp().to_millis(),
+            });
+        }
+        if !s.score_topic.is_empty() {
+            let record = serde_json::json!({
+                "transaction_id": tx.transaction_id,
+                "card_id": tx.card_id,
+                "merchant_id": tx.merchant_id,
+                "score": score.score,
+                "decision": score.decision,
+                "model_version": version,
+                "partition": msg.partition(),
+                "offset": msg.offset(),
+            });
+            out.push(Outgoing {
+                topic: s.score_topic.clone(),
+                key: tx.card_id.as_bytes().to_vec(),
+                payload: record.to_string().into_bytes(),
+                headers: Vec::new(),
+                alert_of: None,
+            });
+        }
+    }
+    out
+}
+
+fn send(
+    producer: &FutureProducer,
+    o: &Outgoing,
+) -> Result<DeliveryFuture, rdkafka::error::KafkaError> {
+    let mut headers = OwnedHeaders::new();
+    for (k, v) in &o.headers {
+        headers = headers.insert(Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        });
+    }
+    let record = FutureRecord::to(&o.topic)
+        .key(&o.key)
+        .payload(&o.payload)
+        .headers(headers);
+    producer.send_result(record).map_err(|(e, _)| e)
+}
+
+/// Produces every message and waits for the broker to acknowledge each,
+/// sending again what failed. False if stopped before all were acknowledged.
+async fn deliver(
+    shared: &Shared,
+    producer: &FutureProducer,
+    out: Vec<Outgoing>,
+    stop: &watch::Receiver<bool>,
+) -> bool {
+    let mut todo = out;
+    let mut backoff = Duration::from_millis(100);
+    while !todo.is_empty() {
+        let mut pending = Vec::with_capacity(todo.len());
+        for o in todo {
+            loop {
+                match send(producer, &o) {
+                    Ok(f) => {
+                        pending.push((o, f));
+                        break;
+                    }
+                    // The local queue is full: let deliveries drain it.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+        }
+        let mut failed = Vec::new();
+        for (o, f) in pending {
+            match f.await {
+                Ok(Ok(_)) => {
+                    if let Some(ts) = o.alert_of {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as i64);
+                        if now >= ts {
+                            shared
+                                .metrics
+                                .event_to_alert_seconds
+                                .observe((now - ts) as f64 / 1000.0);
+                        }
+                    }
+                }
+                Ok(Err((e, _))) => {
+                    log("WARN", format_args!("delivery to {} failed: {e}", o.topic));
+                    failed.push(o);
+                }
+                Err(_) => failed.push(o),
+            }
+        }
+        if !failed.is_empty() {
+            shared.metrics.delivery_retries.inc_by(failed.len() as u64);
+            if *stop.borrow() {
+                return false;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        todo = failed;
+    }
+    true
+}
+
+/// Rebuilds a newly assigned partition's card state from its history: the
+/// records from one feature horizon before the first record to score, up to
+/// it. Record timestamps locate the start (`offsets_for_times`); with the
+/// producer's clock near event time, that covers every window.
+async fn rebuild(
+    shared: &Arc<Shared>,
+    partition: i32,
+    upto: i64,
+    first_ts: Option<i64>,
+    engine: &CardEngine,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<u64> {
+    let shared = shared.clone();
+    let engine = engine.clone();
+    let stop = stop.clone();
+    tokio::task::spawn_blocking(move || {
+        let s = &shared.settings;
+        let cfg = shared.feature_config();
+        let consumer: BaseConsumer = client_config(s)
+            .set("group.id", format!("{}-rebuild", s.group_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .create()?;
+        let horizon_ms = (32 * 86_400 + cfg.allowed_lateness_secs) * 1000;
+        let start = match first_ts {
+            Some(ts) => {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(
+                    &s.input_topic,
+                    partition,
+                    Offset::Offset(ts - horizon_ms),
+                )?;
+                let found = consumer.offsets_for_times(tpl, Duration::from_secs(10))?;
+                match found
+                    .find_partition(&s.input_topic, partition)
+                    .map(|e| e.offset())
+                {
+                    Some(Offset::Offset(o)) => o,
+                    // No record that old or newer: nothing before `upto` to read.
+                    _ => upto,
+                }
+            }
+            None => 0,
+        };
+        if start >= upto {
+            return Ok(0);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&s.input_topic, partition, Offset::Offset(start))?;
+        consumer.assign(&tpl)?;
+        let merchants_unused = shared.new_engine();
+        let mut n = 0u64;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            if *stop.borrow() || Instant::now() > deadline {
+                anyhow::bail!("stopped after {n} transactions, before offset {upto}");
+            }
+            let Some(r) = consumer.poll(Duration::from_millis(500)) else {
+                continue;
+            };
+            let msg = match r {
+                Ok(m) => m,
+                Err(rdkafka::error::KafkaError::PartitionEOF(_)) => break,
+                Err(e) => {
+                    log(
+                        "WARN",
+                        format_args!("rebuild of partition {partition}: {e}"),
+                    );
+                    continue;
+                }
+            };
+            if msg.offset() >= upto {
+                break;
+            }
+            if let Ok(tx) = decode(msg.payload(), s.max_message_bytes) {
+                let mut e = engine.lock().unwrap_or_else(|e| e.into_inner());
+                // Late events are left out here exactly as they were live.
+                let _ = e.process_card(&tx, &merchants_unused);
+                n += 1;
+            }
+            if msg.offset() + 1 >= upto {
+                break;
+            }
+        }
+        shared.metrics.rebuilt.inc_by(n);
+        Ok(n)
+    })
+    .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_names_what_is_wrong() {
+        let ok = br#"{"transaction_id":"t1","timestamp":"2018-04-01T00:00:31Z","card_id":"c","merchant_id":"m","amount":5}"#;
+        assert!(decode(Some(ok), 1024).is_ok());
+        assert_eq!(decode(None, 1024).unwrap_err().0, DeadReason::Empty);
+        assert_eq!(decode(Some(ok), 10).unwrap_err().0, DeadReason::Oversize);
+        assert_eq!(
+            decode(Some(b"{oops"), 1024).unwrap_err().0,
+            DeadReason::NotJson
+        );
+        let (reason, detail) = decode(
+            Some(br#"{"transaction_id":"t1","timestamp":"2018-04-01T00:00:31Z","card_id":"c","merchant_id":"m","amount":"x"}"#),
+            1024,
+        )
+        .unwrap_err();
+        assert_eq!(reason, DeadReason::InvalidField);
+        assert!(detail.contains("amount"), "{detail}");
+    }
+}
