@@ -30,6 +30,8 @@ pub struct Metrics {
     pub cards: IntGauge,
     pub merchants: IntGauge,
     pub delivery_retries: IntCounter,
+    pub table_wait_timeouts: IntCounter,
+    pub redelivered: IntCounter,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
@@ -173,6 +175,14 @@ impl Metrics {
             delivery_retries: counter(
                 "peregrine_delivery_retries_total",
                 "Alert, score or dead-letter messages sent again after a failed delivery.",
+            ),
+            table_wait_timeouts: counter(
+                "peregrine_merchant_table_wait_timeouts_total",
+                "Batches scored before the merchant table caught up with their event time.",
+            ),
+            redelivered: counter(
+                "peregrine_redelivered_total",
+                "Messages the broker delivered again at an offset already taken; skipped.",
             ),
             registry: r,
         }

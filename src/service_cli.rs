@@ -138,8 +138,12 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
 #[derive(Args)]
 pub struct ProduceArgs {
     /// Transactions (CSV or JSON Lines, optionally .gz), sent in file order as JSON keyed by card_id.
-    #[arg(long)]
-    data: PathBuf,
+    #[arg(long, required_unless_present = "raw")]
+    data: Option<PathBuf>,
+    /// Send each line of this file as it is, valid or not (re-driving dead
+    /// letters, testing); the key is its card_id when it has one.
+    #[arg(long, conflicts_with = "data")]
+    raw: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:9092")]
     brokers: String,
     #[arg(long, default_value = "transactions")]
@@ -180,8 +184,12 @@ pub fn produce(a: ProduceArgs) -> anyhow::Result<()> {
         .set("linger.ms", "10")
         .set("message.timeout.ms", "60000")
         .create()?;
-    let mut reader = TransactionReader::open(&a.data)
-        .with_context(|| format!("cannot read {}", a.data.display()))?;
+    if let Some(raw) = &a.raw {
+        return produce_raw(&producer, &a.topic, raw);
+    }
+    let data = a.data.as_deref().unwrap_or(std::path::Path::new("-"));
+    let mut reader =
+        TransactionReader::open(data).with_context(|| format!("cannot read {}", data.display()))?;
     let mut tx = Transaction::default();
     let started = Instant::now();
     let (mut n, mut labels, mut seen) = (0u64, 0u64, 0u64);
@@ -230,6 +238,30 @@ pub fn produce(a: ProduceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn produce_raw(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let text = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut n = 0;
+    for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let key = serde_json::from_slice::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| match v.get("card_id")? {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        send(producer, topic, &key, line)?;
+        n += 1;
+    }
+    producer.flush(Duration::from_secs(60))?;
+    eprintln!("sent {n} raw messages to {topic}");
+    Ok(())
+}
+
 fn send(
     producer: &ThreadedProducer<DefaultProducerContext>,
     topic: &str,
@@ -270,6 +302,9 @@ pub struct ConsumeArgs {
     /// Consume and drop: print only the count and the rate.
     #[arg(long)]
     count_only: bool,
+    /// Print this consumer group's committed offsets and lag per partition instead.
+    #[arg(long)]
+    group_offsets: Option<String>,
     /// A librdkafka property, KEY=VALUE, repeatable.
     #[arg(short = 'X', value_name = "KEY=VALUE")]
     librdkafka: Vec<String>,
@@ -299,6 +334,28 @@ pub fn consume(a: ConsumeArgs) -> anyhow::Result<()> {
     let mut tpl = TopicPartitionList::new();
     for p in &partitions {
         tpl.add_partition_offset(&a.topic, *p, Offset::Beginning)?;
+    }
+    if let Some(group) = &a.group_offsets {
+        let c: BaseConsumer = client(&a.brokers, &a.librdkafka)?
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let committed = c.committed_offsets(tpl, Duration::from_secs(10))?;
+        for e in committed.elements() {
+            let (_, high) = c.fetch_watermarks(&a.topic, e.partition(), Duration::from_secs(10))?;
+            let offset = match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            let line = serde_json::json!({
+                "partition": e.partition(),
+                "committed": offset,
+                "high_watermark": high,
+                "lag": offset.map_or(high, |o| high - o),
+            });
+            println!("{line}");
+        }
+        return Ok(());
     }
     consumer.assign(&tpl)?;
     let out = std::io::stdout();

@@ -42,6 +42,7 @@ pub struct Shared {
     pub http_cards: CardEngine,
     /// The merchant table has read what the input and label topics held at start.
     pub tables_ready: AtomicBool,
+    pub table_clock: tables::TableClock,
     pub started: Instant,
 }
 
@@ -66,6 +67,7 @@ impl Shared {
             partitions: Mutex::new(BTreeMap::new()),
             http_cards: Arc::new(Mutex::new(Engine::new(feature_config))),
             tables_ready: AtomicBool::new(!kafka),
+            table_clock: tables::TableClock::default(),
             started: Instant::now(),
         })
     }

@@ -168,6 +168,8 @@ impl ConsumerContext for GroupContext {
 }
 
 type GroupConsumer = StreamConsumer<GroupContext>;
+/// The last offset of each partition whose batch is scored and delivered.
+type Done = Arc<std::sync::Mutex<HashMap<i32, i64>>>;
 
 struct Worker {
     queue: mpsc::Sender<OwnedMessage>,
@@ -191,9 +193,10 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> anyhow
     c.set("group.id", &s.group_id)
         .set("auto.offset.reset", "earliest")
         .set("statistics.interval.ms", "5000")
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
-        // Offsets are stored by the partition tasks once alerts are acknowledged.
+        // Offsets are committed only as the partition tasks finish them
+        // (`done`): librdkafka's own commits, on close in particular, would
+        // commit the fetch position, past events not yet scored.
+        .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
     let consumer: Arc<GroupConsumer> = Arc::new(c.create_with_context(context)?);
     consumer.subscribe(&[&s.input_topic])?;
@@ -206,6 +209,8 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> anyhow
     );
 
     let mut workers: HashMap<i32, Worker> = HashMap::new();
+    let done: Done = Arc::default();
+    let mut commit_tick = tokio::time::interval(Duration::from_secs(1));
     let mut finished: Vec<JoinHandle<()>> = Vec::new();
     loop {
         while let Ok(event) = events.try_recv() {
@@ -217,7 +222,10 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> anyhow
                 Assignment::Revoked(ps) => {
                     log("INFO", format_args!("revoked partitions {ps:?}"));
                     shared.metrics.partitions.sub(ps.len() as i64);
+                    // What is done is committed while the partitions are still ours.
+                    commit(&consumer, &s.input_topic, &done, CommitMode::Sync);
                     for p in ps {
+                        done.lock().unwrap_or_else(|e| e.into_inner()).remove(&p);
                         shared.metrics.consumer_lag.reset();
                         shared
                             .partitions
@@ -234,6 +242,10 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> anyhow
         }
         let msg = tokio::select! {
             _ = stop.changed() => break,
+            _ = commit_tick.tick() => {
+                commit(&consumer, &s.input_topic, &done, CommitMode::Async);
+                continue;
+            }
             m = consumer.recv() => m,
         };
         let msg = match msg {
@@ -261,6 +273,7 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> anyhow
                 p,
                 rx,
                 engine,
+                done.clone(),
                 stop.clone(),
             ));
             Worker { queue, task }
@@ -281,13 +294,45 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> anyhow
         move || rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30))
     })
     .await;
-    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-        // Nothing stored since the last auto-commit is not an error worth more.
-        log("INFO", format_args!("final commit: {e}"));
-    }
+    commit(&consumer, &s.input_topic, &done, CommitMode::Sync);
     let _ = tables.await;
-    log("INFO", "Kafka pipeline stopped");
+    log(
+        "INFO",
+        format_args!(
+            "Kafka pipeline stopped after scoring {} transactions",
+            shared.metrics.scored.get()
+        ),
+    );
     Ok(())
+}
+
+fn take(shared: &Shared, batch: &mut Vec<OwnedMessage>, taken: &mut i64, m: OwnedMessage) {
+    if m.offset() <= *taken {
+        shared.metrics.redelivered.inc();
+        return;
+    }
+    *taken = m.offset();
+    batch.push(m);
+}
+
+/// Commits the offsets after the last finished batch of each partition.
+fn commit(consumer: &GroupConsumer, topic: &str, done: &Done, mode: CommitMode) {
+    let done = done.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if done.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, offset) in &done {
+        if tpl
+            .add_partition_offset(topic, *p, Offset::Offset(offset + 1))
+            .is_err()
+        {
+            return;
+        }
+    }
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        log("WARN", format_args!("offset commit: {e}"));
+    }
 }
 
 async fn partition_task(
@@ -297,6 +342,7 @@ async fn partition_task(
     partition: i32,
     mut rx: mpsc::Receiver<OwnedMessage>,
     engine: CardEngine,
+    done: Done,
     stop: watch::Receiver<bool>,
 ) {
     let Some(first) = rx.recv().await else {
@@ -310,44 +356,124 @@ async fn partition_task(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    if shared.settings.rebuild_on_assign {
-        let t = first.timestamp().to_millis();
-        match rebuild(&shared, partition, first.offset(), t, &engine, &stop).await {
-            Ok(n) => log(
-                "INFO",
-                format_args!(
-                    "partition {partition}: card state rebuilt from {n} earlier transactions"
-                ),
+    // Where this group left off. A broker may answer a fetch from inside a
+    // producer's batch with the next batch (tansu 0.6 does), so the first
+    // message can be past the committed offset: the gap is read with the
+    // history, and scored.
+    let committed = committed_offset(&consumer, &shared.settings.input_topic, partition).await;
+    let gap_from = committed.filter(|&c| c < first.offset());
+    if let Some(c) = gap_from {
+        log(
+            "WARN",
+            format_args!(
+                "partition {partition}: the broker resumed at offset {} instead of the committed {c}; reading the gap",
+                first.offset()
             ),
+        );
+    }
+    let t = first.timestamp().to_millis();
+    let mut gap = Vec::new();
+    if shared.settings.rebuild_on_assign || gap_from.is_some() {
+        match rebuild(
+            &shared,
+            partition,
+            first.offset(),
+            gap_from,
+            t,
+            &engine,
+            &stop,
+        )
+        .await
+        {
+            Ok((n, missed)) => {
+                log(
+                    "INFO",
+                    format_args!(
+                        "partition {partition}: card state rebuilt from {n} transactions before offset {}",
+                        first.offset()
+                    ),
+                );
+                shared.metrics.consumed.inc_by(missed.len() as u64);
+                gap = missed;
+            }
             Err(e) => log(
                 "ERROR",
                 format_args!("partition {partition}: rebuild failed: {e:#}"),
             ),
         }
     }
-    let mut batch = vec![first];
+    gap.push(first);
+    let mut batch = gap;
+    let mut stored = None;
+    // Offsets only grow within a partition: one already taken is a
+    // redelivery (tansu 0.6 sends a partition's last batch again after a
+    // fetch resumed inside a batch) and must not reach the card state twice.
+    let mut taken = batch.last().map_or(-1, |m| m.offset());
     loop {
         while batch.len() < BATCH {
             match rx.try_recv() {
-                Ok(m) => batch.push(m),
+                Ok(m) => take(&shared, &mut batch, &mut taken, m),
                 Err(_) => break,
             }
         }
-        let scorer = shared.scorer();
-        let out = score_batch(&shared, &scorer, &engine, &batch);
-        if deliver(&shared, &producer, out, &stop).await {
+        if !batch.is_empty() {
+            let decoded: Vec<_> = batch
+                .iter()
+                .map(|m| decode(m.payload(), shared.settings.max_message_bytes))
+                .collect();
+            let newest = decoded
+                .iter()
+                .filter_map(|d| d.as_ref().ok().map(|tx| tx.time.utc))
+                .max();
+            if let Some(t) = newest {
+                wait_for_table(&shared, t).await;
+            }
+            let scorer = shared.scorer();
+            let out = score_batch(&shared, &scorer, &engine, &batch, decoded);
+            if !deliver(&shared, &producer, out, &stop).await {
+                break;
+            }
             let last = batch.last().map_or(0, |m| m.offset());
-            // Fails only if the partition was revoked meanwhile; its new
-            // owner reads from the last commit, so nothing is lost.
-            let _ = consumer.store_offset(&shared.settings.input_topic, partition, last);
-        } else {
-            return;
+            done.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(partition, last);
+            stored = Some(last);
         }
         batch.clear();
         match rx.recv().await {
-            Some(m) => batch.push(m),
-            None => return,
+            Some(m) => take(&shared, &mut batch, &mut taken, m),
+            None => break,
         }
+    }
+    log(
+        "INFO",
+        format_args!("partition {partition}: stopped; last offset done {stored:?}"),
+    );
+}
+
+/// The longest a batch waits for the merchant table to read up to its
+/// event time; a partition that stalls must not stall the others for long.
+const TABLE_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits until the merchant table holds every transaction before `t` from
+/// every partition, so merchant features do not depend on which reader ran
+/// ahead. Partitions read to their end count as done.
+async fn wait_for_table(shared: &Shared, t: i64) {
+    let clock = &shared.table_clock;
+    if clock.low() >= t {
+        return;
+    }
+    let deadline = Instant::now() + TABLE_WAIT;
+    loop {
+        let moved = clock.moved.notified();
+        if clock.low() >= t {
+            return;
+        }
+        if Instant::now() >= deadline {
+            shared.metrics.table_wait_timeouts.inc();
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(20), moved).await;
     }
 }
 
@@ -357,6 +483,7 @@ fn score_batch(
     scorer: &Scorer,
     engine: &CardEngine,
     batch: &[OwnedMessage],
+    decoded: Vec<Result<Transaction, (DeadReason, String)>>,
 ) -> Vec<Outgoing> {
     let s = &shared.settings;
     let m = &shared.metrics;
@@ -364,8 +491,8 @@ fn score_batch(
     let mut out = Vec::new();
     let mut engine = engine.lock().unwrap_or_else(|e| e.into_inner());
     let merchants = shared.merchants.read().unwrap_or_else(|e| e.into_inner());
-    for msg in batch {
-        let tx = match decode(msg.payload(), s.max_message_bytes) {
+    for (msg, decoded) in batch.iter().zip(decoded) {
+        let tx = match decoded {
             Ok(tx) => tx,
             Err((reason, detail)) => {
                 m.dead_letters.with_label_values(&[reason.as_str()]).inc();
@@ -514,14 +641,41 @@ async fn deliver(
 /// records from one feature horizon before the first record to score, up to
 /// it. Record timestamps locate the start (`offsets_for_times`); with the
 /// producer's clock near event time, that covers every window.
+async fn committed_offset(
+    consumer: &Arc<GroupConsumer>,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    let consumer = consumer.clone();
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&topic, partition);
+        let c = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .ok()?;
+        match c.find_partition(&topic, partition)?.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Reads a partition's history before `upto`. Records before `score_from`
+/// rebuild the card state (when rebuilding is on); records from it on are
+/// returned, to be scored.
 async fn rebuild(
     shared: &Arc<Shared>,
     partition: i32,
     upto: i64,
+    score_from: Option<i64>,
     first_ts: Option<i64>,
     engine: &CardEngine,
     stop: &watch::Receiver<bool>,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, Vec<OwnedMessage>)> {
     let shared = shared.clone();
     let engine = engine.clone();
     let stop = stop.clone();
@@ -554,14 +708,18 @@ async fn rebuild(
             }
             None => 0,
         };
+        let score_from = score_from.unwrap_or(upto);
+        let fold = shared.settings.rebuild_on_assign;
+        let start = if fold { start } else { score_from }.min(score_from);
         if start >= upto {
-            return Ok(0);
+            return Ok((0, Vec::new()));
         }
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&s.input_topic, partition, Offset::Offset(start))?;
         consumer.assign(&tpl)?;
         let merchants_unused = shared.new_engine();
         let mut n = 0u64;
+        let mut missed = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             if *stop.borrow() || Instant::now() > deadline {
@@ -584,7 +742,9 @@ async fn rebuild(
             if msg.offset() >= upto {
                 break;
             }
-            if let Ok(tx) = decode(msg.payload(), s.max_message_bytes) {
+            if msg.offset() >= score_from {
+                missed.push(msg.detach());
+            } else if let Ok(tx) = decode(msg.payload(), s.max_message_bytes) {
                 let mut e = engine.lock().unwrap_or_else(|e| e.into_inner());
                 // Late events are left out here exactly as they were live.
                 let _ = e.process_card(&tx, &merchants_unused);
@@ -595,7 +755,7 @@ async fn rebuild(
             }
         }
         shared.metrics.rebuilt.inc_by(n);
-        Ok(n)
+        Ok((n, missed))
     })
     .await?
 }

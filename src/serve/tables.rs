@@ -19,7 +19,7 @@ use serde::Deserialize;
 use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -204,36 +204,101 @@ pub fn read_label(bytes: &[u8], label_delay_secs: i64) -> Result<Option<(String,
     Ok(fraud.then_some((merchant, tx_time)))
 }
 
-/// Reads both topics from the start into the table until `stop`. Sets
-/// `tables_ready` once it has reached the ends the topics had when it began.
-pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+/// How far the table has read each input partition, in event time.
+#[derive(Default)]
+pub struct TableClock {
+    /// Partition → (newest event time read, at the end of the partition).
+    parts: std::sync::Mutex<HashMap<i32, (i64, bool)>>,
+    input_caught_up: AtomicBool,
+    labels_caught_up: AtomicBool,
+    pub moved: tokio::sync::Notify,
+}
+
+impl TableClock {
+    /// The event time up to which the table holds every transaction, as
+    /// far as partitions in time order tell: the oldest partition's newest
+    /// time, not counting partitions read to their end.
+    pub fn low(&self) -> i64 {
+        let parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        if parts.is_empty() {
+            return i64::MIN;
+        }
+        parts
+            .values()
+            .map(|&(t, at_end)| if at_end { i64::MAX } else { t })
+            .min()
+            .unwrap_or(i64::MIN)
+    }
+
+    fn read(&self, partition: i32, t: Option<i64>) {
+        let mut parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        let e = parts.entry(partition).or_insert((i64::MIN, false));
+        if let Some(t) = t {
+            e.0 = e.0.max(t);
+        }
+        e.1 = false;
+    }
+
+    fn at_end(&self, partition: i32) {
+        self.parts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(partition)
+            .or_insert((i64::MIN, false))
+            .1 = true;
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Feed {
+    Transactions,
+    Labels,
+}
+
+/// Reads the input and label topics from the start into the table until
+/// `stop`. Sets `tables_ready` once both readers reached the end of every
+/// partition once.
+pub async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
+    let input = tokio::spawn(read_feed(shared.clone(), stop.clone(), Feed::Transactions));
+    let labels = tokio::spawn(read_feed(shared.clone(), stop, Feed::Labels));
+    let _ = input.await;
+    let _ = labels.await;
+}
+
+async fn read_feed(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, feed: Feed) {
     let s = &shared.settings;
+    let (topic, suffix) = match feed {
+        Feed::Transactions => (s.input_topic.clone(), "merchants"),
+        Feed::Labels => (s.label_topic.clone(), "labels"),
+    };
     let consumer: StreamConsumer = match client_config(s)
-        .set("group.id", format!("{}-tables", s.group_id))
+        .set("group.id", format!("{}-{suffix}", s.group_id))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "true")
+        // The partition tasks wait on this reader: fetch without lingering.
+        .set("fetch.wait.max.ms", "20")
         .create()
     {
         Ok(c) => c,
         Err(e) => {
-            log("ERROR", format_args!("merchant table consumer: {e}"));
+            log("ERROR", format_args!("{topic} reader: {e}"));
             return;
         }
     };
     let consumer = Arc::new(consumer);
-    let topics = [s.input_topic.clone(), s.label_topic.clone()];
     // The broker may be down at start: retry with backoff, not ready meanwhile.
     let mut backoff = Duration::from_millis(200);
-    let ends = loop {
+    let partitions = loop {
         let c = consumer.clone();
-        let t = topics.clone();
-        let found = tokio::task::spawn_blocking(move || topic_ends(&c, &t)).await;
+        let t = topic.clone();
+        let found = tokio::task::spawn_blocking(move || topic_partitions(&c, &t)).await;
         match found {
-            Ok(Ok(ends)) => break ends,
+            Ok(Ok(p)) => break p,
             Ok(Err(e)) => log(
                 "WARN",
                 format_args!(
-                    "cannot read the topics' partitions yet: {e}; retrying in {backoff:?}"
+                    "cannot read the partitions of {topic} yet: {e}; retrying in {backoff:?}"
                 ),
             ),
             Err(e) => log("ERROR", format_args!("{e}")),
@@ -245,25 +310,17 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         backoff = (backoff * 2).min(Duration::from_secs(10));
     };
     let mut tpl = TopicPartitionList::new();
-    let mut targets: HashMap<(bool, i32), i64> = HashMap::new();
-    for (topic, partition, high) in &ends {
-        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Beginning) {
+    for p in &partitions {
+        if let Err(e) = tpl.add_partition_offset(&topic, *p, Offset::Beginning) {
             log("ERROR", format_args!("{e}"));
-        }
-        if *high > 0 {
-            targets.insert((*topic == s.input_topic, *partition), *high);
         }
     }
     if let Err(e) = consumer.assign(&tpl) {
-        log("ERROR", format_args!("merchant table assignment: {e}"));
+        log("ERROR", format_args!("{topic} reader assignment: {e}"));
         return;
     }
-    let mark_ready = |targets: &HashMap<(bool, i32), i64>| {
-        if targets.is_empty() && !shared.tables_ready.swap(true, Ordering::AcqRel) {
-            log("INFO", "merchant table caught up");
-        }
-    };
-    mark_ready(&targets);
+    let clock = &shared.table_clock;
+    let mut unread: std::collections::HashSet<i32> = partitions.iter().copied().collect();
     let delay = shared.feature_config().label_delay_secs;
     let mut read = 0u64;
     loop {
@@ -273,32 +330,59 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         };
         let msg = match msg {
             Ok(m) => m,
+            Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
+                if feed == Feed::Transactions {
+                    clock.at_end(p);
+                    clock.moved.notify_waiters();
+                }
+                if unread.remove(&p) && unread.is_empty() {
+                    let flag = match feed {
+                        Feed::Transactions => &clock.input_caught_up,
+                        Feed::Labels => &clock.labels_caught_up,
+                    };
+                    flag.store(true, Ordering::Release);
+                    log("INFO", format_args!("{topic} read to its end"));
+                    if clock.input_caught_up.load(Ordering::Acquire)
+                        && clock.labels_caught_up.load(Ordering::Acquire)
+                        && !shared.tables_ready.swap(true, Ordering::AcqRel)
+                    {
+                        log("INFO", "merchant table caught up");
+                    }
+                }
+                continue;
+            }
             Err(e) => {
-                log("WARN", format_args!("merchant table: {e}"));
+                log("WARN", format_args!("{topic} reader: {e}"));
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
         };
-        let is_input = msg.topic() == s.input_topic;
-        if let Some(bytes) = msg.payload() {
-            if is_input {
-                if let Ok(ev) = serde_json::from_slice::<MerchantEvent>(bytes)
-                    && let Some(t) = parse_timestamp(ev.timestamp.as_bytes())
-                {
-                    let key = ev.merchant_id.to_key();
+        let bytes = msg.payload().unwrap_or_default();
+        match feed {
+            Feed::Transactions => {
+                // Invalid transactions are dead-lettered by the partition tasks.
+                let event = serde_json::from_slice::<MerchantEvent>(bytes)
+                    .ok()
+                    .and_then(|ev| {
+                        Some((
+                            ev.merchant_id.to_key().into_owned(),
+                            parse_timestamp(ev.timestamp.as_bytes())?.utc,
+                        ))
+                    });
+                if let Some((merchant, t)) = &event {
                     shared
                         .merchants
                         .write()
                         .unwrap_or_else(|e| e.into_inner())
-                        .add(&key, t.utc);
+                        .add(merchant, *t);
                 }
-                // Invalid transactions are dead-lettered by the partition tasks.
-            } else {
-                apply_label(&shared, bytes, delay);
+                clock.read(msg.partition(), event.map(|e| e.1));
+                clock.moved.notify_waiters();
             }
+            Feed::Labels => apply_label(&shared, bytes, delay),
         }
         read += 1;
-        if read.is_multiple_of(4096) {
+        if feed == Feed::Transactions && read.is_multiple_of(4096) {
             // Read before taking the table's lock: tasks lock their engine, then the table.
             let low = scoring_low(&shared);
             shared
@@ -306,13 +390,6 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .set_scoring_low(low);
-        }
-        let key = (is_input, msg.partition());
-        if let Some(high) = targets.get(&key)
-            && msg.offset() + 1 >= *high
-        {
-            targets.remove(&key);
-            mark_ready(&targets);
         }
     }
 }
@@ -348,30 +425,20 @@ fn apply_label(shared: &Shared, bytes: &[u8], delay: i64) {
     }
 }
 
-/// Every partition of the topics with its high watermark.
-fn topic_ends(
-    consumer: &StreamConsumer,
-    topics: &[String],
-) -> anyhow::Result<Vec<(String, i32, i64)>> {
-    let mut ends = Vec::new();
-    for topic in topics {
-        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
-        let t = md
-            .topics()
-            .first()
-            .ok_or_else(|| anyhow::anyhow!("topic {topic} not in the metadata"))?;
-        if let Some(e) = t.error() {
-            anyhow::bail!("topic {topic}: {e:?}");
-        }
-        if t.partitions().is_empty() {
-            anyhow::bail!("topic {topic} has no partitions (does it exist?)");
-        }
-        for p in t.partitions() {
-            let (_, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(5))?;
-            ends.push((topic.clone(), p.id(), high));
-        }
+/// The partitions of a topic; an error if it does not exist.
+fn topic_partitions(consumer: &StreamConsumer, topic: &str) -> anyhow::Result<Vec<i32>> {
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+    let t = md
+        .topics()
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("topic {topic} not in the metadata"))?;
+    if let Some(e) = t.error() {
+        anyhow::bail!("topic {topic}: {e:?}");
     }
-    Ok(ends)
+    if t.partitions().is_empty() {
+        anyhow::bail!("topic {topic} has no partitions (does it exist?)");
+    }
+    Ok(t.partitions().iter().map(|p| p.id()).collect())
 }
 
 #[cfg(test)]
