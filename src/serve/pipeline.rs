@@ -121,6 +121,7 @@ struct GroupContext {
     shared: Arc<Shared>,
     topic: String,
     events: std::sync::mpsc::Sender<Assignment>,
+    done: Done,
 }
 
 impl ClientContext for GroupContext {
@@ -148,6 +149,30 @@ impl ClientContext for GroupContext {
 }
 
 impl ConsumerContext for GroupContext {
+    /// Commits what is finished of the partitions about to go, while they
+    /// are still ours; the rest is read again by their next owner.
+    fn pre_rebalance(&self, c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        let mut commit = TopicPartitionList::new();
+        for e in tpl.elements_for_topic(&self.topic) {
+            if let Some(offset) = done.remove(&e.partition()) {
+                let _ = commit.add_partition_offset(
+                    &self.topic,
+                    e.partition(),
+                    Offset::Offset(offset + 1),
+                );
+            }
+        }
+        if commit.count() > 0
+            && let Err(e) = c.commit(&commit, CommitMode::Sync)
+        {
+            log("WARN", format_args!("commit before rebalance: {e}"));
+        }
+    }
+
     fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let partitions = |tpl: &TopicPartitionList| -> Vec<i32> {
             tpl.elements_for_topic(&self.topic)
@@ -184,10 +209,12 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> anyhow
     let tables = tokio::spawn(super::tables::run(shared.clone(), stop.clone()));
 
     let (events_tx, events) = std::sync::mpsc::channel();
+    let done: Done = Arc::default();
     let context = GroupContext {
         shared: shared.clone(),
         topic: s.input_topic.clone(),
         events: events_tx,
+        done: done.clone(),
     };
     let mut c = client_config(s);
     c.set("group.id", &s.group_id)
@@ -209,7 +236,6 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> anyhow
     );
 
     let mut workers: HashMap<i32, Worker> = HashMap::new();
-    let done: Done = Arc::default();
     let mut commit_tick = tokio::time::interval(Duration::from_secs(1));
     let mut finished: Vec<JoinHandle<()>> = Vec::new();
     loop {
@@ -222,8 +248,6 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> anyhow
                 Assignment::Revoked(ps) => {
                     log("INFO", format_args!("revoked partitions {ps:?}"));
                     shared.metrics.partitions.sub(ps.len() as i64);
-                    // What is done is committed while the partitions are still ours.
-                    commit(&consumer, &s.input_topic, &done, CommitMode::Sync);
                     for p in ps {
                         done.lock().unwrap_or_else(|e| e.into_inner()).remove(&p);
                         shared.metrics.consumer_lag.reset();
@@ -267,14 +291,16 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> anyhow
                 .insert(p, engine.clone());
             let (queue, rx) = mpsc::channel(QUEUE);
             let task = tokio::spawn(partition_task(
-                shared.clone(),
-                consumer.clone(),
-                producer.clone(),
-                p,
+                Partition {
+                    shared: shared.clone(),
+                    consumer: consumer.clone(),
+                    producer: producer.clone(),
+                    partition: p,
+                    engine,
+                    done: done.clone(),
+                    stop: stop.clone(),
+                },
                 rx,
-                engine,
-                done.clone(),
-                stop.clone(),
             ));
             Worker { queue, task }
         });
@@ -335,16 +361,27 @@ fn commit(consumer: &GroupConsumer, topic: &str, done: &Done, mode: CommitMode) 
     }
 }
 
-async fn partition_task(
+/// What the task of one partition works with.
+struct Partition {
     shared: Arc<Shared>,
     consumer: Arc<GroupConsumer>,
     producer: FutureProducer,
     partition: i32,
-    mut rx: mpsc::Receiver<OwnedMessage>,
     engine: CardEngine,
     done: Done,
     stop: watch::Receiver<bool>,
-) {
+}
+
+async fn partition_task(p: Partition, mut rx: mpsc::Receiver<OwnedMessage>) {
+    let Partition {
+        shared,
+        consumer,
+        producer,
+        partition,
+        engine,
+        done,
+        stop,
+    } = p;
     let Some(first) = rx.recv().await else {
         return;
     };
@@ -434,9 +471,18 @@ async fn partition_task(
                 break;
             }
             let last = batch.last().map_or(0, |m| m.offset());
-            done.lock()
+            // A revoked partition's progress is no longer ours to commit.
+            let ours = shared
+                .partitions
+                .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(partition, last);
+                .get(&partition)
+                .is_some_and(|e| Arc::ptr_eq(e, &engine));
+            if ours {
+                done.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(partition, last);
+            }
             stored = Some(last);
         }
         batch.clear();

@@ -28,6 +28,7 @@ use tokio::sync::watch;
 const RECENT_CAP: usize = 1024;
 const HOUR: i64 = 3600;
 const DAY: i64 = 86_400;
+const RESCORE_MARGIN: i64 = 7 * DAY;
 
 /// Merchant state from every partition. Partitions are read at different
 /// paces, and after a restart the table reads the whole retention before
@@ -80,9 +81,10 @@ impl MerchantTable {
         let c = self.engine.config();
         let retention = self.newest - c.allowed_lateness_secs - c.label_delay_secs - 31 * DAY;
         match self.scoring_low {
-            Some(low) => {
-                retention.max((low - c.allowed_lateness_secs).div_euclid(HOUR) * HOUR - 2 * HOUR)
-            }
+            // A partition that moves to another instance, or back, resumes
+            // from its last commit, somewhat behind the low: a margin keeps
+            // the times that a rescore of those transactions reads.
+            Some(low) => retention.max(low - c.allowed_lateness_secs - RESCORE_MARGIN),
             None => retention,
         }
     }
@@ -310,7 +312,7 @@ async fn read_feed(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, feed: F
         backoff = (backoff * 2).min(Duration::from_secs(10));
     };
     let mut tpl = TopicPartitionList::new();
-    for p in &partitions {
+    for (p, _) in &partitions {
         if let Err(e) = tpl.add_partition_offset(&topic, *p, Offset::Beginning) {
             log("ERROR", format_args!("{e}"));
         }
@@ -320,7 +322,26 @@ async fn read_feed(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, feed: F
         return;
     }
     let clock = &shared.table_clock;
-    let mut unread: std::collections::HashSet<i32> = partitions.iter().copied().collect();
+    // Caught up: each partition read to its end once, or to the end it had
+    // when this reader started, for a topic that keeps growing.
+    let mut unread: HashMap<i32, i64> = partitions.iter().copied().collect();
+    let caught_up = |feed: Feed| {
+        let flag = match feed {
+            Feed::Transactions => &clock.input_caught_up,
+            Feed::Labels => &clock.labels_caught_up,
+        };
+        flag.store(true, Ordering::Release);
+        if clock.input_caught_up.load(Ordering::Acquire)
+            && clock.labels_caught_up.load(Ordering::Acquire)
+            && !shared.tables_ready.swap(true, Ordering::AcqRel)
+        {
+            log("INFO", "merchant table caught up");
+        }
+    };
+    unread.retain(|_, high| *high > 0);
+    if unread.is_empty() {
+        caught_up(feed);
+    }
     let delay = shared.feature_config().label_delay_secs;
     let mut read = 0u64;
     loop {
@@ -335,19 +356,8 @@ async fn read_feed(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, feed: F
                     clock.at_end(p);
                     clock.moved.notify_waiters();
                 }
-                if unread.remove(&p) && unread.is_empty() {
-                    let flag = match feed {
-                        Feed::Transactions => &clock.input_caught_up,
-                        Feed::Labels => &clock.labels_caught_up,
-                    };
-                    flag.store(true, Ordering::Release);
-                    log("INFO", format_args!("{topic} read to its end"));
-                    if clock.input_caught_up.load(Ordering::Acquire)
-                        && clock.labels_caught_up.load(Ordering::Acquire)
-                        && !shared.tables_ready.swap(true, Ordering::AcqRel)
-                    {
-                        log("INFO", "merchant table caught up");
-                    }
+                if unread.remove(&p).is_some() && unread.is_empty() {
+                    caught_up(feed);
                 }
                 continue;
             }
@@ -380,6 +390,15 @@ async fn read_feed(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, feed: F
                 clock.moved.notify_waiters();
             }
             Feed::Labels => apply_label(&shared, bytes, delay),
+        }
+        if unread
+            .get(&msg.partition())
+            .is_some_and(|&high| msg.offset() + 1 >= high)
+        {
+            unread.remove(&msg.partition());
+            if unread.is_empty() {
+                caught_up(feed);
+            }
         }
         read += 1;
         if feed == Feed::Transactions && read.is_multiple_of(4096) {
@@ -425,8 +444,9 @@ fn apply_label(shared: &Shared, bytes: &[u8], delay: i64) {
     }
 }
 
-/// The partitions of a topic; an error if it does not exist.
-fn topic_partitions(consumer: &StreamConsumer, topic: &str) -> anyhow::Result<Vec<i32>> {
+/// The partitions of a topic with their high watermarks; an error if the
+/// topic does not exist.
+fn topic_partitions(consumer: &StreamConsumer, topic: &str) -> anyhow::Result<Vec<(i32, i64)>> {
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
     let t = md
         .topics()
@@ -438,7 +458,13 @@ fn topic_partitions(consumer: &StreamConsumer, topic: &str) -> anyhow::Result<Ve
     if t.partitions().is_empty() {
         anyhow::bail!("topic {topic} has no partitions (does it exist?)");
     }
-    Ok(t.partitions().iter().map(|p| p.id()).collect())
+    t.partitions()
+        .iter()
+        .map(|p| {
+            let (_, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(5))?;
+            Ok((p.id(), high))
+        })
+        .collect()
 }
 
 #[cfg(test)]
