@@ -262,7 +262,7 @@ fn produce_raw(
     Ok(())
 }
 
-fn send(
+pub(crate) fn send(
     producer: &ThreadedProducer<DefaultProducerContext>,
     topic: &str,
     key: &str,

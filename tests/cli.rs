@@ -342,30 +342,60 @@ fn clear_errors_for_bad_arguments_models_and_rules() {
 }
 
 #[test]
-fn demo_runs_with_the_built_in_model() {
+fn demo_runs_the_pipeline_on_the_mock_cluster() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
     let out = ok(&[
         "demo",
         "--customers",
-        "300",
+        "200",
         "--terminals",
-        "600",
+        "400",
         "--days",
-        "60",
+        "20",
+        "--rate",
+        "20000",
+        "--linger",
+        "0",
+        "--http-addr",
+        &addr,
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("built-in model gbt-"), "{stderr}");
     assert!(
-        stderr.contains("tx/s") && stderr.contains("p99"),
-        "{stderr}"
-    );
-    assert!(
-        stdout.contains("Alert precision") && stdout.contains("compromised card"),
+        stdout.contains("model gbt-") && stdout.contains("mock cluster"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("tx/s") && stdout.contains("p99"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("http://{addr}/v1/score")),
+        "{stdout}"
+    );
+    // Every transaction scored, the two malformed ones dead-lettered.
+    let total = stdout
+        .split("scored ")
+        .filter_map(|s| {
+            let mut w = s.split_whitespace();
+            let scored: u64 = w.next()?.parse().ok()?;
+            (w.next()? == "of").then_some(())?;
+            let of: u64 = w.next()?.parse().ok()?;
+            Some((scored, of))
+        })
+        .last()
+        .expect("a live line");
+    assert_eq!(total.0, total.1, "{stdout}");
+    assert!(stdout.contains("dead-lettered 2"), "{stdout}");
+    assert!(stdout.contains("compromised card"), "{stdout}");
     let start = stdout.find("{\n").expect("an example alert");
     let end = stdout[start..].find("\n}").expect("the alert closes") + start + 2;
     let alert: serde_json::Value = serde_json::from_str(&stdout[start..end]).unwrap();
+    assert!(alert["alert_id"].as_str().unwrap().starts_with("al-"));
     assert!(
         alert["reasons"]["top_features"]
             .as_array()

@@ -20,8 +20,14 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
+/// Set by a caller that shows its own progress (the demo): INFO lines are dropped.
+pub static QUIET: AtomicBool = AtomicBool::new(false);
+
 /// Prints one log line: UTC time, level, message.
 pub fn log(level: &str, msg: impl std::fmt::Display) {
+    if level == "INFO" && QUIET.load(Ordering::Relaxed) {
+        return;
+    }
     eprintln!("{} {level:<5} {msg}", crate::alerts::now_rfc3339());
 }
 
@@ -43,7 +49,28 @@ pub struct Shared {
     /// The merchant table has read what the input and label topics held at start.
     pub tables_ready: AtomicBool,
     pub table_clock: tables::TableClock,
+    /// Exact in-process quantiles for logs, the demo and benchmarks.
+    pub latency: Mutex<Latencies>,
     pub started: Instant,
+}
+
+pub struct Latencies {
+    /// Microseconds from an input record's timestamp to its alert's acknowledgement.
+    pub event_to_alert_us: hdrhistogram::Histogram<u64>,
+    /// Nanoseconds to compute one transaction's features and score.
+    pub scoring_ns: hdrhistogram::Histogram<u64>,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        let h = |max| {
+            hdrhistogram::Histogram::new_with_bounds(1, max, 2).expect("valid histogram bounds")
+        };
+        Latencies {
+            event_to_alert_us: h(3_600_000_000),
+            scoring_ns: h(60_000_000_000),
+        }
+    }
 }
 
 /// Readiness and the reasons it is not.
@@ -68,6 +95,7 @@ impl Shared {
             http_cards: Arc::new(Mutex::new(Engine::new(feature_config))),
             tables_ready: AtomicBool::new(!kafka),
             table_clock: tables::TableClock::default(),
+            latency: Mutex::new(Latencies::default()),
             started: Instant::now(),
         })
     }
@@ -249,6 +277,16 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     settings.validate()?;
     let scorer = load_scorer(&settings, None, None)?;
+    run_shared(Shared::new(settings, scorer), shutdown).await
+}
+
+/// [`run`] with the shared state made by the caller, who can watch it.
+pub async fn run_shared(
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let settings = &shared.settings;
+    let scorer = shared.scorer();
     log("INFO", format_args!("settings: {settings:?}"));
     log(
         "INFO",
@@ -261,7 +299,6 @@ pub async fn run(
             scorer.thresholds.block
         ),
     );
-    let shared = Shared::new(settings, scorer);
     let (stop_tx, stop_rx) = watch::channel(false);
     let listener = tokio::net::TcpListener::bind(&shared.settings.http_addr)
         .await

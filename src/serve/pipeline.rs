@@ -537,6 +537,7 @@ fn score_batch(
     let mut out = Vec::new();
     let mut engine = engine.lock().unwrap_or_else(|e| e.into_inner());
     let merchants = shared.merchants.read().unwrap_or_else(|e| e.into_inner());
+    let mut latency = shared.latency.lock().unwrap_or_else(|e| e.into_inner());
     for (msg, decoded) in batch.iter().zip(decoded) {
         let tx = match decoded {
             Ok(tx) => tx,
@@ -564,7 +565,9 @@ fn score_batch(
             m.late.inc();
         }
         let score = scorer.score(&features, false);
-        m.scoring_seconds.observe(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        m.scoring_seconds.observe(took.as_secs_f64());
+        let _ = latency.scoring_ns.record(took.as_nanos().max(1) as u64);
         m.score.observe(score.score);
         m.scored.inc();
         let version = scorer.model.model_version.as_str();
@@ -660,6 +663,10 @@ async fn deliver(
                                 .metrics
                                 .event_to_alert_seconds
                                 .observe((now - ts) as f64 / 1000.0);
+                            let mut l = shared.latency.lock().unwrap_or_else(|e| e.into_inner());
+                            let _ = l
+                                .event_to_alert_us
+                                .record(((now - ts) * 1000).max(1) as u64);
                         }
                     }
                 }
@@ -733,6 +740,9 @@ async fn rebuild(
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .create()?;
+        if upto == 0 {
+            return Ok((0, Vec::new()));
+        }
         let horizon_ms = (32 * 86_400 + cfg.allowed_lateness_secs) * 1000;
         let start = match first_ts {
             Some(ts) => {
