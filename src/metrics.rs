@@ -50,6 +50,12 @@ fn latency_buckets() -> Vec<f64> {
 
 impl Metrics {
     pub fn new() -> Metrics {
+        let m = Metrics::register_all();
+        m.touch();
+        m
+    }
+
+    fn register_all() -> Metrics {
         let r = Registry::new();
         let counter = |name: &str, help: &str| {
             register(&r, IntCounter::new(name, help).expect("valid counter"))
@@ -185,6 +191,23 @@ impl Metrics {
                 "Messages the broker delivered again at an offset already taken; skipped.",
             ),
             registry: r,
+        }
+    }
+
+    /// Creates the series of every known label value at zero, so that a
+    /// dashboard or alert over them has data before the first event.
+    fn touch(&self) {
+        for d in ["review", "block"] {
+            self.alerts.with_label_values(&[d]);
+        }
+        for r in ["empty", "oversize", "not_json", "invalid_field"] {
+            self.dead_letters.with_label_values(&[r]);
+        }
+        for r in ["ok", "error"] {
+            self.reloads.with_label_values(&[r]);
+        }
+        for o in ["applied", "too_old", "genuine", "invalid"] {
+            self.labels.with_label_values(&[o]);
         }
     }
 

@@ -306,13 +306,18 @@ impl Engine {
     /// partitions are read at different paces. Returns false for an event
     /// older than the retention.
     pub fn add_merchant_transaction(&mut self, merchant_id: &str, t: i64) -> bool {
+        self.add_merchant_transaction_keyed(key_hash(merchant_id), t)
+    }
+
+    /// [`Engine::add_merchant_transaction`] with the merchant's key hashed.
+    pub fn add_merchant_transaction_keyed(&mut self, merchant_key: u64, t: i64) -> bool {
         self.advance(t);
         let oldest_hour = self.oldest_merchant_hour();
         if t.div_euclid(HOUR) < oldest_hour {
             self.stats.too_late += 1;
             return false;
         }
-        let merchant = self.merchants.get_or_default(key_hash(merchant_id));
+        let merchant = self.merchants.get_or_default(merchant_key);
         merchant.add_transaction(t);
         merchant.expire(oldest_hour);
         self.stats.events += 1;

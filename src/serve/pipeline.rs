@@ -29,13 +29,23 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 /// Messages scored together before their acknowledgements are awaited.
-const BATCH: usize = 512;
+const BATCH: usize = 2048;
+/// Batches of a partition sent but not yet acknowledged.
+const IN_FLIGHT: usize = 16;
 /// Messages queued for one partition's task.
 const QUEUE: usize = 4096;
 
 /// The settings every client shares: brokers, then the pass-through options.
 pub fn client_config(s: &Settings) -> ClientConfig {
+    client_config_with(s, &[])
+}
+
+/// [`client_config`] over defaults that the pass-through options may change.
+pub fn client_config_with(s: &Settings, defaults: &[(&str, &str)]) -> ClientConfig {
     let mut c = ClientConfig::new();
+    for (k, v) in defaults {
+        c.set(*k, *v);
+    }
     c.set("bootstrap.servers", &s.brokers);
     for (k, v) in &s.librdkafka {
         c.set(k, v);
@@ -216,7 +226,9 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> anyhow
         events: events_tx,
         done: done.clone(),
     };
-    let mut c = client_config(s);
+    // Without new data a fetch waits this long on the broker: it bounds the
+    // latency a quiet partition adds. Overridable with -X.
+    let mut c = client_config_with(s, &[("fetch.wait.max.ms", "10")]);
     c.set("group.id", &s.group_id)
         .set("auto.offset.reset", "earliest")
         .set("statistics.interval.ms", "5000")
@@ -322,10 +334,19 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> anyhow
     .await;
     commit(&consumer, &s.input_topic, &done, CommitMode::Sync);
     let _ = tables.await;
+    let (alert_p50, alert_p99, score_p50, score_p99) = {
+        let l = shared.latency.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            l.event_to_alert_us.value_at_quantile(0.5) as f64 / 1000.0,
+            l.event_to_alert_us.value_at_quantile(0.99) as f64 / 1000.0,
+            l.scoring_ns.value_at_quantile(0.5) as f64 / 1000.0,
+            l.scoring_ns.value_at_quantile(0.99) as f64 / 1000.0,
+        )
+    };
     log(
         "INFO",
         format_args!(
-            "Kafka pipeline stopped after scoring {} transactions",
+            "Kafka pipeline stopped after scoring {} transactions; event-to-alert p50 {alert_p50:.1} ms p99 {alert_p99:.1} ms; scoring p50 {score_p50:.2} µs p99 {score_p99:.2} µs",
             shared.metrics.scored.get()
         ),
     );
@@ -441,11 +462,20 @@ async fn partition_task(p: Partition, mut rx: mpsc::Receiver<OwnedMessage>) {
     }
     gap.push(first);
     let mut batch = gap;
-    let mut stored = None;
     // Offsets only grow within a partition: one already taken is a
     // redelivery (tansu 0.6 sends a partition's last batch again after a
     // fetch resumed inside a batch) and must not reach the card state twice.
     let mut taken = batch.last().map_or(-1, |m| m.offset());
+    let (to_acker, batches) = mpsc::channel(IN_FLIGHT);
+    let acker = tokio::spawn(acker(
+        shared.clone(),
+        producer.clone(),
+        partition,
+        engine.clone(),
+        done,
+        stop.clone(),
+        batches,
+    ));
     loop {
         while batch.len() < BATCH {
             match rx.try_recv() {
@@ -462,28 +492,17 @@ async fn partition_task(p: Partition, mut rx: mpsc::Receiver<OwnedMessage>) {
                 .iter()
                 .filter_map(|d| d.as_ref().ok().map(|tx| tx.time.utc))
                 .max();
-            if let Some(t) = newest {
-                wait_for_table(&shared, t).await;
+            if let (Some(t), Some(last)) = (newest, batch.last()) {
+                wait_for_table(&shared, partition, last.offset(), t).await;
             }
             let scorer = shared.scorer();
             let out = score_batch(&shared, &scorer, &engine, &batch, decoded);
-            if !deliver(&shared, &producer, out, &stop).await {
+            let pending = send_all(&producer, out).await;
+            let last = batch.last().map_or(0, |m| m.offset());
+            if to_acker.send((last, pending)).await.is_err() {
+                // The acker stopped: delivery gave up at shutdown.
                 break;
             }
-            let last = batch.last().map_or(0, |m| m.offset());
-            // A revoked partition's progress is no longer ours to commit.
-            let ours = shared
-                .partitions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&partition)
-                .is_some_and(|e| Arc::ptr_eq(e, &engine));
-            if ours {
-                done.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(partition, last);
-            }
-            stored = Some(last);
         }
         batch.clear();
         match rx.recv().await {
@@ -491,6 +510,8 @@ async fn partition_task(p: Partition, mut rx: mpsc::Receiver<OwnedMessage>) {
             None => break,
         }
     }
+    drop(to_acker);
+    let stored = acker.await.ok().flatten();
     log(
         "INFO",
         format_args!("partition {partition}: stopped; last offset done {stored:?}"),
@@ -501,18 +522,18 @@ async fn partition_task(p: Partition, mut rx: mpsc::Receiver<OwnedMessage>) {
 /// event time; a partition that stalls must not stall the others for long.
 const TABLE_WAIT: Duration = Duration::from_secs(5);
 
-/// Waits until the merchant table holds every transaction before `t` from
-/// every partition, so merchant features do not depend on which reader ran
-/// ahead. Partitions read to their end count as done.
-async fn wait_for_table(shared: &Shared, t: i64) {
+/// Waits until the merchant table holds this partition's transactions
+/// through `offset` and every other partition's before `t`, so merchant
+/// features do not depend on which reader ran ahead.
+async fn wait_for_table(shared: &Shared, partition: i32, offset: i64, t: i64) {
     let clock = &shared.table_clock;
-    if clock.low() >= t {
+    if clock.holds(partition, offset, t) {
         return;
     }
     let deadline = Instant::now() + TABLE_WAIT;
     loop {
         let moved = clock.moved.notified();
-        if clock.low() >= t {
+        if clock.holds(partition, offset, t) {
             return;
         }
         if Instant::now() >= deadline {
@@ -626,48 +647,42 @@ fn send(
     producer.send_result(record).map_err(|(e, _)| e)
 }
 
-/// Produces every message and waits for the broker to acknowledge each,
-/// sending again what failed. False if stopped before all were acknowledged.
-async fn deliver(
-    shared: &Shared,
-    producer: &FutureProducer,
-    out: Vec<Outgoing>,
-    stop: &watch::Receiver<bool>,
-) -> bool {
-    let mut todo = out;
-    let mut backoff = Duration::from_millis(100);
-    while !todo.is_empty() {
-        let mut pending = Vec::with_capacity(todo.len());
-        for o in todo {
-            loop {
-                match send(producer, &o) {
-                    Ok(f) => {
-                        pending.push((o, f));
-                        break;
-                    }
-                    // The local queue is full: let deliveries drain it.
-                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+type Pending = Vec<(Outgoing, DeliveryFuture)>;
+
+/// Hands every message to the producer; waits only while its queue is full.
+async fn send_all(producer: &FutureProducer, out: Vec<Outgoing>) -> Pending {
+    let mut pending = Vec::with_capacity(out.len());
+    for o in out {
+        loop {
+            match send(producer, &o) {
+                Ok(f) => {
+                    pending.push((o, f));
+                    break;
                 }
+                // The local queue is full: let deliveries drain it.
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
             }
         }
+    }
+    pending
+}
+
+/// Waits for the broker to acknowledge every message, sending again what
+/// failed. False if stopped before all were acknowledged.
+async fn settle(
+    shared: &Shared,
+    producer: &FutureProducer,
+    mut pending: Pending,
+    stop: &watch::Receiver<bool>,
+) -> bool {
+    let mut backoff = Duration::from_millis(100);
+    loop {
         let mut failed = Vec::new();
         for (o, f) in pending {
             match f.await {
                 Ok(Ok(_)) => {
                     if let Some(ts) = o.alert_of {
-                        let now = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map_or(0, |d| d.as_millis() as i64);
-                        if now >= ts {
-                            shared
-                                .metrics
-                                .event_to_alert_seconds
-                                .observe((now - ts) as f64 / 1000.0);
-                            let mut l = shared.latency.lock().unwrap_or_else(|e| e.into_inner());
-                            let _ = l
-                                .event_to_alert_us
-                                .record(((now - ts) * 1000).max(1) as u64);
-                        }
+                        record_alert_latency(shared, ts);
                     }
                 }
                 Ok(Err((e, _))) => {
@@ -677,17 +692,66 @@ async fn deliver(
                 Err(_) => failed.push(o),
             }
         }
-        if !failed.is_empty() {
-            shared.metrics.delivery_retries.inc_by(failed.len() as u64);
-            if *stop.borrow() {
-                return false;
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+        if failed.is_empty() {
+            return true;
         }
-        todo = failed;
+        shared.metrics.delivery_retries.inc_by(failed.len() as u64);
+        if *stop.borrow() {
+            return false;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        pending = send_all(producer, failed).await;
     }
-    true
+}
+
+fn record_alert_latency(shared: &Shared, record_ts: i64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    if now >= record_ts {
+        let ms = now - record_ts;
+        shared
+            .metrics
+            .event_to_alert_seconds
+            .observe(ms as f64 / 1000.0);
+        let mut l = shared.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = l.event_to_alert_us.record((ms * 1000).max(1) as u64);
+    }
+}
+
+/// Settles a partition's batches in order and marks each one's last offset
+/// done once all its messages are acknowledged, while the partition task
+/// goes on scoring: a batch does not wait for the previous one's round trip.
+async fn acker(
+    shared: Arc<Shared>,
+    producer: FutureProducer,
+    partition: i32,
+    engine: CardEngine,
+    done: Done,
+    stop: watch::Receiver<bool>,
+    mut batches: mpsc::Receiver<(i64, Pending)>,
+) -> Option<i64> {
+    let mut stored = None;
+    while let Some((last, pending)) = batches.recv().await {
+        if !settle(&shared, &producer, pending, &stop).await {
+            break;
+        }
+        // A revoked partition's progress is no longer ours to commit.
+        let ours = shared
+            .partitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&partition)
+            .is_some_and(|e| Arc::ptr_eq(e, &engine));
+        if ours {
+            done.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(partition, last);
+        }
+        stored = Some(last);
+    }
+    stored
 }
 
 /// Rebuilds a newly assigned partition's card state from its history: the

@@ -6,14 +6,14 @@
 //! merchant's 1-hour count can differ from a single ordered pass, by the
 //! transactions the reader has not reached or has already read ahead.
 
-use super::pipeline::client_config;
+use super::pipeline::client_config_with;
 use super::{Shared, log};
 use crate::features::store::key_hash;
 use crate::features::{Engine, FeatureConfig, Features, TooLate};
 use crate::ingest::Transaction;
 use crate::ingest::time::parse_timestamp;
 use rdkafka::Message;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -58,12 +58,16 @@ impl MerchantTable {
     }
 
     pub fn add(&mut self, merchant_id: &str, t: i64) {
-        if !self.engine.add_merchant_transaction(merchant_id, t) {
+        self.add_keyed(key_hash(merchant_id), t);
+    }
+
+    pub fn add_keyed(&mut self, merchant_key: u64, t: i64) {
+        if !self.engine.add_merchant_transaction_keyed(merchant_key, t) {
             return;
         }
         self.newest = self.newest.max(t);
         let horizon = self.horizon();
-        let q = self.recent.entry(key_hash(merchant_id)).or_default();
+        let q = self.recent.entry(merchant_key).or_default();
         q.push_back(t as u32);
         while q.len() > RECENT_CAP || q.front().is_some_and(|&f| (f as i64) < horizon) {
             q.pop_front();
@@ -210,35 +214,52 @@ pub fn read_label(bytes: &[u8], label_delay_secs: i64) -> Result<Option<(String,
 #[derive(Default)]
 pub struct TableClock {
     /// Partition → (newest event time read, at the end of the partition).
-    parts: std::sync::Mutex<HashMap<i32, (i64, bool)>>,
+    parts: std::sync::Mutex<HashMap<i32, Read>>,
     input_caught_up: AtomicBool,
     labels_caught_up: AtomicBool,
     pub moved: tokio::sync::Notify,
 }
 
+/// A partition as the table has read it.
+#[derive(Clone, Copy)]
+struct Read {
+    newest: i64,
+    at_end: bool,
+    /// The offset after the last message read.
+    next: i64,
+}
+
 impl TableClock {
-    /// The event time up to which the table holds every transaction, as
-    /// far as partitions in time order tell: the oldest partition's newest
-    /// time, not counting partitions read to their end.
-    pub fn low(&self) -> i64 {
+    /// Whether the table holds every transaction of `partition` through
+    /// `offset`, and, as far as partitions in time order tell, every
+    /// transaction of the others before `t` (a partition read to its end
+    /// counts as done).
+    pub fn holds(&self, partition: i32, offset: i64, t: i64) -> bool {
         let parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
         if parts.is_empty() {
-            return i64::MIN;
+            return false;
         }
-        parts
-            .values()
-            .map(|&(t, at_end)| if at_end { i64::MAX } else { t })
-            .min()
-            .unwrap_or(i64::MIN)
+        parts.iter().all(|(&p, r)| {
+            if p == partition {
+                r.next > offset
+            } else {
+                r.at_end || r.newest >= t
+            }
+        })
     }
 
-    fn read(&self, partition: i32, t: Option<i64>) {
+    fn read(&self, partition: i32, t: Option<i64>, next: i64) {
         let mut parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
-        let e = parts.entry(partition).or_insert((i64::MIN, false));
+        let e = parts.entry(partition).or_insert(Read {
+            newest: i64::MIN,
+            at_end: false,
+            next: 0,
+        });
         if let Some(t) = t {
-            e.0 = e.0.max(t);
+            e.newest = e.newest.max(t);
         }
-        e.1 = false;
+        e.next = e.next.max(next);
+        e.at_end = false;
     }
 
     fn at_end(&self, partition: i32) {
@@ -246,12 +267,16 @@ impl TableClock {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(partition)
-            .or_insert((i64::MIN, false))
-            .1 = true;
+            .or_insert(Read {
+                newest: i64::MIN,
+                at_end: false,
+                next: 0,
+            })
+            .at_end = true;
     }
 }
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Debug)]
 enum Feed {
     Transactions,
     Labels,
@@ -267,19 +292,20 @@ pub async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
     let _ = labels.await;
 }
 
+/// Messages a reader takes before applying them under one lock.
+const READ_BATCH: usize = 4096;
+
 async fn read_feed(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, feed: Feed) {
     let s = &shared.settings;
     let (topic, suffix) = match feed {
         Feed::Transactions => (s.input_topic.clone(), "merchants"),
         Feed::Labels => (s.label_topic.clone(), "labels"),
     };
-    let consumer: StreamConsumer = match client_config(s)
+    let consumer: BaseConsumer = match client_config_with(s, &[("fetch.wait.max.ms", "10")])
         .set("group.id", format!("{}-{suffix}", s.group_id))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "true")
-        // The partition tasks wait on this reader: fetch without lingering.
-        .set("fetch.wait.max.ms", "20")
         .create()
     {
         Ok(c) => c,
@@ -321,11 +347,37 @@ async fn read_feed(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, feed: F
         log("ERROR", format_args!("{topic} reader assignment: {e}"));
         return;
     }
+    // Polling on a thread of its own, a batch at a time: the reader sees
+    // every message of the topic, as many as all partition tasks together.
+    let _ =
+        tokio::task::spawn_blocking(move || read_loop(&shared, &stop, feed, &consumer, partitions))
+            .await;
+}
+
+fn read_loop(
+    shared: &Shared,
+    stop: &watch::Receiver<bool>,
+    feed: Feed,
+    consumer: &BaseConsumer,
+    partitions: Vec<(i32, i64)>,
+) {
     let clock = &shared.table_clock;
+    if feed == Feed::Transactions {
+        // Every partition holds the clock back until read, not only those
+        // that have delivered something yet.
+        for (p, high) in &partitions {
+            if *high > 0 {
+                clock.read(*p, None, 0);
+            } else {
+                clock.at_end(*p);
+            }
+        }
+    }
     // Caught up: each partition read to its end once, or to the end it had
     // when this reader started, for a topic that keeps growing.
-    let mut unread: HashMap<i32, i64> = partitions.iter().copied().collect();
-    let caught_up = |feed: Feed| {
+    let mut unread: HashMap<i32, i64> = partitions.into_iter().collect();
+    unread.retain(|_, high| *high > 0);
+    let caught_up = || {
         let flag = match feed {
             Feed::Transactions => &clock.input_caught_up,
             Feed::Labels => &clock.labels_caught_up,
@@ -338,72 +390,91 @@ async fn read_feed(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, feed: F
             log("INFO", "merchant table caught up");
         }
     };
-    unread.retain(|_, high| *high > 0);
     if unread.is_empty() {
-        caught_up(feed);
+        caught_up();
     }
     let delay = shared.feature_config().label_delay_secs;
+    let mut events: Vec<(u64, i64)> = Vec::with_capacity(READ_BATCH);
+    // Per partition: the newest event time read, or None for "at the end".
+    // Per partition: the newest event time and next offset, or None for "at the end".
+    let mut progress: HashMap<i32, Option<(i64, i64)>> = HashMap::new();
     let mut read = 0u64;
-    loop {
-        let msg = tokio::select! {
-            _ = stop.changed() => return,
-            m = consumer.recv() => m,
-        };
-        let msg = match msg {
-            Ok(m) => m,
-            Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
-                if feed == Feed::Transactions {
-                    clock.at_end(p);
-                    clock.moved.notify_waiters();
+    while !*stop.borrow() {
+        let mut wait = Duration::from_millis(100);
+        let mut taken = 0;
+        while taken < READ_BATCH {
+            let Some(r) = consumer.poll(wait) else {
+                break;
+            };
+            wait = Duration::ZERO;
+            taken += 1;
+            let msg = match r {
+                Ok(m) => m,
+                Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
+                    progress.insert(p, None);
+                    if unread.remove(&p).is_some() && unread.is_empty() {
+                        caught_up();
+                    }
+                    continue;
                 }
-                if unread.remove(&p).is_some() && unread.is_empty() {
-                    caught_up(feed);
+                Err(e) => {
+                    log("WARN", format_args!("{feed:?} reader: {e}"));
+                    std::thread::sleep(Duration::from_millis(200));
+                    break;
                 }
-                continue;
-            }
-            Err(e) => {
-                log("WARN", format_args!("{topic} reader: {e}"));
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        let bytes = msg.payload().unwrap_or_default();
-        match feed {
-            Feed::Transactions => {
-                // Invalid transactions are dead-lettered by the partition tasks.
-                let event = serde_json::from_slice::<MerchantEvent>(bytes)
-                    .ok()
-                    .and_then(|ev| {
-                        Some((
-                            ev.merchant_id.to_key().into_owned(),
-                            parse_timestamp(ev.timestamp.as_bytes())?.utc,
-                        ))
-                    });
-                if let Some((merchant, t)) = &event {
-                    shared
-                        .merchants
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .add(merchant, *t);
+            };
+            let bytes = msg.payload().unwrap_or_default();
+            let p = msg.partition();
+            match feed {
+                Feed::Transactions => {
+                    // Invalid transactions are dead-lettered by the partition tasks.
+                    let event = serde_json::from_slice::<MerchantEvent>(bytes)
+                        .ok()
+                        .and_then(|ev| {
+                            let t = parse_timestamp(ev.timestamp.as_bytes())?.utc;
+                            Some((key_hash(&ev.merchant_id.to_key()), t))
+                        });
+                    let entry = progress.entry(p).or_insert(Some((i64::MIN, 0)));
+                    let (before, _) = entry.unwrap_or((i64::MIN, 0));
+                    let newest = match event {
+                        Some((key, t)) => {
+                            events.push((key, t));
+                            before.max(t)
+                        }
+                        None => before,
+                    };
+                    *entry = Some((newest, msg.offset() + 1));
                 }
-                clock.read(msg.partition(), event.map(|e| e.1));
-                clock.moved.notify_waiters();
+                Feed::Labels => apply_label(shared, bytes, delay),
             }
-            Feed::Labels => apply_label(&shared, bytes, delay),
+            if unread.get(&p).is_some_and(|&high| msg.offset() + 1 >= high) {
+                unread.remove(&p);
+                if unread.is_empty() {
+                    caught_up();
+                }
+            }
         }
-        if unread
-            .get(&msg.partition())
-            .is_some_and(|&high| msg.offset() + 1 >= high)
-        {
-            unread.remove(&msg.partition());
-            if unread.is_empty() {
-                caught_up(feed);
+        if feed != Feed::Transactions || taken == 0 {
+            continue;
+        }
+        if !events.is_empty() {
+            let mut table = shared.merchants.write().unwrap_or_else(|e| e.into_inner());
+            for (key, t) in events.drain(..) {
+                table.add_keyed(key, t);
             }
         }
-        read += 1;
-        if feed == Feed::Transactions && read.is_multiple_of(4096) {
+        for (p, newest) in progress.drain() {
+            match newest {
+                Some((t, next)) => clock.read(p, (t != i64::MIN).then_some(t), next),
+                None => clock.at_end(p),
+            }
+        }
+        clock.moved.notify_waiters();
+        read += taken as u64;
+        if read >= 4096 {
+            read = 0;
             // Read before taking the table's lock: tasks lock their engine, then the table.
-            let low = scoring_low(&shared);
+            let low = scoring_low(shared);
             shared
                 .merchants
                 .write()
@@ -446,7 +517,7 @@ fn apply_label(shared: &Shared, bytes: &[u8], delay: i64) {
 
 /// The partitions of a topic with their high watermarks; an error if the
 /// topic does not exist.
-fn topic_partitions(consumer: &StreamConsumer, topic: &str) -> anyhow::Result<Vec<(i32, i64)>> {
+fn topic_partitions(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<(i32, i64)>> {
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
     let t = md
         .topics()
