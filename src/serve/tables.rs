@@ -396,8 +396,9 @@ fn read_loop(
     let delay = shared.feature_config().label_delay_secs;
     let mut events: Vec<(u64, i64)> = Vec::with_capacity(READ_BATCH);
     // Per partition: the newest event time read, or None for "at the end".
-    // Per partition: the newest event time and next offset, or None for "at the end".
-    let mut progress: HashMap<i32, Option<(i64, i64)>> = HashMap::new();
+    // Per partition: the newest event time, the next offset, and whether
+    // the batch ended at the partition's end.
+    let mut progress: HashMap<i32, (i64, i64, bool)> = HashMap::new();
     let mut read = 0u64;
     while !*stop.borrow() {
         let mut wait = Duration::from_millis(100);
@@ -411,7 +412,7 @@ fn read_loop(
             let msg = match r {
                 Ok(m) => m,
                 Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
-                    progress.insert(p, None);
+                    progress.entry(p).or_insert((i64::MIN, 0, true)).2 = true;
                     if unread.remove(&p).is_some() && unread.is_empty() {
                         caught_up();
                     }
@@ -434,16 +435,13 @@ fn read_loop(
                             let t = parse_timestamp(ev.timestamp.as_bytes())?.utc;
                             Some((key_hash(&ev.merchant_id.to_key()), t))
                         });
-                    let entry = progress.entry(p).or_insert(Some((i64::MIN, 0)));
-                    let (before, _) = entry.unwrap_or((i64::MIN, 0));
-                    let newest = match event {
-                        Some((key, t)) => {
-                            events.push((key, t));
-                            before.max(t)
-                        }
-                        None => before,
-                    };
-                    *entry = Some((newest, msg.offset() + 1));
+                    let entry = progress.entry(p).or_insert((i64::MIN, 0, false));
+                    if let Some((key, t)) = event {
+                        events.push((key, t));
+                        entry.0 = entry.0.max(t);
+                    }
+                    entry.1 = msg.offset() + 1;
+                    entry.2 = false;
                 }
                 Feed::Labels => apply_label(shared, bytes, delay),
             }
@@ -463,10 +461,10 @@ fn read_loop(
                 table.add_keyed(key, t);
             }
         }
-        for (p, newest) in progress.drain() {
-            match newest {
-                Some((t, next)) => clock.read(p, (t != i64::MIN).then_some(t), next),
-                None => clock.at_end(p),
+        for (p, (t, next, at_end)) in progress.drain() {
+            clock.read(p, (t != i64::MIN).then_some(t), next);
+            if at_end {
+                clock.at_end(p);
             }
         }
         clock.moved.notify_waiters();
