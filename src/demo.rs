@@ -8,6 +8,7 @@ use clap::Args;
 use peregrine::config::Settings;
 use peregrine::features::N_FEATURES;
 use peregrine::ingest::Transaction;
+use peregrine::serve::pipeline::DeadReason;
 use peregrine::serve::{self, Shared};
 use peregrine::sim::{SimConfig, Simulation};
 use rdkafka::ClientConfig;
@@ -189,9 +190,9 @@ pub fn run(a: DemoArgs, _progress: bool) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(250));
         let mt = &shared.metrics;
         let scored = mt.scored.get();
-        let dead: u64 = ["not_json", "invalid_field", "oversize", "empty"]
+        let dead: u64 = DeadReason::ALL
             .iter()
-            .map(|r| mt.dead_letters.with_label_values(&[r]).get())
+            .map(|r| mt.dead_letters.with_label_values(&[r.as_str()]).get())
             .sum();
         let (review, block) = (
             mt.alerts.with_label_values(&["review"]).get(),

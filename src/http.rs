@@ -128,28 +128,36 @@ fn score_body(tx: &Transaction, features: &Features, score: &Score, scorer: &Sco
     })
 }
 
+/// The `update` flag and the JSON body of a scoring request.
+fn scoring_request(
+    query: Result<Query<ScoreQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(bool, Value), Box<Response>> {
+    let Query(q) = query.map_err(|e| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            e.body_text(),
+            Some("update"),
+        ))
+    })?;
+    let body = body.map_err(|e| Box::new(body_error(e)))?;
+    Ok((q.update, parse_json(&body)?))
+}
+
 async fn score(
     State(shared): State<AppState>,
     query: Result<Query<ScoreQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let Query(q) = match query {
-        Ok(q) => q,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text(), Some("update")),
-    };
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => return body_error(e),
-    };
-    let v = match parse_json(&body) {
-        Ok(v) => v,
+    let (update, v) = match scoring_request(query, body) {
+        Ok(r) => r,
         Err(r) => return *r,
     };
     let tx = match to_transaction(&v) {
         Ok(tx) => tx,
         Err((msg, field)) => return error(StatusCode::UNPROCESSABLE_ENTITY, msg, Some(field)),
     };
-    let (features, score, scorer) = shared.score(&tx, q.update);
+    let (features, score, scorer) = shared.score(&tx, update);
     axum::Json(score_body(&tx, &features, &score, &scorer)).into_response()
 }
 
@@ -159,16 +167,8 @@ async fn score_batch(
     query: Result<Query<ScoreQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let Query(q) = match query {
-        Ok(q) => q,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text(), Some("update")),
-    };
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => return body_error(e),
-    };
-    let v = match parse_json(&body) {
-        Ok(v) => v,
+    let (update, v) = match scoring_request(query, body) {
+        Ok(r) => r,
         Err(r) => return *r,
     };
     let items = match &v {
@@ -207,12 +207,11 @@ async fn score_batch(
         match to_transaction(item) {
             Ok(tx) => txs.push(tx),
             Err((msg, field)) => {
-                let mut r = json!({
+                let r = json!({
                     "error": format!("transaction {i}: {msg}"),
                     "field": field,
                     "index": i,
                 });
-                r["index"] = i.into();
                 return (StatusCode::UNPROCESSABLE_ENTITY, axum::Json(r)).into_response();
             }
         }
@@ -220,7 +219,7 @@ async fn score_batch(
     let results: Vec<Value> = txs
         .iter()
         .map(|tx| {
-            let (f, s, scorer) = shared.score(tx, q.update);
+            let (f, s, scorer) = shared.score(tx, update);
             score_body(tx, &f, &s, &scorer)
         })
         .collect();

@@ -419,6 +419,14 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
+/// The transaction ids of a topic's messages.
+fn transaction_ids_of(msgs: &[Value]) -> BTreeSet<String> {
+    payloads(msgs)
+        .iter()
+        .map(|p| p["transaction_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
 fn payloads(msgs: &[Value]) -> Vec<&Value> {
     msgs.iter().map(|m| &m["payload"]).collect()
 }
@@ -610,10 +618,7 @@ fn poison_messages_are_dead_lettered_and_the_rest_scored() {
     // The original bytes, unchanged.
     assert!(dead.iter().any(|d| d["payload"] == "this is not json"));
     let scores = read_topic(&n.scores, valid as usize, Duration::from_secs(30));
-    let ids: BTreeSet<String> = payloads(&scores)
-        .iter()
-        .map(|p| p["transaction_id"].as_str().unwrap().to_string())
-        .collect();
+    let ids: BTreeSet<String> = transaction_ids_of(&scores);
     assert_eq!(ids, (0..valid).map(|i| format!("g{i}")).collect());
     assert_eq!(
         svc.metric("peregrine_dead_letters_total") as usize,
@@ -645,10 +650,7 @@ fn sigterm_then_restart_loses_nothing() {
     assert_eq!(status.code(), Some(0), "a clean exit after SIGTERM");
     let second = Service::start(&n, "second", &[], &[]);
     let scores = read_topic(&n.scores, ids.len(), Duration::from_secs(120));
-    let scored: BTreeSet<String> = payloads(&scores)
-        .iter()
-        .map(|p| p["transaction_id"].as_str().unwrap().to_string())
-        .collect();
+    let scored: BTreeSet<String> = transaction_ids_of(&scores);
     assert_eq!(scored.len(), ids.len(), "every transaction scored");
     assert_eq!(scored, ids);
     assert!(

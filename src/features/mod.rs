@@ -212,6 +212,17 @@ impl Engine {
         Ok(())
     }
 
+    /// Lets an event in: refused if too late, else event time moves on.
+    #[inline]
+    fn admit(&mut self, t: i64) -> Result<(), TooLate> {
+        if let Err(e) = self.check_late(t) {
+            self.stats.too_late += 1;
+            return Err(e);
+        }
+        self.advance(t);
+        Ok(())
+    }
+
     /// Starts loading the state of these keys; see [`store::prefetch`].
     pub fn prefetch(&self, keys: Keys) {
         if let Some(c) = self.cards.get(keys.card) {
@@ -239,11 +250,7 @@ impl Engine {
     /// [`Engine::process`] with the keys already hashed.
     pub fn process_keyed(&mut self, tx: &Transaction, keys: Keys) -> Result<Features, TooLate> {
         let t = tx.time.utc;
-        if let Err(e) = self.check_late(t) {
-            self.stats.too_late += 1;
-            return Err(e);
-        }
-        self.advance(t);
+        self.admit(t)?;
         let cfg = self.cfg;
         let oldest_hour = self.oldest_merchant_hour();
         let merchant_key = keys.merchant;
@@ -275,12 +282,7 @@ impl Engine {
         merchants: &Engine,
     ) -> Result<Features, TooLate> {
         let keys = Keys::of(tx);
-        let t = tx.time.utc;
-        if let Err(e) = self.check_late(t) {
-            self.stats.too_late += 1;
-            return Err(e);
-        }
-        self.advance(t);
+        self.admit(tx.time.utc)?;
         let cfg = self.cfg;
         let card = self.cards.get_or_default(keys.card);
         let merchant = merchants.merchants.get(keys.merchant);
@@ -305,12 +307,7 @@ impl Engine {
     /// of the service. Any arrival order is fine within the retention, since
     /// partitions are read at different paces. Returns false for an event
     /// older than the retention.
-    pub fn add_merchant_transaction(&mut self, merchant_id: &str, t: i64) -> bool {
-        self.add_merchant_transaction_keyed(key_hash(merchant_id), t)
-    }
-
-    /// [`Engine::add_merchant_transaction`] with the merchant's key hashed.
-    pub fn add_merchant_transaction_keyed(&mut self, merchant_key: u64, t: i64) -> bool {
+    pub fn add_merchant_transaction(&mut self, merchant_key: u64, t: i64) -> bool {
         self.advance(t);
         let oldest_hour = self.oldest_merchant_hour();
         if t.div_euclid(HOUR) < oldest_hour {

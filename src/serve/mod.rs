@@ -51,7 +51,6 @@ pub struct Shared {
     pub table_clock: tables::TableClock,
     /// Exact in-process quantiles for logs, the demo and benchmarks.
     pub latency: Mutex<Latencies>,
-    pub started: Instant,
 }
 
 pub struct Latencies {
@@ -96,7 +95,6 @@ impl Shared {
             tables_ready: AtomicBool::new(!kafka),
             table_clock: tables::TableClock::default(),
             latency: Mutex::new(Latencies::default()),
-            started: Instant::now(),
         })
     }
 
@@ -388,9 +386,9 @@ async fn status_lines(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             "INFO",
             format_args!(
                 "scored {scored} ({rate:.0}/s), alerts {alerts}, dead-lettered {}, partitions {}, ready {}{}",
-                ["oversize", "not_json", "invalid_field", "empty"]
+                pipeline::DeadReason::ALL
                     .iter()
-                    .map(|r| m.dead_letters.with_label_values(&[r]).get())
+                    .map(|r| m.dead_letters.with_label_values(&[r.as_str()]).get())
                     .sum::<u64>(),
                 m.partitions.get(),
                 r.ready,

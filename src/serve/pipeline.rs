@@ -754,10 +754,7 @@ async fn acker(
     stored
 }
 
-/// Rebuilds a newly assigned partition's card state from its history: the
-/// records from one feature horizon before the first record to score, up to
-/// it. Record timestamps locate the start (`offsets_for_times`); with the
-/// producer's clock near event time, that covers every window.
+/// The group's committed offset of a partition, if any.
 async fn committed_offset(
     consumer: &Arc<GroupConsumer>,
     topic: &str,
@@ -781,9 +778,11 @@ async fn committed_offset(
     .flatten()
 }
 
-/// Reads a partition's history before `upto`. Records before `score_from`
-/// rebuild the card state (when rebuilding is on); records from it on are
-/// returned, to be scored.
+/// Reads a partition's history before `upto`, from one feature horizon
+/// before the first record to score, located on record timestamps with
+/// `offsets_for_times` (with the producer's clock near event time, that
+/// covers every window). Records before `score_from` rebuild the card state
+/// (when rebuilding is on); records from it on are returned, to be scored.
 async fn rebuild(
     shared: &Arc<Shared>,
     partition: i32,

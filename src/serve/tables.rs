@@ -57,12 +57,8 @@ impl MerchantTable {
         }
     }
 
-    pub fn add(&mut self, merchant_id: &str, t: i64) {
-        self.add_keyed(key_hash(merchant_id), t);
-    }
-
-    pub fn add_keyed(&mut self, merchant_key: u64, t: i64) {
-        if !self.engine.add_merchant_transaction_keyed(merchant_key, t) {
+    pub fn add(&mut self, merchant_key: u64, t: i64) {
+        if !self.engine.add_merchant_transaction(merchant_key, t) {
             return;
         }
         self.newest = self.newest.max(t);
@@ -458,7 +454,7 @@ fn read_loop(
         if !events.is_empty() {
             let mut table = shared.merchants.write().unwrap_or_else(|e| e.into_inner());
             for (key, t) in events.drain(..) {
-                table.add_keyed(key, t);
+                table.add(key, t);
             }
         }
         for (p, (t, next, at_end)) in progress.drain() {
@@ -563,12 +559,12 @@ mod tests {
         for (i, &t) in times.iter().enumerate() {
             let mut e = Engine::new(cfg);
             expected.push(ordered.features(&mut e, &tx(i), false).0);
-            ordered.add("m", t);
+            ordered.add(key_hash("m"), t);
         }
         // Everything read first, as after a catch-up.
         let mut ahead = MerchantTable::new(cfg);
         for &t in times.iter().rev() {
-            ahead.add("m", t);
+            ahead.add(key_hash("m"), t);
         }
         for (i, want) in expected.iter().enumerate() {
             let mut e = Engine::new(cfg);
