@@ -127,6 +127,9 @@ pub fn stream_batches(
                     *k = Keys::of(tx);
                     engine.prefetch(*k);
                 }
+                for k in &keys[..end - start] {
+                    engine.prefetch_history(*k);
+                }
                 let txs = &batch.txs[start..end];
                 for ((tx, out), k) in txs.iter().zip(&mut batch.features[start..end]).zip(&keys) {
                     *out = match engine.process_keyed(tx, *k) {

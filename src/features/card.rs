@@ -96,8 +96,7 @@ impl CardState {
         self.newest_day
     }
 
-    pub fn prefetch(&self) {
-        super::store::prefetch(self, std::mem::size_of::<Self>());
+    pub fn prefetch_history(&self) {
         super::store::prefetch(
             self.recent.as_ptr(),
             self.recent.len() * std::mem::size_of::<Recent>(),

@@ -68,7 +68,7 @@ impl MerchantState {
     }
 
     /// Starts loading the newest panes, the ones an event's windows read.
-    pub fn prefetch(&self) {
+    pub fn prefetch_history(&self) {
         let (a, b) = self.panes.as_slices();
         let keep = 48usize;
         let tail_b = b.len().min(keep);

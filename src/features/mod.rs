@@ -224,12 +224,25 @@ impl Engine {
     }
 
     /// Starts loading the state of these keys; see [`store::prefetch`].
+    /// First call it for a run of events, then [`Engine::prefetch_history`]
+    /// for the same run: the history's address is in the state, so asking
+    /// for both at once would wait for each state in turn.
     pub fn prefetch(&self, keys: Keys) {
         if let Some(c) = self.cards.get(keys.card) {
-            c.prefetch();
+            store::prefetch(c, std::mem::size_of_val(c));
         }
         if let Some(m) = self.merchants.get(keys.merchant) {
-            m.prefetch();
+            store::prefetch(m, std::mem::size_of_val(m));
+        }
+    }
+
+    /// Starts loading the history the state of these keys points to.
+    pub fn prefetch_history(&self, keys: Keys) {
+        if let Some(c) = self.cards.get(keys.card) {
+            c.prefetch_history();
+        }
+        if let Some(m) = self.merchants.get(keys.merchant) {
+            m.prefetch_history();
         }
     }
 

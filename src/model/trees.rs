@@ -582,20 +582,29 @@ mod tests {
 
 /// Trees laid out for scoring: each tree as a complete binary tree of fixed
 /// depth (a leaf above that depth is padded with always-left nodes), so a
-/// walk is `depth` branch-free steps, and four trees walk side by side.
+/// walk is `depth` branch-free steps, and eight trees walk side by side.
+///
+/// Each group of eight trees is stored as one heap: the trees' roots are
+/// the eight nodes of the heap's fourth level, so every node's children,
+/// in every tree, are at `2a + 1` and `2a + 2`. A step is then a load, a
+/// compare and one address computation, with nothing else to keep per walk.
 #[derive(Debug, Clone, Default)]
 pub struct Compiled {
     depth: u32,
-    trees: usize,
-    /// Per tree, `2^depth − 1` nodes as (threshold, feature).
+    /// Per group, `2^(3 + depth)` slots as (threshold, feature); the top
+    /// seven and the last are unused.
     nodes: Vec<(f32, u32)>,
-    /// Per tree, `2^depth` leaf values.
+    /// Per group, `2^(3 + depth)` leaf values, tree by tree.
     leaves: Vec<f32>,
     max_feature: usize,
 }
 
 /// Deeper trees pad to too many nodes; they keep the pointer walk.
 pub const MAX_COMPILED_DEPTH: u32 = 8;
+/// Trees walked side by side: eight independent walks in flight hide the
+/// latency of each step.
+const GROUP_LOG: u32 = 3;
+const GROUP: usize = 1 << GROUP_LOG;
 
 impl Tree {
     pub fn depth(&self) -> u32 {
@@ -608,6 +617,33 @@ impl Tree {
         }
         if self.is_empty() { 0 } else { go(self, 0) }
     }
+
+    /// The tree as a complete binary tree of `depth` levels, in level order:
+    /// `2^depth − 1` nodes as (threshold, feature) and `2^depth` leaf values.
+    fn complete(&self, depth: u32) -> (Vec<(f32, u32)>, Vec<f32>) {
+        let inner = (1usize << depth) - 1;
+        let mut nodes = vec![(f32::INFINITY, 0u32); inner];
+        let mut leaves = vec![0.0f32; inner + 1];
+        // (complete-tree slot, source node, level)
+        let mut stack = vec![(0usize, 0usize, 0u32)];
+        while let Some((slot, src, level)) = stack.pop() {
+            if level == depth {
+                leaves[slot - inner] = self.value[src];
+                continue;
+            }
+            if self.feature[src] == LEAF {
+                // Padding: always go left, and give every leaf below the value.
+                let first = ((slot + 1) << (depth - level)) - 1 - inner;
+                let n = 1usize << (depth - level);
+                leaves[first..first + n].fill(self.value[src]);
+                continue;
+            }
+            nodes[slot] = (self.threshold[src], self.feature[src] as u32);
+            stack.push((2 * slot + 1, self.left[src] as usize, level + 1));
+            stack.push((2 * slot + 2, self.right[src] as usize, level + 1));
+        }
+        (nodes, leaves)
+    }
 }
 
 impl Compiled {
@@ -616,40 +652,30 @@ impl Compiled {
         if depth > MAX_COMPILED_DEPTH {
             return None;
         }
-        let inner = (1usize << depth) - 1;
+        let heap = 1usize << (GROUP_LOG + depth);
+        let groups = trees.len().div_ceil(GROUP);
+        // Missing trees of the last group stay always-left with leaves of 0.
         let mut c = Compiled {
             depth,
-            trees: trees.len(),
-            nodes: Vec::with_capacity(inner * trees.len()),
-            leaves: Vec::with_capacity((inner + 1) * trees.len()),
+            nodes: vec![(f32::INFINITY, 0); heap * groups],
+            leaves: vec![0.0; heap * groups],
             max_feature: 0,
         };
-        for t in trees {
-            let base_n = c.nodes.len();
-            let base_l = c.leaves.len();
-            c.nodes.resize(base_n + inner, (f32::INFINITY, 0));
-            c.leaves.resize(base_l + inner + 1, 0.0);
-            // (complete-tree slot, source node, level)
-            let mut stack = vec![(0usize, 0usize, 0u32)];
-            while let Some((slot, src, level)) = stack.pop() {
-                if level == depth {
-                    c.leaves[base_l + slot - inner] = t.value[src];
-                    continue;
-                }
-                if t.feature[src] == LEAF {
-                    // Padding: always go left, and give every leaf below the value.
-                    let first = (slot + 1) << (depth - level);
-                    let n = 1usize << (depth - level);
-                    for k in 0..n {
-                        c.leaves[base_l + first - 1 - inner + k] = t.value[src];
-                    }
-                    continue;
-                }
-                c.nodes[base_n + slot] = (t.threshold[src], t.feature[src] as u32);
-                c.max_feature = c.max_feature.max(t.feature[src] as usize);
-                stack.push((2 * slot + 1, t.left[src] as usize, level + 1));
-                stack.push((2 * slot + 2, t.right[src] as usize, level + 1));
+        for (k, t) in trees.iter().enumerate() {
+            let (g, j) = (k / GROUP, k % GROUP);
+            let (nodes, leaves) = t.complete(depth);
+            for (slot, &node) in nodes.iter().enumerate() {
+                // Slot s is at level l = ⌊log2(s + 1)⌋, position s + 1 − 2^l;
+                // in the heap, level 3 + l holds the eight trees' levels l
+                // one after another.
+                let level = (slot + 1).ilog2();
+                let position = slot + 1 - (1 << level);
+                let at = (1usize << (GROUP_LOG + level)) - 1 + (j << level) + position;
+                c.nodes[g * heap + at] = node;
+                c.max_feature = c.max_feature.max(node.1 as usize);
             }
+            let first = g * heap + (j << depth);
+            c.leaves[first..first + leaves.len()].copy_from_slice(&leaves);
         }
         Some(c)
     }
@@ -657,46 +683,54 @@ impl Compiled {
     /// Sum of the trees' leaf values for `x`.
     #[inline]
     pub fn sum(&self, x: &[f32]) -> f64 {
-        // Eight independent walks in flight hide the latency of each step.
-        const LANES: usize = 8;
-        let inner = (1usize << self.depth) - 1;
         // Features are checked once here, so the walk needs no bounds checks.
         if self.max_feature >= x.len() {
             return f64::NAN;
         }
-        let step = |nodes: &[(f32, u32)], i: usize| {
-            debug_assert!(i < nodes.len());
-            // SAFETY: i < 2^depth − 1 = nodes.len() at every level above the
-            // leaves (it starts at 0 and becomes 2i + 1 or 2i + 2), and every
-            // node's feature is ≤ max_feature < x.len(), checked above.
-            let (t, f) = unsafe { *nodes.get_unchecked(i) };
-            let v = unsafe { *x.get_unchecked(f as usize) };
-            2 * i + 1 + usize::from(v > t)
-        };
+        // A depth known at compile time unrolls the walk completely.
+        match self.depth {
+            1 => self.sum_at::<1>(x),
+            2 => self.sum_at::<2>(x),
+            3 => self.sum_at::<3>(x),
+            4 => self.sum_at::<4>(x),
+            5 => self.sum_at::<5>(x),
+            6 => self.sum_at::<6>(x),
+            7 => self.sum_at::<7>(x),
+            _ => self.sum_at::<MAX_COMPILED_DEPTH>(x),
+        }
+    }
+
+    fn sum_at<const DEPTH: u32>(&self, x: &[f32]) -> f64 {
+        debug_assert!(self.depth == DEPTH && self.max_feature < x.len());
+        let heap = 1usize << (GROUP_LOG + DEPTH);
         let mut total = 0.0f64;
-        let mut k = 0;
-        while k + LANES <= self.trees {
-            let n: [&[(f32, u32)]; LANES] =
-                std::array::from_fn(|j| &self.nodes[(k + j) * inner..(k + j + 1) * inner]);
-            let mut i = [0usize; LANES];
-            for _ in 0..self.depth {
-                for j in 0..LANES {
-                    i[j] = step(n[j], i[j]);
+        for (nodes, leaves) in self
+            .nodes
+            .chunks_exact(heap)
+            .zip(self.leaves.chunks_exact(heap))
+        {
+            let step = |a: usize| {
+                debug_assert!(a < nodes.len());
+                // SAFETY: above the leaves a walk is at a heap level below
+                // 3 + depth, so a < 2^(3 + depth) − 1 < nodes.len(); every
+                // node's feature is ≤ max_feature < x.len(), checked by `sum`.
+                let (t, f) = unsafe { *nodes.get_unchecked(a) };
+                let v = unsafe { *x.get_unchecked(f as usize) };
+                2 * a + 1 + usize::from(v > t)
+            };
+            let mut a: [usize; GROUP] = std::array::from_fn(|j| GROUP - 1 + j);
+            for _ in 0..DEPTH {
+                for s in a.iter_mut() {
+                    *s = step(*s);
                 }
             }
-            for (j, &leaf) in i.iter().enumerate() {
-                total += self.leaves[(k + j) * (inner + 1) + leaf - inner] as f64;
+            // The walks end on the heap's last level, which starts at heap − 1:
+            // a − (heap − 1) < heap = leaves.len().
+            for s in a {
+                debug_assert!(s + 1 - heap < leaves.len());
+                // SAFETY: see above.
+                total += unsafe { *leaves.get_unchecked(s + 1 - heap) } as f64;
             }
-            k += LANES;
-        }
-        while k < self.trees {
-            let n = &self.nodes[k * inner..(k + 1) * inner];
-            let mut i = 0;
-            for _ in 0..self.depth {
-                i = step(n, i);
-            }
-            total += self.leaves[k * (inner + 1) + i - inner] as f64;
-            k += 1;
         }
         total
     }

@@ -79,12 +79,17 @@ impl MerchantTable {
     /// before anything the partition tasks may still score.
     fn horizon(&self) -> i64 {
         let c = self.engine.config();
-        let retention = self.newest - c.allowed_lateness_secs - c.label_delay_secs - 31 * DAY;
+        // Saturating: before the first event `newest` is i64::MIN.
+        let retention = self
+            .newest
+            .saturating_sub(c.allowed_lateness_secs + c.label_delay_secs + 31 * DAY);
         match self.scoring_low {
             // A partition that moves to another instance, or back, resumes
             // from its last commit, somewhat behind the low: a margin keeps
             // the times that a rescore of those transactions reads.
-            Some(low) => retention.max(low - c.allowed_lateness_secs - RESCORE_MARGIN),
+            Some(low) => {
+                retention.max(low.saturating_sub(c.allowed_lateness_secs + RESCORE_MARGIN))
+            }
             None => retention,
         }
     }
