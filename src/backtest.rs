@@ -125,6 +125,9 @@ pub fn stream_batches(
                 let end = (start + PREFETCH).min(n);
                 for (tx, k) in batch.txs[start..end].iter().zip(&mut keys) {
                     *k = Keys::of(tx);
+                    engine.prefetch_keys(*k);
+                }
+                for k in &keys[..end - start] {
                     engine.prefetch(*k);
                 }
                 for k in &keys[..end - start] {

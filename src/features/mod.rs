@@ -223,10 +223,17 @@ impl Engine {
         Ok(())
     }
 
-    /// Starts loading the state of these keys; see [`store::prefetch`].
-    /// First call it for a run of events, then [`Engine::prefetch_history`]
-    /// for the same run: the history's address is in the state, so asking
-    /// for both at once would wait for each state in turn.
+    /// Starts loading the index entries of these keys; see [`store::prefetch`].
+    /// A lookup is three dependent loads, so a run of events is prefetched
+    /// in three passes: this, then [`Engine::prefetch`], then
+    /// [`Engine::prefetch_history`]. Asking for all three at once would
+    /// wait for each load in turn.
+    pub fn prefetch_keys(&self, keys: Keys) {
+        self.cards.prefetch_key(keys.card);
+        self.merchants.prefetch_key(keys.merchant);
+    }
+
+    /// Starts loading the state of these keys.
     pub fn prefetch(&self, keys: Keys) {
         if let Some(c) = self.cards.get(keys.card) {
             store::prefetch(c, std::mem::size_of_val(c));

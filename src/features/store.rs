@@ -2,9 +2,6 @@
 //! so a million cards cost their state plus about 25 bytes each, and growth
 //! never doubles a huge allocation.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-
 /// 64-bit hash of a card or merchant token. Keys are stored as this hash:
 /// for a million keys the chance that any two collide is about 3·10⁻⁸.
 pub fn key_hash(s: &str) -> u64 {
@@ -19,24 +16,6 @@ pub fn key_hash(s: &str) -> u64 {
     h ^= h >> 33;
     h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     h ^ (h >> 33)
-}
-
-/// The keys are already hashes; hashing them again is wasted work.
-#[derive(Default)]
-pub struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | b as u64;
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
 }
 
 /// Asks the CPU to start loading `bytes` at `ptr` into cache. State lookups
@@ -59,12 +38,95 @@ pub fn prefetch<T>(ptr: *const T, bytes: usize) {
     let _ = (ptr, bytes);
 }
 
-pub type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
-
 const CHUNK: usize = 4096;
 
+/// Key → slot, open addressing with linear probing. Written here rather
+/// than taken from `HashMap` so that a key's bucket can be prefetched
+/// before it is looked up: with a million keys the index lookups miss the
+/// cache as often as the state itself does.
+struct Index {
+    /// (key, slot); a key of 0 marks an empty bucket.
+    buckets: Vec<(u64, u32)>,
+    len: usize,
+}
+
+/// A key hash of 0 is stored as 1: one more way for two keys to collide,
+/// as unlikely as the others.
+fn stored(key: u64) -> u64 {
+    key.max(1)
+}
+
+impl Index {
+    fn new() -> Index {
+        Index {
+            buckets: Vec::new(),
+            len: 0,
+        }
+    }
+
+    fn mask(&self) -> usize {
+        self.buckets.len().wrapping_sub(1)
+    }
+
+    fn prefetch(&self, key: u64) {
+        if !self.buckets.is_empty() {
+            let at = stored(key) as usize & self.mask();
+            prefetch(&self.buckets[at], std::mem::size_of::<(u64, u32)>());
+        }
+    }
+
+    fn get(&self, key: u64) -> Option<u32> {
+        if self.buckets.is_empty() {
+            return None;
+        }
+        let (key, mask) = (stored(key), self.mask());
+        let mut at = key as usize & mask;
+        loop {
+            let (k, slot) = self.buckets[at];
+            if k == key {
+                return Some(slot);
+            }
+            if k == 0 {
+                return None;
+            }
+            at = (at + 1) & mask;
+        }
+    }
+
+    /// Adds a key that is not in the index.
+    fn insert(&mut self, key: u64, slot: u32) {
+        // At most three quarters full, so that probe runs stay short.
+        if 4 * (self.len + 1) > 3 * self.buckets.len() {
+            self.rebuild((2 * self.buckets.len()).max(16), |_| true);
+        }
+        self.place(stored(key), slot);
+        self.len += 1;
+    }
+
+    fn place(&mut self, key: u64, slot: u32) {
+        let mask = self.mask();
+        let mut at = key as usize & mask;
+        while self.buckets[at].0 != 0 {
+            at = (at + 1) & mask;
+        }
+        self.buckets[at] = (key, slot);
+    }
+
+    /// Rehashes into `size` buckets, keeping the slots for which `keep` is true.
+    fn rebuild(&mut self, size: usize, mut keep: impl FnMut(u32) -> bool) {
+        let old = std::mem::replace(&mut self.buckets, vec![(0, 0); size]);
+        self.len = 0;
+        for (k, slot) in old {
+            if k != 0 && keep(slot) {
+                self.place(k, slot);
+                self.len += 1;
+            }
+        }
+    }
+}
+
 pub struct KeyedStore<T> {
-    index: IdMap<u32>,
+    index: Index,
     chunks: Vec<Vec<T>>,
     free: Vec<u32>,
 }
@@ -72,7 +134,7 @@ pub struct KeyedStore<T> {
 impl<T: Default> Default for KeyedStore<T> {
     fn default() -> Self {
         KeyedStore {
-            index: IdMap::default(),
+            index: Index::new(),
             chunks: Vec::new(),
             free: Vec::new(),
         }
@@ -81,11 +143,11 @@ impl<T: Default> Default for KeyedStore<T> {
 
 impl<T: Default> KeyedStore<T> {
     pub fn len(&self) -> usize {
-        self.index.len()
+        self.index.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
+        self.index.len == 0
     }
 
     fn slot(&self, i: u32) -> &T {
@@ -96,12 +158,18 @@ impl<T: Default> KeyedStore<T> {
         &mut self.chunks[i as usize / CHUNK][i as usize % CHUNK]
     }
 
+    /// Starts loading the index bucket of `key`: the first of the three
+    /// dependent loads of a lookup (bucket, state, history).
+    pub fn prefetch_key(&self, key: u64) {
+        self.index.prefetch(key);
+    }
+
     pub fn get(&self, key: u64) -> Option<&T> {
-        self.index.get(&key).map(|&i| self.slot(i))
+        self.index.get(key).map(|i| self.slot(i))
     }
 
     pub fn get_or_default(&mut self, key: u64) -> &mut T {
-        if let Some(&i) = self.index.get(&key) {
+        if let Some(i) = self.index.get(key) {
             return self.slot_mut(i);
         }
         let i = match self.free.pop() {
@@ -124,7 +192,8 @@ impl<T: Default> KeyedStore<T> {
     pub fn retain(&mut self, mut keep: impl FnMut(&mut T) -> bool) -> usize {
         let mut dropped = Vec::new();
         let chunks = &mut self.chunks;
-        self.index.retain(|_, &mut i| {
+        let size = self.index.buckets.len();
+        self.index.rebuild(size, |i| {
             let v = &mut chunks[i as usize / CHUNK][i as usize % CHUNK];
             if keep(v) {
                 true
@@ -156,5 +225,22 @@ mod tests {
         assert_eq!(s.get(key_hash("1233")), None);
         assert_eq!(*s.get_or_default(key_hash("new")), 0);
         assert_eq!(s.chunks.len(), 3);
+        // Freed slots are reused, and every kept key still finds its value.
+        for k in 10_000..12_000u64 {
+            *s.get_or_default(key_hash(&k.to_string())) = k as u32;
+        }
+        assert_eq!(s.chunks.len(), 3);
+        for k in (0..10_000u64).step_by(2).chain(10_000..12_000) {
+            assert_eq!(s.get(key_hash(&k.to_string())), Some(&(k as u32)), "{k}");
+        }
+        assert_eq!(s.len(), 7001);
+    }
+
+    #[test]
+    fn key_zero_is_a_key() {
+        let mut s: KeyedStore<u32> = KeyedStore::default();
+        *s.get_or_default(0) = 7;
+        assert_eq!(s.get(0), Some(&7));
+        assert_eq!(s.get(2), None);
     }
 }

@@ -348,7 +348,13 @@ pub fn parse_number(raw: &[u8]) -> Option<f64> {
 }
 
 fn set_required_str(dst: &mut String, field: &'static str, raw: &[u8]) -> Result<(), FieldError> {
-    let s = std::str::from_utf8(raw).map_err(|_| FieldError::new(field, "not valid UTF-8"))?;
+    let s = if raw.is_ascii() {
+        // SAFETY: ASCII is valid UTF-8; checking that is cheaper than the
+        // general check, and tokens are ASCII almost always.
+        unsafe { std::str::from_utf8_unchecked(raw) }
+    } else {
+        std::str::from_utf8(raw).map_err(|_| FieldError::new(field, "not valid UTF-8"))?
+    };
     let s = s.trim();
     if s.is_empty() {
         return Err(FieldError::missing(field));
