@@ -105,31 +105,34 @@ impl CardState {
 
     /// Sums over the panes of days `[from_30, to]`, and of `[from_7, to]` on the way.
     fn panes(&self, from_30: i64, from_7: i64, to_day: i64) -> (PaneSum, PaneSum) {
-        let (mut s30, mut s7) = (PaneSum::default(), PaneSum::default());
         let newest = self.newest_day as i64;
         let hi = to_day.min(newest);
-        let mut d = from_30.max(newest - PANES as i64 + 1);
-        while d <= hi {
-            let i = d as usize % PANES;
-            let (c, s, q, l) = (
-                (self.tally[i] & COUNT_BITS) as u32,
-                self.sums[i] as f64,
-                self.sumsq[i] as f64,
-                (self.tally[i] >> 12) as u32,
-            );
-            s30.count += c;
-            s30.sum += s;
-            s30.sumsq += q;
-            s30.large += l;
-            if d >= from_7 {
-                s7.count += c;
-                s7.sum += s;
-                s7.sumsq += q;
-                s7.large += l;
-            }
-            d += 1;
-        }
+        let lo = from_30.max(newest - PANES as i64 + 1);
+        // The days before the 7-day window, then the window, which counts
+        // in both sums.
+        let early = self.pane_sum(lo, hi.min(from_7 - 1));
+        let s7 = self.pane_sum(lo.max(from_7), hi);
+        let s30 = PaneSum {
+            count: early.count + s7.count,
+            sum: early.sum + s7.sum,
+            sumsq: early.sumsq + s7.sumsq,
+            large: early.large + s7.large,
+        };
         (s30, s7)
+    }
+
+    /// Sums over the panes of days `[from, to]`, all within the kept panes.
+    fn pane_sum(&self, from: i64, to: i64) -> PaneSum {
+        let mut s = PaneSum::default();
+        for d in from..to + 1 {
+            let i = d as usize % PANES;
+            let tally = self.tally[i];
+            s.count += (tally & COUNT_BITS) as u32;
+            s.large += (tally >> 12) as u32;
+            s.sum += self.sums[i] as f64;
+            s.sumsq += self.sumsq[i] as f64;
+        }
+        s
     }
 
     /// The card's contribution to the features of an event at `t`, before
