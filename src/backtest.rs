@@ -409,10 +409,9 @@ pub fn replay(
             let mut line = Vec::with_capacity(1024);
             for batch in from_engine {
                 for (tx, f) in batch.iter() {
-                    let s = scorer.score(f, false);
-                    if s.decision == Decision::Allow {
+                    let Some(s) = scorer.alert(f) else {
                         continue;
-                    }
+                    };
                     alerts += 1;
                     match s.decision {
                         Decision::Block => block += 1,

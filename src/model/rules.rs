@@ -171,6 +171,11 @@ impl RuleSet {
     pub fn reads_anomaly(&self) -> bool {
         self.rules.iter().any(|r| r.cond.reads(ANOMALY))
     }
+
+    /// Whether any rule reads the model's score.
+    pub fn reads_score(&self) -> bool {
+        self.rules.iter().any(|r| r.cond.reads(SCORE))
+    }
 }
 
 impl fmt::Display for RuleSet {

@@ -69,6 +69,9 @@ pub struct Scorer {
     /// The same for the isolation forest, with path lengths in the leaves.
     fast_anomaly: Option<Compiled>,
     rules_read_anomaly: bool,
+    /// For [`Scorer::alert`]: the model's tree sum below which the score is
+    /// under the review threshold, when nothing else needs the exact score.
+    allow_below: Option<f64>,
 }
 
 impl Scorer {
@@ -81,6 +84,21 @@ impl Scorer {
             _ => None,
         };
         let fast_anomaly = model.anomaly.as_ref().and_then(|a| a.compile());
+        let review = thresholds.review;
+        // Only a review threshold well inside (0, 1) has a finite sum whose
+        // rounding through the sigmoid cannot cross it.
+        let allow_below = match &model.body {
+            _ if rules.reads_score()
+                || rules.reads_anomaly()
+                || thresholds.anomaly_review.is_some()
+                || !(1e-6..=1.0 - 1e-6).contains(&review) =>
+            {
+                None
+            }
+            Body::Gbt(m) => Some((review / (1.0 - review)).ln() - m.base_margin),
+            Body::Forest(m) => Some(review * m.trees.len() as f64),
+            _ => None,
+        };
         Scorer {
             model,
             rules_read_anomaly: rules.reads_anomaly(),
@@ -88,7 +106,37 @@ impl Scorer {
             thresholds,
             fast,
             fast_anomaly,
+            allow_below,
         }
+    }
+
+    /// The score of a transaction that raises an alert, `None` for one that
+    /// is allowed: `score(f, false)` without its allows. Where the decision
+    /// rests on the review threshold alone, the tree walk stops as soon as
+    /// the sum cannot reach it, so allowed transactions cost less. For
+    /// backtests, which write alerts only.
+    pub fn alert(&self, f: &Features) -> Option<Score> {
+        if let (Some(limit), Some(c)) = (self.allow_below, &self.fast)
+            && c.sum_reaching(&f.0, limit).is_none()
+        {
+            // The model says allow; only a rule can say otherwise. No rule
+            // reads the score (checked when `allow_below` was set).
+            let input = RuleInput {
+                features: &f.0,
+                score: f64::NAN,
+                anomaly: 0.0,
+            };
+            let raised = self
+                .rules
+                .rules
+                .iter()
+                .any(|r| r.severity != Severity::Low && r.fires(&input));
+            if !raised {
+                return None;
+            }
+        }
+        let s = self.score(f, false);
+        (s.decision != Decision::Allow).then_some(s)
     }
 
     /// The model's score alone: the fast path for evaluation.

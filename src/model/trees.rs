@@ -596,6 +596,9 @@ pub struct Compiled {
     nodes: Vec<(u32, u32)>,
     /// Per group, `2^(3 + depth)` leaf values, tree by tree.
     leaves: Vec<f32>,
+    /// Per group, the most that it and the groups after it can add: a walk
+    /// whose total cannot reach a limit stops early.
+    most_from: Vec<f64>,
     max_feature: usize,
 }
 
@@ -659,6 +662,7 @@ impl Compiled {
             depth,
             nodes: vec![(order_key(f32::INFINITY), 0); heap * groups],
             leaves: vec![0.0; heap * groups],
+            most_from: vec![0.0; groups + 1],
             max_feature: 0,
         };
         for (k, t) in trees.iter().enumerate() {
@@ -676,6 +680,10 @@ impl Compiled {
             }
             let first = g * heap + (j << depth);
             c.leaves[first..first + leaves.len()].copy_from_slice(&leaves);
+            c.most_from[g] += leaves.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+        }
+        for g in (0..groups).rev() {
+            c.most_from[g] += c.most_from[g + 1];
         }
         Some(c)
     }
@@ -683,10 +691,20 @@ impl Compiled {
     /// Sum of the trees' leaf values for `x`.
     #[inline]
     pub fn sum(&self, x: &[f32]) -> f64 {
+        self.sum_reaching(x, f64::NEG_INFINITY).unwrap_or(f64::NAN)
+    }
+
+    /// [`Compiled::sum`], or `None` as soon as the sum is sure to stay
+    /// below `limit`, by a margin that covers rounding. A sum that is
+    /// returned is the same, to the bit, as `sum` gives.
+    #[inline]
+    pub fn sum_reaching(&self, x: &[f32], limit: f64) -> Option<f64> {
         // Features are checked once here, so the walk needs no bounds checks.
         if self.max_feature >= x.len() {
-            return f64::NAN;
+            return Some(f64::NAN);
         }
+        // Sums of a few hundred leaves round by far less than this.
+        let limit = limit - 1e-9 * (1.0 + limit.abs());
         let mut on_stack = [0u32; 64];
         let mut on_heap = Vec::new();
         let keys = if x.len() <= on_stack.len() {
@@ -700,26 +718,30 @@ impl Compiled {
         }
         // A depth known at compile time unrolls the walk completely.
         match self.depth {
-            1 => self.sum_at::<1>(keys),
-            2 => self.sum_at::<2>(keys),
-            3 => self.sum_at::<3>(keys),
-            4 => self.sum_at::<4>(keys),
-            5 => self.sum_at::<5>(keys),
-            6 => self.sum_at::<6>(keys),
-            7 => self.sum_at::<7>(keys),
-            _ => self.sum_at::<MAX_COMPILED_DEPTH>(keys),
+            1 => self.sum_at::<1>(keys, limit),
+            2 => self.sum_at::<2>(keys, limit),
+            3 => self.sum_at::<3>(keys, limit),
+            4 => self.sum_at::<4>(keys, limit),
+            5 => self.sum_at::<5>(keys, limit),
+            6 => self.sum_at::<6>(keys, limit),
+            7 => self.sum_at::<7>(keys, limit),
+            _ => self.sum_at::<MAX_COMPILED_DEPTH>(keys, limit),
         }
     }
 
-    fn sum_at<const DEPTH: u32>(&self, x: &[u32]) -> f64 {
+    fn sum_at<const DEPTH: u32>(&self, x: &[u32], limit: f64) -> Option<f64> {
         debug_assert!(self.depth == DEPTH && self.max_feature < x.len());
         let heap = 1usize << (GROUP_LOG + DEPTH);
         let mut total = 0.0f64;
-        for (nodes, leaves) in self
+        for ((nodes, leaves), most) in self
             .nodes
             .chunks_exact(heap)
             .zip(self.leaves.chunks_exact(heap))
+            .zip(&self.most_from)
         {
+            if total + most < limit {
+                return None;
+            }
             let step = |a: usize| {
                 debug_assert!(a < nodes.len());
                 // SAFETY: above the leaves a walk is at a heap level below
@@ -743,7 +765,7 @@ impl Compiled {
                 total += unsafe { *leaves.get_unchecked(s + 1 - heap) } as f64;
             }
         }
-        total
+        Some(total)
     }
 }
 
@@ -817,6 +839,14 @@ mod compiled_tests {
             for r in x.chunks_exact(4).take(500) {
                 let walk: f64 = m.trees.iter().map(|t| t.predict(r) as f64).sum();
                 assert!((walk - c.sum(r)).abs() < 1e-9, "depth {depth}");
+                // A sum that may reach the limit is the full sum; one that
+                // stops early is below it.
+                for limit in [-1.0, 0.0, 0.5, walk, walk + 1e-6, walk - 1e-6] {
+                    match c.sum_reaching(r, limit) {
+                        Some(s) => assert_eq!(s.to_bits(), c.sum(r).to_bits()),
+                        None => assert!(walk < limit, "{walk} stopped below {limit}"),
+                    }
+                }
             }
         }
     }
