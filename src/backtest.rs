@@ -54,6 +54,8 @@ fn progress(enabled: bool) -> ProgressBar {
 /// so that their buffers are reused rather than reallocated.
 pub struct Batch {
     pub txs: Vec<Transaction>,
+    /// Hashed on the parsing thread, off the features thread's path.
+    pub keys: Vec<Keys>,
     pub features: Vec<Features>,
     pub len: usize,
 }
@@ -62,6 +64,7 @@ impl Batch {
     pub fn new() -> Batch {
         Batch {
             txs: vec![Transaction::default(); BATCH],
+            keys: vec![Keys::default(); BATCH],
             features: vec![Features([0.0; N_FEATURES]); BATCH],
             len: 0,
         }
@@ -91,7 +94,6 @@ pub fn stream_batches(
     let mut reader =
         TransactionReader::open(path).with_context(|| format!("reading {}", path.display()))?;
     let mut engine = Engine::new(cfg);
-    let mut keys = [Keys::default(); PREFETCH];
     let bar = progress(show_progress);
     let (mut rows, mut late) = (0u64, 0u64);
     // Parsing runs on its own thread, a batch ahead of the features.
@@ -104,7 +106,10 @@ pub fn stream_batches(
                 let mut n = 0;
                 while n < BATCH {
                     match reader.next_into(&mut batch.txs[n]) {
-                        Ok(true) => n += 1,
+                        Ok(true) => {
+                            batch.keys[n] = Keys::of(&batch.txs[n]);
+                            n += 1;
+                        }
                         Ok(false) => break,
                         Err(e) => {
                             let _ = parsed_tx.send(Err(e));
@@ -123,18 +128,18 @@ pub fn stream_batches(
             let n = batch.len;
             for start in (0..n).step_by(PREFETCH) {
                 let end = (start + PREFETCH).min(n);
-                for (tx, k) in batch.txs[start..end].iter().zip(&mut keys) {
-                    *k = Keys::of(tx);
+                let keys = &batch.keys[start..end];
+                for k in keys {
                     engine.prefetch_keys(*k);
                 }
-                for k in &keys[..end - start] {
+                for k in keys {
                     engine.prefetch(*k);
                 }
-                for k in &keys[..end - start] {
+                for k in keys {
                     engine.prefetch_history(*k);
                 }
                 let txs = &batch.txs[start..end];
-                for ((tx, out), k) in txs.iter().zip(&mut batch.features[start..end]).zip(&keys) {
+                for ((tx, out), k) in txs.iter().zip(&mut batch.features[start..end]).zip(keys) {
                     *out = match engine.process_keyed(tx, *k) {
                         Ok(f) => f,
                         Err(_) => {

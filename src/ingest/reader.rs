@@ -43,19 +43,28 @@ pub fn open_decoded(path: &Path) -> io::Result<Box<dyn Read + Send>> {
     }
 }
 
-/// Reads ahead on a background thread in 1 MiB chunks through a bounded channel.
+/// Reads ahead on a background thread in 1 MiB chunks through a bounded
+/// channel. Read chunks go back to the thread to be filled again: fresh
+/// ones would cost the kernel a page fault and a zeroed page every 4 kB.
 pub struct Prefetch {
     rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    spent: mpsc::Sender<Vec<u8>>,
     buf: Vec<u8>,
     pos: usize,
 }
 
+const PREFETCH_CHUNK: usize = 1 << 20;
+
 impl Prefetch {
     pub fn spawn<R: Read + Send + 'static>(mut inner: R) -> Prefetch {
         let (tx, rx) = mpsc::sync_channel(4);
+        let (spent, recycled) = mpsc::channel::<Vec<u8>>();
         thread::spawn(move || {
             loop {
-                let mut chunk = vec![0u8; 1 << 20];
+                let mut chunk = recycled
+                    .try_recv()
+                    .unwrap_or_else(|_| Vec::with_capacity(PREFETCH_CHUNK));
+                chunk.resize(PREFETCH_CHUNK, 0);
                 let mut filled = 0;
                 while filled < chunk.len() {
                     match inner.read(&mut chunk[filled..]) {
@@ -77,6 +86,7 @@ impl Prefetch {
         });
         Prefetch {
             rx,
+            spent,
             buf: Vec::new(),
             pos: 0,
         }
@@ -88,7 +98,9 @@ impl Read for Prefetch {
         if self.pos == self.buf.len() {
             match self.rx.recv() {
                 Ok(Ok(chunk)) => {
-                    self.buf = chunk;
+                    let spent = std::mem::replace(&mut self.buf, chunk);
+                    // The reader may have finished; then the chunk is just freed.
+                    let _ = self.spent.send(spent);
                     self.pos = 0;
                 }
                 Ok(Err(e)) => return Err(e),
