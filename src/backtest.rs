@@ -31,7 +31,7 @@ pub struct StreamSummary {
 
 /// Events handed between threads at once: large, so that the threads wake
 /// each other rarely.
-const BATCH: usize = 1024;
+const BATCH: usize = 4096;
 /// Events whose state is prefetched together: enough to overlap the memory
 /// latencies, few enough that the lines are still cached when used.
 const PREFETCH: usize = 32;

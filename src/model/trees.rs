@@ -665,7 +665,18 @@ impl Compiled {
             most_from: vec![0.0; groups + 1],
             max_feature: 0,
         };
-        for (k, t) in trees.iter().enumerate() {
+        // Trees that can add the most come first: the most the rest can add
+        // then shrinks fastest, so that a sum that cannot reach a limit is
+        // known sooner (see `sum_reaching`).
+        let most = |t: &Tree| {
+            (0..t.feature.len())
+                .filter(|&i| t.feature[i] == LEAF)
+                .map(|i| t.value[i])
+                .fold(f32::NEG_INFINITY, f32::max)
+        };
+        let mut order: Vec<&Tree> = trees.iter().collect();
+        order.sort_by(|a, b| most(b).total_cmp(&most(a)));
+        for (k, t) in order.into_iter().enumerate() {
             let (g, j) = (k / GROUP, k % GROUP);
             let (nodes, leaves) = t.complete(depth);
             for (slot, &node) in nodes.iter().enumerate() {
