@@ -81,6 +81,14 @@ fn per_event(c: &mut Criterion) {
             black_box(alerts)
         })
     });
+    // Replay's path: only alerts are kept, so a walk that cannot reach the
+    // review threshold stops early.
+    g.bench_function(BenchmarkId::new("alerts_default_model", n), |b| {
+        b.iter(|| {
+            let alerts = features.iter().filter_map(|f| scorer.alert(f)).count();
+            black_box(alerts)
+        })
+    });
     g.finish();
 }
 

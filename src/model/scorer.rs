@@ -250,3 +250,51 @@ impl Scorer {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::features::{Engine, FeatureConfig};
+    use crate::ingest::Transaction;
+    use crate::sim::{SimConfig, Simulation};
+
+    /// `alert` is `score` without the allows, whether or not its tree walk
+    /// stopped early: same alerts, same scores to the bit.
+    #[test]
+    fn alerts_are_the_scores_that_are_not_allowed() {
+        let scorer = super::super::builtin::scorer().unwrap();
+        assert!(
+            scorer.allow_below.is_some(),
+            "the built-in model stops early"
+        );
+        let sim = Simulation::run(SimConfig {
+            customers: 300,
+            terminals: 600,
+            days: 40,
+            seed: 11,
+            ..SimConfig::default()
+        });
+        let mut engine = Engine::new(FeatureConfig::default());
+        let mut tx = Transaction::default();
+        let (mut alerts, mut allowed) = (0, 0);
+        for i in 0..sim.transactions.len() {
+            sim.fill(i, &mut tx);
+            let f = engine.process(&tx).unwrap();
+            let full = scorer.score(&f, false);
+            match scorer.alert(&f) {
+                Some(s) => {
+                    assert_eq!(s, full);
+                    alerts += 1;
+                }
+                None => {
+                    assert_eq!(full.decision, Decision::Allow);
+                    allowed += 1;
+                }
+            }
+        }
+        assert!(
+            alerts > 50 && allowed > 10_000,
+            "{alerts} alerts, {allowed} allowed"
+        );
+    }
+}
