@@ -602,8 +602,9 @@ pub struct Compiled {
     max_feature: usize,
 }
 
-/// Deeper trees pad to too many nodes; they keep the pointer walk.
-pub const MAX_COMPILED_DEPTH: u32 = 8;
+/// Deeper trees pad to too many nodes (a group of depth 10 takes 64 kB);
+/// they keep the pointer walk.
+pub const MAX_COMPILED_DEPTH: u32 = 10;
 /// Trees walked side by side: eight independent walks in flight hide the
 /// latency of each step.
 const GROUP_LOG: u32 = 3;
@@ -736,6 +737,8 @@ impl Compiled {
             5 => self.sum_at::<5>(keys, limit),
             6 => self.sum_at::<6>(keys, limit),
             7 => self.sum_at::<7>(keys, limit),
+            8 => self.sum_at::<8>(keys, limit),
+            9 => self.sum_at::<9>(keys, limit),
             _ => self.sum_at::<MAX_COMPILED_DEPTH>(keys, limit),
         }
     }
@@ -836,7 +839,7 @@ mod compiled_tests {
             y.push(u8::from(r[0] * r[1] > 0.3 || r[2] > 1.5));
             x.extend(r);
         }
-        for depth in [1, 3, 6] {
+        for depth in [1, 3, 6, 10] {
             let p = GbtParams {
                 rounds: 23,
                 tree: TreeParams {
