@@ -5,7 +5,9 @@
 use crate::alerts::{Alert, now_rfc3339};
 use crate::evaluate::{self, Scored};
 use crate::features::store::key_hash;
-use crate::features::{Engine, EngineStats, FeatureConfig, Features, Keys, N_FEATURES, NAMES};
+use crate::features::{
+    Engine, EngineStats, FeatureConfig, Features, Keys, N_FEATURES, NAMES, Observed,
+};
 use crate::ingest::time::format_date;
 use crate::ingest::{Transaction, TransactionReader};
 use crate::model::scorer::{Decision, Scorer};
@@ -56,6 +58,9 @@ pub struct Batch {
     pub txs: Vec<Transaction>,
     /// Hashed on the parsing thread, off the features thread's path.
     pub keys: Vec<Keys>,
+    /// What the state said about each transaction; the features follow
+    /// from it by [`Batch::derive`], on whichever thread takes the batch.
+    pub observed: Vec<Observed>,
     pub features: Vec<Features>,
     pub len: usize,
 }
@@ -65,11 +70,25 @@ impl Batch {
         Batch {
             txs: vec![Transaction::default(); BATCH],
             keys: vec![Keys::default(); BATCH],
+            observed: vec![Observed::default(); BATCH],
             features: vec![Features([0.0; N_FEATURES]); BATCH],
             len: 0,
         }
     }
 
+    /// Fills in the features from what was observed.
+    pub fn derive(&mut self) {
+        let n = self.len;
+        for ((f, o), tx) in self.features[..n]
+            .iter_mut()
+            .zip(&self.observed)
+            .zip(&self.txs)
+        {
+            *f = o.features(tx);
+        }
+    }
+
+    /// The transactions and their features, once derived.
     pub fn iter(&self) -> impl Iterator<Item = (&Transaction, &Features)> {
         self.txs[..self.len].iter().zip(&self.features[..self.len])
     }
@@ -82,7 +101,8 @@ impl Default for Batch {
 }
 
 /// Streams `path` through a fresh engine a batch at a time; `sink` takes
-/// each batch and hands back one to fill next (the same, or a recycled one).
+/// each batch, with its features not yet derived ([`Batch::derive`]), and
+/// hands back one to fill next (the same, or a recycled one).
 /// Fraud labels in the file become known one label delay after their transaction.
 pub fn stream_batches(
     path: &Path,
@@ -139,12 +159,12 @@ pub fn stream_batches(
                     engine.prefetch_history(*k);
                 }
                 let txs = &batch.txs[start..end];
-                for ((tx, out), k) in txs.iter().zip(&mut batch.features[start..end]).zip(keys) {
-                    *out = match engine.process_keyed(tx, *k) {
-                        Ok(f) => f,
+                for ((tx, out), k) in txs.iter().zip(&mut batch.observed[start..end]).zip(keys) {
+                    *out = match engine.observe_keyed(tx, *k) {
+                        Ok(o) => o,
                         Err(_) => {
                             late += 1;
-                            engine.peek(tx)
+                            engine.peek_observed(tx, *k)
                         }
                     };
                     if tx.is_fraud == Some(true) {
@@ -178,7 +198,8 @@ pub fn stream(
     show_progress: bool,
     mut each: impl FnMut(&Transaction, &Features) -> anyhow::Result<()>,
 ) -> anyhow::Result<StreamSummary> {
-    stream_batches(path, cfg, show_progress, |batch| {
+    stream_batches(path, cfg, show_progress, |mut batch| {
+        batch.derive();
         for (tx, f) in batch.iter() {
             each(tx, f)?;
         }
@@ -412,7 +433,8 @@ pub fn replay(
         let worker = scope.spawn(move || -> anyhow::Result<[u64; 4]> {
             let (mut alerts, mut review, mut block, mut rule_alerts) = (0u64, 0u64, 0u64, 0u64);
             let mut line = Vec::with_capacity(1024);
-            for batch in from_engine {
+            for mut batch in from_engine {
+                batch.derive();
                 for (tx, f) in batch.iter() {
                     let Some(s) = scorer.alert(f) else {
                         continue;

@@ -88,7 +88,32 @@ pub struct CardView {
     pub prev_7d: PaneSum,
     pub prev_30d: PaneSum,
     pub secs_since_prev: Option<i64>,
-    pub velocity_kmh: f64,
+    /// Where the previous transaction was (NaN when unknown).
+    pub prev_lat: f32,
+    pub prev_lon: f32,
+}
+
+impl CardView {
+    /// Speed from the previous transaction to one at (lat, lon), in km/h;
+    /// 0 when either place is unknown. Computed apart from the view since
+    /// it needs no state: on another thread in a backtest.
+    pub fn velocity_kmh(&self, lat: f32, lon: f32) -> f64 {
+        let Some(dt) = self.secs_since_prev else {
+            return 0.0;
+        };
+        // Beyond 30 days a card may have expired, so no speed either way.
+        if dt > 30 * DAY || lat.is_nan() || self.prev_lat.is_nan() {
+            return 0.0;
+        }
+        let km = haversine_km(
+            self.prev_lat as f64,
+            self.prev_lon as f64,
+            lat as f64,
+            lon as f64,
+        );
+        // A minute's floor keeps two swipes in the same second finite.
+        km / (dt.max(60) as f64 / 3600.0)
+    }
 }
 
 impl CardState {
@@ -138,8 +163,12 @@ impl CardState {
     /// The card's contribution to the features of an event at `t`, before
     /// the event is applied. Late events see only what came at or before them
     /// in the exact windows, and whole days in the pane windows.
-    pub fn view(&self, t: i64, merchant: u32, lat: f32, lon: f32) -> CardView {
-        let mut v = CardView::default();
+    pub fn view(&self, t: i64, merchant: u32) -> CardView {
+        let mut v = CardView {
+            prev_lat: f32::NAN,
+            prev_lon: f32::NAN,
+            ..CardView::default()
+        };
         let day = t.div_euclid(DAY);
         (v.prev_30d, v.prev_7d) = self.panes(
             (t - 30 * DAY).div_euclid(DAY),
@@ -180,14 +209,8 @@ impl CardState {
                 self.before.lon,
             )));
         if let Some((p_ts, p_lat, p_lon)) = prev {
-            let dt = t - p_ts as i64;
-            v.secs_since_prev = Some(dt);
-            // Beyond 30 days a card may have expired, so no speed either way.
-            if dt <= 30 * DAY && !lat.is_nan() && !p_lat.is_nan() {
-                let km = haversine_km(p_lat as f64, p_lon as f64, lat as f64, lon as f64);
-                // A minute's floor keeps two swipes in the same second finite.
-                v.velocity_kmh = km / (dt.max(60) as f64 / 3600.0);
-            }
+            v.secs_since_prev = Some(t - p_ts as i64);
+            (v.prev_lat, v.prev_lon) = (p_lat, p_lon);
         }
         v
     }

@@ -10,8 +10,8 @@ pub mod merchant;
 pub mod store;
 
 use crate::ingest::{Channel, Transaction};
-use card::{CardState, DAY, LARGE_MIN_HISTORY, LARGE_RATIO, Recent};
-use merchant::{HOUR, MerchantState};
+use card::{CardState, CardView, DAY, LARGE_MIN_HISTORY, LARGE_RATIO, Recent};
+use merchant::{HOUR, MerchantState, MerchantView};
 use serde::Serialize;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -255,10 +255,14 @@ impl Engine {
 
     /// Features of `tx` as if it were processed now, without changing state.
     pub fn peek(&self, tx: &Transaction) -> Features {
-        let keys = Keys::of(tx);
+        self.peek_observed(tx, Keys::of(tx)).features(tx)
+    }
+
+    /// [`Engine::peek`] without deriving the features.
+    pub fn peek_observed(&self, tx: &Transaction, keys: Keys) -> Observed {
         let card = self.cards.get(keys.card);
         let merchant = self.merchants.get(keys.merchant);
-        compute(&self.cfg, card, merchant, tx, keys).0
+        observe(&self.cfg, card, merchant, tx, keys)
     }
 
     /// Computes the features of `tx` and folds it into the state. An event
@@ -269,6 +273,12 @@ impl Engine {
 
     /// [`Engine::process`] with the keys already hashed.
     pub fn process_keyed(&mut self, tx: &Transaction, keys: Keys) -> Result<Features, TooLate> {
+        self.observe_keyed(tx, keys).map(|o| o.features(tx))
+    }
+
+    /// [`Engine::process_keyed`] without deriving the features: the state's
+    /// part only, for a backtest that derives them on another thread.
+    pub fn observe_keyed(&mut self, tx: &Transaction, keys: Keys) -> Result<Observed, TooLate> {
         let t = tx.time.utc;
         self.admit(t)?;
         let cfg = self.cfg;
@@ -276,15 +286,15 @@ impl Engine {
         let merchant_key = keys.merchant;
         let card = self.cards.get_or_default(keys.card);
         let merchant = self.merchants.get_or_default(merchant_key);
-        let (features, large) = compute(&cfg, Some(&*card), Some(&*merchant), tx, keys);
+        let observed = observe(&cfg, Some(&*card), Some(&*merchant), tx, keys);
         let horizon = self.watermark - cfg.allowed_lateness_secs - DAY;
-        if fold_card(card, tx, keys, large, horizon, cfg.max_recent) {
+        if fold_card(card, tx, keys, observed.large, horizon, cfg.max_recent) {
             self.stats.recent_overflows += 1;
         }
         merchant.add_transaction(t);
         merchant.expire(oldest_hour);
         self.stats.events += 1;
-        Ok(features)
+        Ok(observed)
     }
 
     /// Whether this engine holds state for the card.
@@ -449,6 +459,40 @@ fn fold_card(
     card.apply(ev, large, horizon, max_recent)
 }
 
+/// What the state says about an event before the event is folded in:
+/// the features follow from it and the transaction alone ([`Observed::features`]),
+/// so that a backtest can derive them on another thread than the one that
+/// keeps the state.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Observed {
+    card: CardView,
+    merchant: MerchantView,
+    /// The amount counts as large for the card.
+    large: bool,
+}
+
+fn observe(
+    cfg: &FeatureConfig,
+    card: Option<&CardState>,
+    merchant: Option<&MerchantState>,
+    tx: &Transaction,
+    keys: Keys,
+) -> Observed {
+    let t = tx.time.utc;
+    let merchant_key = (keys.merchant >> 32) as u32;
+    let card = card.map(|c| c.view(t, merchant_key)).unwrap_or_default();
+    let merchant = merchant
+        .map(|m| m.view(t, cfg.label_delay_secs))
+        .unwrap_or_default();
+    let history = card.prev_30d;
+    let large = history.count >= LARGE_MIN_HISTORY && tx.amount >= LARGE_RATIO * history.mean();
+    Observed {
+        card,
+        merchant,
+        large,
+    }
+}
+
 /// The one feature computation, from the state before the event.
 /// Also says whether the amount counts as large for the card.
 fn compute(
@@ -458,16 +502,22 @@ fn compute(
     tx: &Transaction,
     keys: Keys,
 ) -> (Features, bool) {
+    let o = observe(cfg, card, merchant, tx, keys);
+    (o.features(tx), o.large)
+}
+
+impl Observed {
+    /// The features of `tx`, from what the state said about it.
+    pub fn features(&self, tx: &Transaction) -> Features {
+        derive(tx, self)
+    }
+}
+
+fn derive(tx: &Transaction, o: &Observed) -> Features {
+    let (cv, mv, large) = (&o.card, &o.merchant, o.large);
     let t = tx.time.utc;
     let amount = tx.amount;
     let (lat, lon) = coord(tx.lat, tx.lon);
-    let merchant_key = (keys.merchant >> 32) as u32;
-    let cv = card
-        .map(|c| c.view(t, merchant_key, lat, lon))
-        .unwrap_or_default();
-    let mv = merchant
-        .map(|m| m.view(t, cfg.label_delay_secs))
-        .unwrap_or_default();
 
     let local = tx.time.local();
     let local_day = local.div_euclid(DAY);
@@ -487,7 +537,6 @@ fn compute(
     } else {
         0.0
     };
-    let large = cv.prev_30d.count >= LARGE_MIN_HISTORY && amount >= LARGE_RATIO * mean_prev_30;
 
     let mut f = [0f32; N_FEATURES];
     f[idx::AMOUNT] = amount as f32;
@@ -517,7 +566,7 @@ fn compute(
     f[idx::SECS_SINCE_PREV] = cv
         .secs_since_prev
         .map_or(NO_PREVIOUS_SECS, |s| s.min(NO_PREVIOUS_SECS)) as f32;
-    f[idx::VELOCITY] = cv.velocity_kmh as f32;
+    f[idx::VELOCITY] = cv.velocity_kmh(lat, lon) as f32;
     f[idx::MERCHANT_COUNT_1H] = (mv.count_1h + 1) as f32;
     f[idx::ECOM] = f32::from(tx.channel == Some(Channel::Ecom));
     f[idx::ATM] = f32::from(tx.channel == Some(Channel::Atm));
@@ -525,5 +574,5 @@ fn compute(
     f[idx::FRAUD_AGE] = age(mv.first_fraud_hour);
     f[idx::LAST_FRAUD_AGE] = age(mv.last_fraud_hour);
     f[idx::CLEAN_SINCE_FRAUD] = mv.clean_since_fraud as f32;
-    (Features(f), large)
+    Features(f)
 }
