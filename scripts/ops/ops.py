@@ -52,6 +52,14 @@ TEMPLATE_VALUES = {
 }
 
 
+def exit_on(problems):
+    """Prints each problem found and exits 1 if there was any."""
+    for p in problems:
+        print(p)
+    if problems:
+        sys.exit(1)
+
+
 def fail(msg):
     print(msg)
     sys.exit(1)
@@ -311,10 +319,7 @@ def cmd_policy(a):
     need(svc["metadata"]["name"] == "peregrine" and "jobLabel" not in sm["spec"],
          "the scrape job must be named peregrine (the Service's name)")
 
-    for p in problems:
-        print(p)
-    if problems:
-        sys.exit(1)
+    exit_on(problems)
     print(f"{len(docs)} objects: probes, security context, secrets by reference, grace {grace}s > "
           f"{pause}s + {shutdown}s, HPA max {hpa['spec']['maxReplicas']} <= {PARTITIONS} partitions, selectors match")
 
@@ -347,10 +352,7 @@ def cmd_runbooks(a):
             path, _, frag = url.partition("#")
             if path != doc_path or frag != name.lower() or frag not in anchors:
                 problems.append(f"{name}: runbook_url {url!r} must be {doc_path}#{name.lower()}, a section of that doc")
-    for p in problems:
-        print(p)
-    if problems:
-        sys.exit(1)
+    exit_on(problems)
     print(f"{n} alerts, each with a severity, a summary, a description and a runbook section in {doc_path}")
 
 
@@ -386,10 +388,7 @@ def cmd_dashboard_lint(a):
             if t.get("datasource", p.get("datasource")) != p.get("datasource"):
                 problems.append(f"{where} query {t.get('refId')} uses another datasource")
     rows = [p["title"] for p in all_panels(d) if p["type"] == "row"]
-    for p in problems:
-        print(p)
-    if problems:
-        sys.exit(1)
+    exit_on(problems)
     print(f"{len(panels)} panels in {len(rows)} rows ({', '.join(rows)}), each with a description and the datasource variable")
 
 
@@ -413,10 +412,7 @@ def cmd_provisioning(a):
     docs = (ROOT / "docs" / "operations.md").read_text()
     if files and files[0]["options"]["path"] not in docs:
         problems.append(f"docs/operations.md does not say where to mount the dashboard ({files[0]['options']['path']})")
-    for p in problems:
-        print(p)
-    if problems:
-        sys.exit(1)
+    exit_on(problems)
     print(f"datasource {proms[0]['name']!r} (uid {proms[0]['uid']}), dashboards from {files[0]['options']['path']}")
 
 
@@ -657,10 +653,7 @@ def cmd_live_rules_loaded(a):
     problems = [f"{n}: not loaded" for n in sorted(names - got.keys())]
     problems += [f"{n}: health {r.get('health')}: {r.get('lastError')}" for n, r in got.items()
                  if r.get("health") != "ok"]
-    for p in problems:
-        print(p)
-    if problems:
-        sys.exit(1)
+    exit_on(problems)
     print(f"Prometheus evaluates all {len(names)} rules without error")
 
 
@@ -682,10 +675,7 @@ def cmd_metric_names(a):
             names.add(name)
             if name not in exported:
                 problems.append(f"{what}: {name} is not exported by the service")
-    for p in problems:
-        print(p)
-    if problems:
-        sys.exit(1)
+    exit_on(problems)
     print(f"all {len(names)} metric names in the dashboard and rules are exported")
 
 

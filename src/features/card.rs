@@ -88,7 +88,8 @@ pub struct CardView {
     pub prev_7d: PaneSum,
     pub prev_30d: PaneSum,
     pub secs_since_prev: Option<i64>,
-    /// Where the previous transaction was (NaN when unknown).
+    /// Where the previous transaction was (NaN when unknown); read only
+    /// when `secs_since_prev` is set.
     pub prev_lat: f32,
     pub prev_lon: f32,
 }

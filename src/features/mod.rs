@@ -316,13 +316,13 @@ impl Engine {
         let cfg = self.cfg;
         let card = self.cards.get_or_default(keys.card);
         let merchant = merchants.merchants.get(keys.merchant);
-        let (features, large) = compute(&cfg, Some(&*card), merchant, tx, keys);
+        let observed = observe(&cfg, Some(&*card), merchant, tx, keys);
         let horizon = self.watermark - cfg.allowed_lateness_secs - DAY;
-        if fold_card(card, tx, keys, large, horizon, cfg.max_recent) {
+        if fold_card(card, tx, keys, observed.large, horizon, cfg.max_recent) {
             self.stats.recent_overflows += 1;
         }
         self.stats.events += 1;
-        Ok(features)
+        Ok(observed.features(tx))
     }
 
     /// [`Engine::peek`] with the merchant's state from `merchants`.
@@ -330,7 +330,7 @@ impl Engine {
         let keys = Keys::of(tx);
         let card = self.cards.get(keys.card);
         let merchant = merchants.merchants.get(keys.merchant);
-        compute(&self.cfg, card, merchant, tx, keys).0
+        observe(&self.cfg, card, merchant, tx, keys).features(tx)
     }
 
     /// Folds a transaction into the merchant's state only: the shared table
@@ -493,86 +493,70 @@ fn observe(
     }
 }
 
-/// The one feature computation, from the state before the event.
-/// Also says whether the amount counts as large for the card.
-fn compute(
-    cfg: &FeatureConfig,
-    card: Option<&CardState>,
-    merchant: Option<&MerchantState>,
-    tx: &Transaction,
-    keys: Keys,
-) -> (Features, bool) {
-    let o = observe(cfg, card, merchant, tx, keys);
-    (o.features(tx), o.large)
-}
-
 impl Observed {
-    /// The features of `tx`, from what the state said about it.
+    /// The features of `tx`, from what the state said about it: the one
+    /// feature computation, for every path.
     pub fn features(&self, tx: &Transaction) -> Features {
-        derive(tx, self)
+        let (cv, mv, large) = (&self.card, &self.merchant, self.large);
+        let t = tx.time.utc;
+        let amount = tx.amount;
+        let (lat, lon) = coord(tx.lat, tx.lon);
+
+        let local = tx.time.local();
+        let local_day = local.div_euclid(DAY);
+        let weekday = (local_day + 3).rem_euclid(7); // 1970-01-01 was a Thursday; Monday = 0
+        let hour = local.rem_euclid(DAY) / 3600;
+
+        let mean_prev_30 = cv.prev_30d.mean();
+        let mean_prev_7 = cv.prev_7d.mean();
+        let ratio = |mean: f64| if mean > 0.0 { amount / mean } else { 1.0 };
+        let zscore = if cv.prev_30d.count >= 2 {
+            let n = cv.prev_30d.count as f64;
+            let var = (cv.prev_30d.sumsq / n - mean_prev_30 * mean_prev_30).max(0.0);
+            // A floor on the spread keeps a card with identical amounts from
+            // turning a one-cent change into an extreme score.
+            let sd = var.sqrt().max(0.1 * mean_prev_30).max(0.01);
+            (amount - mean_prev_30) / sd
+        } else {
+            0.0
+        };
+
+        let mut f = [0f32; N_FEATURES];
+        f[idx::AMOUNT] = amount as f32;
+        f[idx::WEEKEND] = f32::from(weekday >= 5);
+        f[idx::NIGHT] = f32::from(hour <= 6);
+        let windows = [
+            (cv.count_1d, cv.sum_1d),
+            (cv.prev_7d.count, cv.prev_7d.sum),
+            (cv.prev_30d.count, cv.prev_30d.sum),
+        ];
+        for (k, (count, sum)) in windows.into_iter().enumerate() {
+            let n = count + 1;
+            f[idx::CARD_COUNT_1D + 2 * k] = n as f32;
+            f[idx::CARD_MEAN_1D + 2 * k] = ((sum + amount) / n as f64) as f32;
+        }
+        for (k, w) in mv.delayed.iter().enumerate() {
+            f[idx::MERCHANT_DELAYED + 2 * k] = w.count as f32;
+            f[idx::MERCHANT_DELAYED + 2 * k + 1] = w.risk() as f32;
+        }
+        f[idx::RATIO_7D] = ratio(mean_prev_7) as f32;
+        f[idx::RATIO_30D] = ratio(mean_prev_30) as f32;
+        f[idx::ZSCORE_30D] = zscore as f32;
+        f[idx::LARGE_7D] = (cv.prev_7d.large + u32::from(large)) as f32;
+        f[idx::LARGE_30D] = (cv.prev_30d.large + u32::from(large)) as f32;
+        f[idx::CARD_COUNT_1H] = (cv.count_1h + 1) as f32;
+        f[idx::DISTINCT_MERCHANTS_1D] = cv.distinct_merchants_1d as f32;
+        f[idx::SECS_SINCE_PREV] =
+            cv.secs_since_prev
+                .map_or(NO_PREVIOUS_SECS, |s| s.min(NO_PREVIOUS_SECS)) as f32;
+        f[idx::VELOCITY] = cv.velocity_kmh(lat, lon) as f32;
+        f[idx::MERCHANT_COUNT_1H] = (mv.count_1h + 1) as f32;
+        f[idx::ECOM] = f32::from(tx.channel == Some(Channel::Ecom));
+        f[idx::ATM] = f32::from(tx.channel == Some(Channel::Atm));
+        let age = |h: Option<i64>| h.map_or(0.0, |h| (t - h * HOUR) as f64 / DAY as f64) as f32;
+        f[idx::FRAUD_AGE] = age(mv.first_fraud_hour);
+        f[idx::LAST_FRAUD_AGE] = age(mv.last_fraud_hour);
+        f[idx::CLEAN_SINCE_FRAUD] = mv.clean_since_fraud as f32;
+        Features(f)
     }
-}
-
-fn derive(tx: &Transaction, o: &Observed) -> Features {
-    let (cv, mv, large) = (&o.card, &o.merchant, o.large);
-    let t = tx.time.utc;
-    let amount = tx.amount;
-    let (lat, lon) = coord(tx.lat, tx.lon);
-
-    let local = tx.time.local();
-    let local_day = local.div_euclid(DAY);
-    let weekday = (local_day + 3).rem_euclid(7); // 1970-01-01 was a Thursday; Monday = 0
-    let hour = local.rem_euclid(DAY) / 3600;
-
-    let mean_prev_30 = cv.prev_30d.mean();
-    let mean_prev_7 = cv.prev_7d.mean();
-    let ratio = |mean: f64| if mean > 0.0 { amount / mean } else { 1.0 };
-    let zscore = if cv.prev_30d.count >= 2 {
-        let n = cv.prev_30d.count as f64;
-        let var = (cv.prev_30d.sumsq / n - mean_prev_30 * mean_prev_30).max(0.0);
-        // A floor on the spread keeps a card with identical amounts from
-        // turning a one-cent change into an extreme score.
-        let sd = var.sqrt().max(0.1 * mean_prev_30).max(0.01);
-        (amount - mean_prev_30) / sd
-    } else {
-        0.0
-    };
-
-    let mut f = [0f32; N_FEATURES];
-    f[idx::AMOUNT] = amount as f32;
-    f[idx::WEEKEND] = f32::from(weekday >= 5);
-    f[idx::NIGHT] = f32::from(hour <= 6);
-    let windows = [
-        (cv.count_1d, cv.sum_1d),
-        (cv.prev_7d.count, cv.prev_7d.sum),
-        (cv.prev_30d.count, cv.prev_30d.sum),
-    ];
-    for (k, (count, sum)) in windows.into_iter().enumerate() {
-        let n = count + 1;
-        f[idx::CARD_COUNT_1D + 2 * k] = n as f32;
-        f[idx::CARD_MEAN_1D + 2 * k] = ((sum + amount) / n as f64) as f32;
-    }
-    for (k, w) in mv.delayed.iter().enumerate() {
-        f[idx::MERCHANT_DELAYED + 2 * k] = w.count as f32;
-        f[idx::MERCHANT_DELAYED + 2 * k + 1] = w.risk() as f32;
-    }
-    f[idx::RATIO_7D] = ratio(mean_prev_7) as f32;
-    f[idx::RATIO_30D] = ratio(mean_prev_30) as f32;
-    f[idx::ZSCORE_30D] = zscore as f32;
-    f[idx::LARGE_7D] = (cv.prev_7d.large + u32::from(large)) as f32;
-    f[idx::LARGE_30D] = (cv.prev_30d.large + u32::from(large)) as f32;
-    f[idx::CARD_COUNT_1H] = (cv.count_1h + 1) as f32;
-    f[idx::DISTINCT_MERCHANTS_1D] = cv.distinct_merchants_1d as f32;
-    f[idx::SECS_SINCE_PREV] = cv
-        .secs_since_prev
-        .map_or(NO_PREVIOUS_SECS, |s| s.min(NO_PREVIOUS_SECS)) as f32;
-    f[idx::VELOCITY] = cv.velocity_kmh(lat, lon) as f32;
-    f[idx::MERCHANT_COUNT_1H] = (mv.count_1h + 1) as f32;
-    f[idx::ECOM] = f32::from(tx.channel == Some(Channel::Ecom));
-    f[idx::ATM] = f32::from(tx.channel == Some(Channel::Atm));
-    let age = |h: Option<i64>| h.map_or(0.0, |h| (t - h * HOUR) as f64 / DAY as f64) as f32;
-    f[idx::FRAUD_AGE] = age(mv.first_fraud_hour);
-    f[idx::LAST_FRAUD_AGE] = age(mv.last_fraud_hour);
-    f[idx::CLEAN_SINCE_FRAUD] = mv.clean_since_fraud as f32;
-    Features(f)
 }
