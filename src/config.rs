@@ -37,8 +37,22 @@ pub struct Settings {
     pub max_message_bytes: usize,
     /// Larger HTTP request bodies are refused with 413.
     pub max_body_bytes: usize,
-    /// Re-read a newly assigned partition's recent history before scoring it.
+    /// Restore a newly assigned partition's card state from its changelog
+    /// before scoring it; false starts it empty.
     pub rebuild_on_assign: bool,
+    /// Seconds between checkpoints of each partition's card state to its
+    /// changelog; the input topic must keep at least twice this plus an hour.
+    pub checkpoint_interval_secs: u64,
+    /// Partitions of the merchant-events and merchants changelog topics;
+    /// 0 takes the input topic's count. Fixed once the topics exist.
+    pub merchant_partitions: u32,
+    /// How far, in event time, the merchant table may lag a transaction
+    /// scored against it: a transaction waits until every partition's
+    /// transactions up to this long before it are in the table.
+    pub merchant_max_lag_secs: i64,
+    /// The longest a batch waits for the merchant table, in milliseconds;
+    /// it is then scored against the table as it is, and counted.
+    pub merchant_wait_ms: u64,
     /// Seconds between the status lines in the log; 0 turns them off.
     pub log_interval_secs: u64,
     /// Raw librdkafka properties (SASL, TLS, timeouts), passed through as given.
@@ -66,6 +80,10 @@ impl Default for Settings {
             max_message_bytes: 64 * 1024,
             max_body_bytes: 1024 * 1024,
             rebuild_on_assign: true,
+            checkpoint_interval_secs: 30,
+            merchant_partitions: 0,
+            merchant_max_lag_secs: 60,
+            merchant_wait_ms: 5000,
             log_interval_secs: 10,
             librdkafka: BTreeMap::new(),
         }
@@ -81,6 +99,10 @@ const TYPED_KEYS: &[&str] = &[
     "max_message_bytes",
     "max_body_bytes",
     "rebuild_on_assign",
+    "checkpoint_interval_secs",
+    "merchant_partitions",
+    "merchant_max_lag_secs",
+    "merchant_wait_ms",
     "log_interval_secs",
 ];
 
@@ -103,6 +125,10 @@ const KEYS: &[&str] = &[
     "max_message_bytes",
     "max_body_bytes",
     "rebuild_on_assign",
+    "checkpoint_interval_secs",
+    "merchant_partitions",
+    "merchant_max_lag_secs",
+    "merchant_wait_ms",
     "log_interval_secs",
 ];
 
@@ -238,6 +264,12 @@ impl Settings {
         if self.max_message_bytes == 0 || self.max_body_bytes == 0 {
             return invalid("max_message_bytes", "limits must be positive");
         }
+        if self.checkpoint_interval_secs == 0 {
+            return invalid("checkpoint_interval_secs", "must be at least 1");
+        }
+        if self.merchant_max_lag_secs < 0 {
+            return invalid("merchant_max_lag_secs", "must not be negative");
+        }
         if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
             return invalid("admin_token", "must be at least 16 characters");
         }
@@ -291,6 +323,11 @@ impl fmt::Debug for Settings {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("rebuild_on_assign", &self.rebuild_on_assign)
+            .field("checkpoint_interval_secs", &self.checkpoint_interval_secs)
+            .field("merchant_partitions", &self.merchant_partitions)
+            .field("merchant_max_lag_secs", &self.merchant_max_lag_secs)
+            .field("merchant_wait_ms", &self.merchant_wait_ms)
+            .field("log_interval_secs", &self.log_interval_secs)
             .field("librdkafka", &raw)
             .finish()
     }

@@ -8,8 +8,9 @@ use clap::Args;
 use peregrine::config::Settings;
 use peregrine::features::N_FEATURES;
 use peregrine::ingest::Transaction;
-use peregrine::serve::pipeline::DeadReason;
-use peregrine::serve::{self, Shared};
+use peregrine::ingest::decode::DeadReason;
+use peregrine::ingest::label::Label;
+use peregrine::serve::{self, ServiceState};
 use peregrine::sim::{SimConfig, Simulation};
 use rdkafka::ClientConfig;
 use rdkafka::Message;
@@ -146,18 +147,30 @@ pub fn run(a: DemoArgs, _progress: bool) -> anyhow::Result<()> {
     );
     println!();
 
-    serve::QUIET.store(true, Ordering::Relaxed);
-    let shared = Shared::new(settings, scorer);
+    peregrine::telemetry::QUIET.store(true, Ordering::Relaxed);
+    let shared = ServiceState::new(settings, scorer);
     let sent = Arc::new(AtomicU64::new(0));
     let producing = Arc::new(AtomicBool::new(true));
     let stop = Arc::new(AtomicBool::new(false));
 
     let runtime = crate::service_cli::runtime()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let service = runtime.spawn(serve::run_shared(shared.clone(), async move {
+    let service = runtime.spawn(serve::run_with(shared.clone(), async move {
         let _ = stop_rx.await;
     }));
 
+    // The stream starts once the service can score it, as live traffic
+    // would find it: no start-up backlog.
+    let waiting = Instant::now();
+    while !shared.readiness().ready {
+        if service.is_finished() || waiting.elapsed() > Duration::from_secs(120) {
+            let why = shared.readiness().waiting_for.join(", ");
+            let _ = stop_tx.send(());
+            runtime.block_on(service)??;
+            anyhow::bail!("the service did not become ready (waiting for {why})");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let producer = {
         let (brokers, sent, producing, stop) = (
             brokers.clone(),
@@ -201,14 +214,8 @@ pub fn run(a: DemoArgs, _progress: bool) -> anyhow::Result<()> {
         if last.1.elapsed() >= Duration::from_secs(1) || done_at.is_some() {
             let rate = (scored - last.0) as f64 / last.1.elapsed().as_secs_f64();
             last = (scored, Instant::now());
-            let (p50, p99) = {
-                let l = shared.latency.lock().unwrap_or_else(|e| e.into_inner());
-                let h = &l.event_to_alert_us;
-                (
-                    h.value_at_quantile(0.5) as f64 / 1000.0,
-                    h.value_at_quantile(0.99) as f64 / 1000.0,
-                )
-            };
+            let l = shared.latency_summary();
+            let (p50, p99) = (l.alert_p50_ms, l.alert_p99_ms);
             print!(
                 "\rscored {scored:>7} of {n} | {rate:>7.0} tx/s | alerts {:>5} (review {review:>4}, block {block:>4}) | dead-lettered {dead} | event-to-alert p50 {p50:>6.1} ms p99 {p99:>6.1} ms   ",
                 review + block
@@ -297,17 +304,23 @@ fn produce(
         let payload = tx.to_json().to_string();
         crate::service_cli::send(&producer, input, &tx.card_id, payload.as_bytes())?;
         if fraud {
-            let mut ts = String::new();
-            peregrine::ingest::time::format_utc(tx.time.utc, &mut ts);
-            let label = serde_json::json!({
-                "transaction_id": tx.transaction_id,
-                "card_id": tx.card_id,
-                "merchant_id": tx.merchant_id,
-                "is_fraud": 1,
-                "reported_at": peregrine::alerts::now_rfc3339(),
-                "timestamp": ts,
-            });
-            crate::service_cli::send(&producer, labels, &tx.card_id, label.to_string().as_bytes())?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let label = Label {
+                transaction_id: tx.transaction_id.clone(),
+                card_id: tx.card_id.clone(),
+                merchant_id: tx.merchant_id.clone(),
+                is_fraud: true,
+                reported_at: now,
+                transaction_time: Some(tx.time.utc),
+            };
+            crate::service_cli::send(
+                &producer,
+                labels,
+                &tx.card_id,
+                label.to_json().to_string().as_bytes(),
+            )?;
         }
         if i == n / 3 {
             crate::service_cli::send(&producer, input, "", b"{\"transaction_id\": oops")?;
@@ -383,7 +396,7 @@ impl AlertReader {
 fn summary(
     sim: &Simulation,
     alerts: &HashMap<String, serde_json::Value>,
-    shared: &Shared,
+    shared: &ServiceState,
 ) -> anyhow::Result<()> {
     let mut frauds = [0u64; 6];
     let mut caught = [0u64; 6];
@@ -403,14 +416,14 @@ fn summary(
     let mut out = std::io::stdout().lock();
     let total: u64 = caught.iter().sum();
     let true_alerts: u64 = caught[1..].iter().sum();
-    let l = shared.latency.lock().unwrap_or_else(|e| e.into_inner());
+    let l = shared.latency_summary();
     writeln!(
         out,
         "{} alerts on the alert topic; {:.1}% of them fraud. Scoring per transaction: p50 {:.1} µs, p99 {:.1} µs.",
         alerts.len(),
         100.0 * true_alerts as f64 / total.max(1) as f64,
-        l.scoring_ns.value_at_quantile(0.5) as f64 / 1000.0,
-        l.scoring_ns.value_at_quantile(0.99) as f64 / 1000.0,
+        l.scoring_p50_us,
+        l.scoring_p99_us,
     )?;
     writeln!(
         out,

@@ -5,7 +5,8 @@
 use crate::features::Features;
 use crate::ingest::Transaction;
 use crate::model::scorer::{Score, Scorer};
-use crate::serve::{Shared, log};
+use crate::serve::ServiceState;
+use crate::telemetry::log;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -25,7 +26,7 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 /// Transactions per batch request.
 pub const MAX_BATCH: usize = 10_000;
 
-type AppState = Arc<Shared>;
+type AppState = Arc<ServiceState>;
 
 pub fn router(shared: AppState) -> Router {
     let limit = shared.settings.max_body_bytes;

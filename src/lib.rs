@@ -18,3 +18,4 @@ pub mod model;
 pub mod rng;
 pub mod serve;
 pub mod sim;
+pub mod telemetry;

@@ -21,7 +21,13 @@ pub struct Metrics {
     pub event_to_alert_seconds: Histogram,
     pub consumer_lag: IntGaugeVec,
     pub partitions: IntGauge,
-    pub rebuilt: IntCounter,
+    pub restore_records: IntCounterVec,
+    pub records_read: IntCounterVec,
+    pub checkpoints: IntCounterVec,
+    pub restoring: IntGauge,
+    pub tasks: IntGaugeVec,
+    pub merchant_duplicates: IntCounter,
+    pub merchant_wait_seconds: Histogram,
     pub ready: IntGauge,
     pub model_info: IntGaugeVec,
     pub reloads: IntCounterVec,
@@ -138,9 +144,45 @@ impl Metrics {
                 "peregrine_partitions_assigned",
                 "Input partitions assigned to this instance.",
             ),
-            rebuilt: counter(
-                "peregrine_rebuild_transactions_total",
-                "Transactions re-read to rebuild card state after a partition assignment.",
+            restore_records: counter_vec(
+                "peregrine_restore_records_total",
+                "Records read to restore state on assignment: changelog records, and input \
+                 records after the checkpoint folded in without alerts.",
+                &["source"],
+            ),
+            records_read: counter_vec(
+                "peregrine_records_read_total",
+                "Records read from Kafka, by topic: the input, the labels and every internal topic.",
+                &["topic"],
+            ),
+            checkpoints: counter_vec(
+                "peregrine_checkpoints_total",
+                "State checkpoints written to a changelog, by store and kind (delta or snapshot).",
+                &["store", "kind"],
+            ),
+            restoring: gauge(
+                "peregrine_partitions_restoring",
+                "Partitions of this instance restoring their state.",
+            ),
+            tasks: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "peregrine_partition_tasks",
+                        "Partition tasks of this instance, by role and phase.",
+                    ),
+                    &["role", "phase"],
+                )
+                .expect("valid gauge"),
+            ),
+            merchant_duplicates: counter(
+                "peregrine_merchant_events_duplicates_total",
+                "Merchant events sent again (by a partition's next owner) and skipped.",
+            ),
+            merchant_wait_seconds: histogram(
+                "peregrine_merchant_wait_seconds",
+                "Time a batch waited for the merchant table to reach its event time.",
+                latency_buckets(),
             ),
             ready: gauge("peregrine_ready", "1 when the service is ready to score."),
             model_info: register(
@@ -176,7 +218,7 @@ impl Metrics {
             cards: gauge("peregrine_cards", "Cards with state on this instance."),
             merchants: gauge(
                 "peregrine_merchants",
-                "Merchants in this instance's merchant table.",
+                "Merchants in this instance's merchant table (a copy of all merchants).",
             ),
             delivery_retries: counter(
                 "peregrine_delivery_retries_total",
@@ -184,7 +226,7 @@ impl Metrics {
             ),
             table_wait_timeouts: counter(
                 "peregrine_merchant_table_wait_timeouts_total",
-                "Batches scored before the merchant table caught up with their event time.",
+                "Batches scored after waiting merchant_wait_ms for the merchant table to reach their event time.",
             ),
             redelivered: counter(
                 "peregrine_redelivered_total",
@@ -208,6 +250,9 @@ impl Metrics {
         }
         for o in ["applied", "too_old", "genuine", "invalid"] {
             self.labels.with_label_values(&[o]);
+        }
+        for s in ["changelog", "input"] {
+            self.restore_records.with_label_values(&[s]);
         }
     }
 

@@ -4,7 +4,7 @@
 use anyhow::{Context, bail};
 use clap::Args;
 use peregrine::config::{ENV_CONFIG, Settings};
-use peregrine::ingest::time::format_utc;
+use peregrine::ingest::label::Label;
 use peregrine::ingest::{Transaction, TransactionReader};
 use rdkafka::ClientConfig;
 use rdkafka::Message;
@@ -194,7 +194,6 @@ pub fn produce(a: ProduceArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let (mut n, mut labels, mut seen) = (0u64, 0u64, 0u64);
     let limit = a.limit.unwrap_or(u64::MAX);
-    let mut ts = String::new();
     while n < limit && reader.next_into(&mut tx)? {
         seen += 1;
         if seen <= a.skip {
@@ -206,19 +205,20 @@ pub fn produce(a: ProduceArgs) -> anyhow::Result<()> {
         send(&producer, &a.topic, &tx.card_id, payload.as_bytes())?;
         n += 1;
         if let (Some(topic), true) = (&a.label_topic, fraud) {
-            ts.clear();
-            format_utc(tx.time.utc + a.label_delay_days * 86_400, &mut ts);
-            let mut event = String::new();
-            format_utc(tx.time.utc, &mut event);
-            let label = serde_json::json!({
-                "transaction_id": tx.transaction_id,
-                "card_id": tx.card_id,
-                "merchant_id": tx.merchant_id,
-                "is_fraud": 1,
-                "reported_at": ts,
-                "timestamp": event,
-            });
-            send(&producer, topic, &tx.card_id, label.to_string().as_bytes())?;
+            let label = Label {
+                transaction_id: tx.transaction_id.clone(),
+                card_id: tx.card_id.clone(),
+                merchant_id: tx.merchant_id.clone(),
+                is_fraud: true,
+                reported_at: tx.time.utc + a.label_delay_days * 86_400,
+                transaction_time: Some(tx.time.utc),
+            };
+            send(
+                &producer,
+                topic,
+                &tx.card_id,
+                label.to_json().to_string().as_bytes(),
+            )?;
             labels += 1;
         }
         if a.rate > 0 {

@@ -213,6 +213,89 @@ impl MerchantState {
     }
 }
 
+/// One hour's own counts, not running totals: what the service's
+/// changelog carries for a merchant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HourCounts {
+    pub hour: u32,
+    pub count: u32,
+    pub frauds: u32,
+}
+
+impl MerchantState {
+    /// The own counts of every pane in hours `[from, to)`.
+    pub fn hours(&self, from: i64, to: i64) -> Vec<HourCounts> {
+        let lo = self.panes.partition_point(|p| (p.hour as i64) < from);
+        let hi = self.panes.partition_point(|p| (p.hour as i64) < to);
+        (lo..hi)
+            .map(|i| {
+                let (c0, f0) = self.totals_at(i);
+                let p = self.panes[i];
+                HourCounts {
+                    hour: p.hour,
+                    count: p.total_count.wrapping_sub(c0),
+                    frauds: p.total_frauds.wrapping_sub(f0),
+                }
+            })
+            .collect()
+    }
+
+    /// Running totals before pane `i`.
+    fn totals_at(&self, i: usize) -> (u32, u32) {
+        match i.checked_sub(1) {
+            Some(j) => (self.panes[j].total_count, self.panes[j].total_frauds),
+            None => (self.base_count, self.base_frauds),
+        }
+    }
+
+    /// The distinct hours that have a pane, oldest first.
+    pub fn pane_hours(&self) -> impl Iterator<Item = u32> + '_ {
+        self.panes.iter().map(|p| p.hour)
+    }
+
+    /// Sets one hour's own counts, whatever they were: a pane set to zero
+    /// is removed. Later panes' running totals move by the difference, so
+    /// panes may be set in any order.
+    pub fn set_hour(&mut self, h: HourCounts) {
+        let i = self.panes.partition_point(|p| p.hour < h.hour);
+        let exists = self.panes.get(i).is_some_and(|p| p.hour == h.hour);
+        let (c0, f0) = self.totals_at(i);
+        let (old_count, old_frauds) = if exists {
+            let p = self.panes[i];
+            (
+                p.total_count.wrapping_sub(c0),
+                p.total_frauds.wrapping_sub(f0),
+            )
+        } else {
+            (0, 0)
+        };
+        let dc = h.count.wrapping_sub(old_count);
+        let df = h.frauds.wrapping_sub(old_frauds);
+        let after = if h.count == 0 && h.frauds == 0 {
+            if exists {
+                self.panes.remove(i);
+            }
+            i
+        } else if exists {
+            i
+        } else {
+            self.panes.insert(
+                i,
+                Pane {
+                    hour: h.hour,
+                    total_count: c0,
+                    total_frauds: f0,
+                },
+            );
+            i
+        };
+        for p in self.panes.range_mut(after..) {
+            p.total_count = p.total_count.wrapping_add(dc);
+            p.total_frauds = p.total_frauds.wrapping_add(df);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,5 +330,49 @@ mod tests {
             );
         }
         assert!(m.panes.len() > 96);
+    }
+
+    /// A state rebuilt from its hours in any order, as the service's
+    /// merchant table rebuilds it from the changelog, gives the same views.
+    #[test]
+    fn rebuilt_from_hours_in_any_order() {
+        let mut rng = Rng::new(9);
+        let mut m = MerchantState::default();
+        let mut t = 1_600_000_000i64;
+        for _ in 0..3000 {
+            t += rng.below(3000) as i64;
+            m.add_transaction(t);
+            if rng.f64() < 0.05 {
+                m.add_fraud(t - rng.below(900_000) as i64, 0);
+            }
+        }
+        m.expire(t / HOUR - 500);
+        let mut hours = m.hours(i64::MIN, i64::MAX);
+        // Reverse order, with a detour through wrong values.
+        hours.reverse();
+        let mut r = MerchantState::default();
+        for h in &hours {
+            r.set_hour(HourCounts {
+                count: h.count + 3,
+                ..*h
+            });
+        }
+        for h in &hours {
+            r.set_hour(*h);
+        }
+        assert_eq!(r.hours(i64::MIN, i64::MAX).len(), hours.len());
+        for k in 0..200 {
+            let at = t - k * 1777;
+            let (a, b) = (m.view(at, 7 * 86_400), r.view(at, 7 * 86_400));
+            assert_eq!(format!("{a:?}"), format!("{b:?}"), "at {at}");
+        }
+        // Setting an hour to zero removes it.
+        let first = hours.last().unwrap().hour;
+        r.set_hour(HourCounts {
+            hour: first,
+            count: 0,
+            frauds: 0,
+        });
+        assert_eq!(r.hours(i64::MIN, i64::MAX).len(), hours.len() - 1);
     }
 }

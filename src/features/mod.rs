@@ -96,12 +96,6 @@ impl Features {
         NAMES.iter().position(|n| *n == name).map(|i| self.0[i])
     }
 
-    /// Sets the merchant's 1-hour count from its `previous` transactions,
-    /// for a merchant table that knows them more exactly than its panes.
-    pub fn set_merchant_previous_1h(&mut self, previous: u32) {
-        self.0[idx::MERCHANT_COUNT_1H] = (previous + 1) as f32;
-    }
-
     pub fn to_json(&self) -> serde_json::Value {
         NAMES
             .iter()
@@ -163,6 +157,22 @@ pub struct Engine {
     watermark: i64,
     next_sweep: i64,
     stats: EngineStats,
+    /// Cards changed since the last checkpoint, when the service keeps a changelog.
+    changes: Option<CardChanges>,
+}
+
+/// The cards an engine changed and dropped since a checkpoint.
+#[derive(Debug, Default)]
+pub struct CardChanges {
+    pub changed: std::collections::HashSet<u64>,
+    pub removed: std::collections::HashSet<u64>,
+}
+
+/// An engine's event-time clock: its watermark and next sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct EngineClock {
+    pub watermark: i64,
+    pub next_sweep: i64,
 }
 
 impl Engine {
@@ -178,6 +188,7 @@ impl Engine {
             watermark: i64::MIN,
             next_sweep: i64::MIN,
             stats: EngineStats::default(),
+            changes: None,
         }
     }
 
@@ -261,8 +272,15 @@ impl Engine {
     /// [`Engine::peek`] without deriving the features.
     pub fn peek_observed(&self, tx: &Transaction, keys: Keys) -> Observed {
         let card = self.cards.get(keys.card);
-        let merchant = self.merchants.get(keys.merchant);
-        observe(&self.cfg, card, merchant, tx, keys)
+        let merchant = self.merchant_view(keys.merchant, tx.time.utc);
+        observe(card, merchant, tx, keys)
+    }
+
+    fn merchant_view(&self, merchant_key: u64, t: i64) -> MerchantView {
+        self.merchants
+            .get(merchant_key)
+            .map(|m| m.view(t, self.cfg.label_delay_secs))
+            .unwrap_or_default()
     }
 
     /// Computes the features of `tx` and folds it into the state. An event
@@ -286,7 +304,12 @@ impl Engine {
         let merchant_key = keys.merchant;
         let card = self.cards.get_or_default(keys.card);
         let merchant = self.merchants.get_or_default(merchant_key);
-        let observed = observe(&cfg, Some(&*card), Some(&*merchant), tx, keys);
+        let observed = observe(
+            Some(&*card),
+            merchant.view(t, cfg.label_delay_secs),
+            tx,
+            keys,
+        );
         let horizon = self.watermark - cfg.allowed_lateness_secs - DAY;
         if fold_card(card, tx, keys, observed.large, horizon, cfg.max_recent) {
             self.stats.recent_overflows += 1;
@@ -303,52 +326,76 @@ impl Engine {
     }
 
     /// The service's path. A card's state lives in the engine of its Kafka
-    /// partition, while a merchant's transactions arrive on every partition,
-    /// so its state comes from `merchants`, a table fed from all of them.
-    /// Only the card's state changes.
+    /// partition, while its merchant's state is aggregated elsewhere (by
+    /// merchant), so the merchant's view comes with the transaction. Only
+    /// the card's state changes.
     pub fn process_card(
         &mut self,
         tx: &Transaction,
-        merchants: &Engine,
+        merchant: MerchantView,
     ) -> Result<Features, TooLate> {
         let keys = Keys::of(tx);
         self.admit(tx.time.utc)?;
         let cfg = self.cfg;
         let card = self.cards.get_or_default(keys.card);
-        let merchant = merchants.merchants.get(keys.merchant);
-        let observed = observe(&cfg, Some(&*card), merchant, tx, keys);
+        let observed = observe(Some(&*card), merchant, tx, keys);
         let horizon = self.watermark - cfg.allowed_lateness_secs - DAY;
         if fold_card(card, tx, keys, observed.large, horizon, cfg.max_recent) {
             self.stats.recent_overflows += 1;
+        }
+        if let Some(c) = &mut self.changes {
+            c.changed.insert(keys.card.max(1));
         }
         self.stats.events += 1;
         Ok(observed.features(tx))
     }
 
-    /// [`Engine::peek`] with the merchant's state from `merchants`.
-    pub fn peek_card(&self, tx: &Transaction, merchants: &Engine) -> Features {
+    /// [`Engine::peek`] with the merchant's view given, as in [`Engine::process_card`].
+    pub fn peek_card(&self, tx: &Transaction, merchant: MerchantView) -> Features {
         let keys = Keys::of(tx);
-        let card = self.cards.get(keys.card);
-        let merchant = merchants.merchants.get(keys.merchant);
-        observe(&self.cfg, card, merchant, tx, keys).features(tx)
+        observe(self.cards.get(keys.card), merchant, tx, keys).features(tx)
     }
 
-    /// Folds a transaction into the merchant's state only: the shared table
-    /// of the service. Any arrival order is fine within the retention, since
-    /// partitions are read at different paces. Returns false for an event
-    /// older than the retention.
-    pub fn add_merchant_transaction(&mut self, merchant_key: u64, t: i64) -> bool {
-        self.advance(t);
-        let oldest_hour = self.oldest_merchant_hour();
-        if t.div_euclid(HOUR) < oldest_hour {
-            self.stats.too_late += 1;
-            return false;
+    /// Starts recording which cards change, for a changelog of the state.
+    pub fn track_changes(&mut self) {
+        self.changes.get_or_insert_with(CardChanges::default);
+    }
+
+    /// The cards changed and dropped since the last call; tracking goes on.
+    pub fn take_changes(&mut self) -> CardChanges {
+        match &mut self.changes {
+            Some(c) => std::mem::take(c),
+            None => CardChanges::default(),
         }
-        let merchant = self.merchants.get_or_default(merchant_key);
-        merchant.add_transaction(t);
-        merchant.expire(oldest_hour);
-        self.stats.events += 1;
-        true
+    }
+
+    /// A card's state by key hash.
+    pub fn card(&self, key: u64) -> Option<&CardState> {
+        self.cards.get(key)
+    }
+
+    /// Every card's state with its key hash.
+    pub fn all_cards(&self) -> impl Iterator<Item = (u64, &CardState)> {
+        self.cards.iter()
+    }
+
+    /// Puts a card's state back, as read from a changelog.
+    pub fn insert_card(&mut self, key: u64, state: CardState) {
+        *self.cards.get_or_default(key) = state;
+    }
+
+    /// What besides the cards a checkpoint of this engine must hold.
+    pub fn clock(&self) -> EngineClock {
+        EngineClock {
+            watermark: self.watermark,
+            next_sweep: self.next_sweep,
+        }
+    }
+
+    /// Restores what [`Engine::clock`] returned.
+    pub fn set_clock(&mut self, clock: EngineClock) {
+        self.watermark = clock.watermark;
+        self.next_sweep = clock.next_sweep;
     }
 
     /// A fraud label from a file: it becomes known `label_delay` after the
@@ -362,10 +409,6 @@ impl Engine {
     }
 
     /// A fraud label known now (the service's label topic).
-    pub fn add_label(&mut self, merchant_id: &str, tx_time: i64) {
-        self.apply_label(key_hash(merchant_id), tx_time);
-    }
-
     fn apply_label(&mut self, merchant_key: u64, tx_time: i64) {
         let oldest = self.oldest_merchant_hour();
         let m = self.merchants.get_or_default(merchant_key);
@@ -407,9 +450,17 @@ impl Engine {
     fn sweep(&mut self) {
         let idle_day =
             (self.watermark - self.cfg.allowed_lateness_secs - 30 * DAY).div_euclid(DAY) - 1;
-        self.stats.cards_expired += self.cards.retain(|c| c.newest_day() as i64 >= idle_day) as u64;
+        let changes = &mut self.changes;
+        self.stats.cards_expired += self.cards.retain(|key, c| {
+            let keep = c.newest_day() as i64 >= idle_day;
+            if let (false, Some(ch)) = (keep, changes.as_mut()) {
+                ch.changed.remove(&key);
+                ch.removed.insert(key);
+            }
+            keep
+        }) as u64;
         let oldest = self.oldest_merchant_hour();
-        self.stats.merchants_expired += self.merchants.retain(|m| {
+        self.stats.merchants_expired += self.merchants.retain(|_, m| {
             m.expire(oldest);
             !m.is_empty()
         }) as u64;
@@ -472,18 +523,14 @@ pub struct Observed {
 }
 
 fn observe(
-    cfg: &FeatureConfig,
     card: Option<&CardState>,
-    merchant: Option<&MerchantState>,
+    merchant: MerchantView,
     tx: &Transaction,
     keys: Keys,
 ) -> Observed {
     let t = tx.time.utc;
     let merchant_key = (keys.merchant >> 32) as u32;
     let card = card.map(|c| c.view(t, merchant_key)).unwrap_or_default();
-    let merchant = merchant
-        .map(|m| m.view(t, cfg.label_delay_secs))
-        .unwrap_or_default();
     let history = card.prev_30d;
     let large = history.count >= LARGE_MIN_HISTORY && tx.amount >= LARGE_RATIO * history.mean();
     Observed {

@@ -5,8 +5,13 @@
 /// 64-bit hash of a card or merchant token. Keys are stored as this hash:
 /// for a million keys the chance that any two collide is about 3·10⁻⁸.
 pub fn key_hash(s: &str) -> u64 {
+    key_hash_bytes(s.as_bytes())
+}
+
+/// [`key_hash`] of an id as bytes (a Kafka record key).
+pub fn key_hash_bytes(s: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in s.as_bytes() {
+    for &b in s {
         h ^= b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -97,7 +102,7 @@ impl Index {
     fn insert(&mut self, key: u64, slot: u32) {
         // At most three quarters full, so that probe runs stay short.
         if 4 * (self.len + 1) > 3 * self.buckets.len() {
-            self.rebuild((2 * self.buckets.len()).max(16), |_| true);
+            self.rebuild((2 * self.buckets.len()).max(16), |_, _| true);
         }
         self.place(stored(key), slot);
         self.len += 1;
@@ -112,12 +117,12 @@ impl Index {
         self.buckets[at] = (key, slot);
     }
 
-    /// Rehashes into `size` buckets, keeping the slots for which `keep` is true.
-    fn rebuild(&mut self, size: usize, mut keep: impl FnMut(u32) -> bool) {
+    /// Rehashes into `size` buckets, keeping the entries for which `keep` is true.
+    fn rebuild(&mut self, size: usize, mut keep: impl FnMut(u64, u32) -> bool) {
         let old = std::mem::replace(&mut self.buckets, vec![(0, 0); size]);
         self.len = 0;
         for (k, slot) in old {
-            if k != 0 && keep(slot) {
+            if k != 0 && keep(k, slot) {
                 self.place(k, slot);
                 self.len += 1;
             }
@@ -188,14 +193,23 @@ impl<T: Default> KeyedStore<T> {
         self.slot_mut(i)
     }
 
-    /// Drops every entry for which `keep` is false, freeing its memory.
-    pub fn retain(&mut self, mut keep: impl FnMut(&mut T) -> bool) -> usize {
+    /// Every entry with its key (as stored: a key of 0 reads as 1).
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &T)> {
+        self.index
+            .buckets
+            .iter()
+            .filter(|(k, _)| *k != 0)
+            .map(|&(k, slot)| (k, self.slot(slot)))
+    }
+
+    /// Drops every entry for which `keep` (given its key) is false, freeing its memory.
+    pub fn retain(&mut self, mut keep: impl FnMut(u64, &mut T) -> bool) -> usize {
         let mut dropped = Vec::new();
         let chunks = &mut self.chunks;
         let size = self.index.buckets.len();
-        self.index.rebuild(size, |i| {
+        self.index.rebuild(size, |key, i| {
             let v = &mut chunks[i as usize / CHUNK][i as usize % CHUNK];
-            if keep(v) {
+            if keep(key, v) {
                 true
             } else {
                 *v = T::default();
@@ -221,7 +235,8 @@ mod tests {
         }
         assert_eq!(s.len(), 10_000);
         assert_eq!(s.get(key_hash("1234")), Some(&1234));
-        assert_eq!(s.retain(|v| *v % 2 == 0), 5000);
+        assert_eq!(s.retain(|_, v| *v % 2 == 0), 5000);
+        assert_eq!(s.iter().count(), 5000);
         assert_eq!(s.get(key_hash("1233")), None);
         assert_eq!(*s.get_or_default(key_hash("new")), 0);
         assert_eq!(s.chunks.len(), 3);

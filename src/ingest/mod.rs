@@ -1,5 +1,8 @@
-//! Getting transactions in: the schema, timestamps and file readers.
+//! Getting transactions in: the schema, timestamps, file readers, the
+//! Kafka message decoder and the label message.
 
+pub mod decode;
+pub mod label;
 pub mod reader;
 pub mod time;
 pub mod transaction;

@@ -1,271 +1,47 @@
-//! `peregrine serve`: the engine as a long-running service. Kafka in
-//! ([`pipeline`]), alerts out, the merchant table fed from every partition
-//! ([`tables`]), and the HTTP API ([`crate::http`]) over the same state.
+//! `peregrine serve`: the engine as a long-running service.
+//!
+//! Layers, each depending only on those below it:
+//!
+//! ```text
+//! mod.rs          wiring: start, run until stopped, drain
+//! http (crate)    the HTTP API, over the state
+//! group           the group consumer and its rebalances
+//! cards, merchants::stage, labels
+//!                 the partition tasks (their lifecycle in partition)
+//! changelog, output, events, merchants (records), kafka
+//!                 changelogs, producing, wire formats, Kafka clients
+//! state, merchants::table
+//!                 the state, behind methods, with one lock order
+//! ```
+//!
+//! Kafka is the distributed state engine, as for Kafka Streams: card state
+//! per input partition in a compacted changelog; merchant state built by
+//! the owners of a merchant-keyed repartition topic and changelogged; that
+//! changelog read by every instance as its merchant table.
 
-pub mod pipeline;
-pub mod tables;
+pub mod cards;
+pub mod changelog;
+pub mod events;
+pub mod group;
+pub mod kafka;
+pub mod labels;
+pub mod merchants;
+pub mod output;
+pub mod partition;
+pub mod state;
+
+pub use state::{ServiceState, load_scorer};
 
 use crate::config::Settings;
-use crate::features::{Engine, FeatureConfig, Features};
-use crate::ingest::Transaction;
-use crate::metrics::Metrics;
-use crate::model::Model;
-use crate::model::rules::{RuleSet, parse_rules};
-use crate::model::scorer::{Score, Scorer};
+use crate::ingest::decode::DeadReason;
+use crate::telemetry::log;
 use anyhow::Context;
-use std::collections::BTreeMap;
-use std::path::Path;
+use events::Source;
+use rdkafka::config::FromClientConfigAndContext;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-
-/// Set by a caller that shows its own progress (the demo): INFO lines are dropped.
-pub static QUIET: AtomicBool = AtomicBool::new(false);
-
-/// Prints one log line: UTC time, level, message.
-pub fn log(level: &str, msg: impl std::fmt::Display) {
-    if level == "INFO" && QUIET.load(Ordering::Relaxed) {
-        return;
-    }
-    eprintln!("{} {level:<5} {msg}", crate::alerts::now_rfc3339());
-}
-
-/// A card engine shared by its partition's worker and the HTTP API.
-pub type CardEngine = Arc<Mutex<Engine>>;
-
-/// Everything the Kafka pipeline and the HTTP API share.
-pub struct Shared {
-    pub settings: Settings,
-    pub metrics: Metrics,
-    live: RwLock<Arc<Scorer>>,
-    feature_config: FeatureConfig,
-    /// Merchant state from every partition of the input topic, and labels.
-    pub merchants: RwLock<tables::MerchantTable>,
-    /// Card state of each assigned partition.
-    pub partitions: Mutex<BTreeMap<i32, CardEngine>>,
-    /// Cards seen only through `POST /v1/score?update=true`.
-    pub http_cards: CardEngine,
-    /// The merchant table has read what the input and label topics held at start.
-    pub tables_ready: AtomicBool,
-    pub table_clock: tables::TableClock,
-    /// Exact in-process quantiles for logs, the demo and benchmarks.
-    pub latency: Mutex<Latencies>,
-}
-
-pub struct Latencies {
-    /// Microseconds from an input record's timestamp to its alert's acknowledgement.
-    pub event_to_alert_us: hdrhistogram::Histogram<u64>,
-    /// Nanoseconds to compute one transaction's features and score.
-    pub scoring_ns: hdrhistogram::Histogram<u64>,
-}
-
-impl Default for Latencies {
-    fn default() -> Self {
-        let h = |max| {
-            hdrhistogram::Histogram::new_with_bounds(1, max, 2).expect("valid histogram bounds")
-        };
-        Latencies {
-            event_to_alert_us: h(3_600_000_000),
-            scoring_ns: h(60_000_000_000),
-        }
-    }
-}
-
-/// Readiness and the reasons it is not.
-pub struct Readiness {
-    pub ready: bool,
-    pub waiting_for: Vec<&'static str>,
-}
-
-impl Shared {
-    pub fn new(settings: Settings, scorer: Scorer) -> Arc<Shared> {
-        let feature_config = scorer.model.feature_config;
-        let metrics = Metrics::new();
-        metrics.set_model(&scorer.model.model_version, scorer.model.algo.as_str());
-        let kafka = settings.kafka_enabled;
-        Arc::new(Shared {
-            settings,
-            metrics,
-            live: RwLock::new(Arc::new(scorer)),
-            feature_config,
-            merchants: RwLock::new(tables::MerchantTable::new(feature_config)),
-            partitions: Mutex::new(BTreeMap::new()),
-            http_cards: Arc::new(Mutex::new(Engine::new(feature_config))),
-            tables_ready: AtomicBool::new(!kafka),
-            table_clock: tables::TableClock::default(),
-            latency: Mutex::new(Latencies::default()),
-        })
-    }
-
-    /// The live scorer. A batch keeps the one it started with, so a reload
-    /// never changes the model in the middle of a batch or drops an event.
-    pub fn scorer(&self) -> Arc<Scorer> {
-        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    pub fn feature_config(&self) -> FeatureConfig {
-        self.feature_config
-    }
-
-    pub fn new_engine(&self) -> Engine {
-        Engine::new(self.feature_config)
-    }
-
-    pub fn readiness(&self) -> Readiness {
-        let mut waiting_for = Vec::new();
-        if self.settings.kafka_enabled {
-            if !self.tables_ready.load(Ordering::Acquire) {
-                waiting_for.push("merchant table catching up");
-            }
-            if self.metrics.partitions.get() == 0 {
-                waiting_for.push("partition assignment");
-            }
-        }
-        let ready = waiting_for.is_empty();
-        self.metrics.ready.set(i64::from(ready));
-        Readiness { ready, waiting_for }
-    }
-
-    /// The engine that holds this card: its partition's, if this instance
-    /// has it, else the one of cards seen only by the HTTP API.
-    pub fn card_engine(&self, card_id: &str) -> CardEngine {
-        let parts = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
-        for engine in parts.values() {
-            if engine
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .has_card(card_id)
-            {
-                return engine.clone();
-            }
-        }
-        self.http_cards.clone()
-    }
-
-    /// Scores one transaction for the HTTP API, reading the card's state or,
-    /// with `update`, folding the transaction into it.
-    pub fn score(&self, tx: &Transaction, update: bool) -> (Features, Score, Arc<Scorer>) {
-        let started = Instant::now();
-        let scorer = self.scorer();
-        let engine = self.card_engine(&tx.card_id);
-        let merchants = self.merchants.read().unwrap_or_else(|e| e.into_inner());
-        let mut engine = engine.lock().unwrap_or_else(|e| e.into_inner());
-        let (features, late) = merchants.features(&mut engine, tx, update);
-        if late.is_some() {
-            self.metrics.late.inc();
-        }
-        drop(merchants);
-        drop(engine);
-        let score = scorer.score(&features, true);
-        self.metrics
-            .scoring_seconds
-            .observe(started.elapsed().as_secs_f64());
-        self.metrics.score.observe(score.score);
-        self.metrics.scored.inc();
-        (features, score, scorer)
-    }
-
-    /// Loads and swaps in a new model and rules; on any error the old ones stay live.
-    pub fn reload(
-        &self,
-        model: Option<&Path>,
-        rules: Option<&Path>,
-    ) -> anyhow::Result<Arc<Scorer>> {
-        let result = self.try_reload(model, rules);
-        let outcome = if result.is_ok() { "ok" } else { "error" };
-        self.metrics.reloads.with_label_values(&[outcome]).inc();
-        result
-    }
-
-    fn try_reload(
-        &self,
-        model: Option<&Path>,
-        rules: Option<&Path>,
-    ) -> anyhow::Result<Arc<Scorer>> {
-        let scorer = load_scorer(&self.settings, model, rules)?;
-        if scorer.model.feature_config != self.feature_config {
-            anyhow::bail!(
-                "the model's feature configuration ({:?}) differs from the live one ({:?}); \
-                 state built under one cannot serve the other, so restart to change it",
-                scorer.model.feature_config,
-                self.feature_config
-            );
-        }
-        let scorer = Arc::new(scorer);
-        *self.live.write().unwrap_or_else(|e| e.into_inner()) = scorer.clone();
-        self.metrics
-            .set_model(&scorer.model.model_version, scorer.model.algo.as_str());
-        log(
-            "INFO",
-            format_args!(
-                "model {} and {} rules are live",
-                scorer.model.model_version,
-                scorer.rules.rules.len()
-            ),
-        );
-        Ok(scorer)
-    }
-
-    /// Card and merchant counts for the gauges.
-    pub fn refresh_gauges(&self) {
-        let parts = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
-        let cards: usize = parts
-            .values()
-            .map(|e| e.lock().unwrap_or_else(|e| e.into_inner()).cards())
-            .sum();
-        drop(parts);
-        let http = self
-            .http_cards
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .cards();
-        self.metrics.cards.set((cards + http) as i64);
-        let merchants = self
-            .merchants
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .engine
-            .merchants();
-        self.metrics.merchants.set(merchants as i64);
-    }
-}
-
-/// The model and rules of the settings, or those given, with the settings'
-/// thresholds applied. No model file means the built-in one, and so do
-/// no rules file and no model file: a custom model starts with no rules.
-pub fn load_scorer(
-    settings: &Settings,
-    model: Option<&Path>,
-    rules: Option<&Path>,
-) -> anyhow::Result<Scorer> {
-    let model_path = model.or(settings.model.as_deref());
-    let rules_path = rules.or(settings.rules.as_deref());
-    let mut scorer = match model_path {
-        None => crate::model::builtin::scorer()?,
-        Some(p) => Scorer::new(Model::load(p)?, RuleSet::default()),
-    };
-    if let Some(p) = rules_path {
-        let text = std::fs::read_to_string(p)
-            .with_context(|| format!("cannot read rules file {}", p.display()))?;
-        scorer.rules = parse_rules(&text).with_context(|| format!("rules file {}", p.display()))?;
-        scorer = Scorer::new(scorer.model, scorer.rules);
-    }
-    if let Some(t) = settings.review_threshold {
-        scorer.thresholds.review = t;
-    }
-    if let Some(t) = settings.block_threshold {
-        scorer.thresholds.block = t;
-    }
-    if scorer.thresholds.review > scorer.thresholds.block {
-        anyhow::bail!(
-            "review threshold {} is above block threshold {}",
-            scorer.thresholds.review,
-            scorer.thresholds.block
-        );
-    }
-    Ok(scorer)
-}
 
 /// Runs the service until `shutdown` resolves, then drains within the
 /// deadline. Returns an error if the deadline passed before the drain ended.
@@ -275,16 +51,16 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     settings.validate()?;
     let scorer = load_scorer(&settings, None, None)?;
-    run_shared(Shared::new(settings, scorer), shutdown).await
+    run_with(ServiceState::new(settings, scorer), shutdown).await
 }
 
-/// [`run`] with the shared state made by the caller, who can watch it.
-pub async fn run_shared(
-    shared: Arc<Shared>,
+/// [`run`] with the state made by the caller, who can watch it.
+pub async fn run_with(
+    state: Arc<ServiceState>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let settings = &shared.settings;
-    let scorer = shared.scorer();
+    let settings = &state.settings;
+    let scorer = state.scorer();
     log("INFO", format_args!("settings: {settings:?}"));
     log(
         "INFO",
@@ -298,27 +74,22 @@ pub async fn run_shared(
         ),
     );
     let (stop_tx, stop_rx) = watch::channel(false);
-    let listener = tokio::net::TcpListener::bind(&shared.settings.http_addr)
+    let listener = tokio::net::TcpListener::bind(&settings.http_addr)
         .await
-        .with_context(|| format!("cannot listen on {}", shared.settings.http_addr))?;
+        .with_context(|| format!("cannot listen on {}", settings.http_addr))?;
     log(
         "INFO",
         format_args!("HTTP API on http://{}", listener.local_addr()?),
     );
-    let http = tokio::spawn(crate::http::serve(
-        shared.clone(),
-        listener,
-        stop_rx.clone(),
-    ));
-    let kafka = shared
-        .settings
+    let http = tokio::spawn(crate::http::serve(state.clone(), listener, stop_rx.clone()));
+    let kafka = settings
         .kafka_enabled
-        .then(|| tokio::spawn(pipeline::run(shared.clone(), stop_rx.clone())));
-    let status = tokio::spawn(status_lines(shared.clone(), stop_rx.clone()));
+        .then(|| tokio::spawn(pipeline(state.clone(), stop_rx.clone())));
+    let status = tokio::spawn(status_lines(state.clone(), stop_rx.clone()));
     shutdown.await;
     log("INFO", "shutting down: draining in-flight events");
     let _ = stop_tx.send(true);
-    let deadline = Duration::from_secs(shared.settings.shutdown_timeout_secs);
+    let deadline = Duration::from_secs(settings.shutdown_timeout_secs);
     let drained = tokio::time::timeout(deadline, async {
         if let Some(k) = kafka {
             match k.await {
@@ -339,9 +110,116 @@ pub async fn run_shared(
         Err(_) => anyhow::bail!(
             "the drain took longer than shutdown_timeout_secs = {}; \
              uncommitted transactions will be read again on restart",
-            shared.settings.shutdown_timeout_secs
+            settings.shutdown_timeout_secs
         ),
     }
+}
+
+/// The Kafka side: topics, the merchant table, then the group.
+async fn pipeline(state: Arc<ServiceState>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let s = &state.settings;
+    let topics = kafka::Topics::of(s);
+    let Some(layout) = kafka::prepare(s, &topics, &stop).await? else {
+        return Ok(());
+    };
+    log(
+        "INFO",
+        format_args!(
+            "{} input partitions, {} label partitions, {} merchant partitions; internal topics \
+             {}, {}, {}",
+            layout.input_partitions,
+            layout.label_partitions,
+            layout.merchant_partitions,
+            topics.cards_changelog,
+            topics.merchant_events,
+            topics.merchants_changelog
+        ),
+    );
+    let sources: Vec<Source> = (0..layout.input_partitions)
+        .map(Source::Input)
+        .chain((0..layout.label_partitions).map(Source::Labels))
+        .collect();
+    state
+        .merchants()
+        .set_universe(sources, layout.merchant_partitions);
+    let producer = kafka::producer(s)?;
+
+    // The merchant table first: an instance joins the group only once it
+    // can score.
+    let table_stop = Arc::new(AtomicBool::new(false));
+    let materialiser = {
+        let (state, topics, table_stop) = (state.clone(), topics.clone(), table_stop.clone());
+        std::thread::Builder::new()
+            .name("merchant-table".into())
+            .spawn(move || {
+                let result = kafka::reader(&state.settings).and_then(|reader| {
+                    let read = state
+                        .metrics
+                        .records_read
+                        .with_label_values(&[&topics.merchants_changelog]);
+                    merchants::table::materialise(
+                        state.merchants(),
+                        &reader,
+                        &topics.merchants_changelog,
+                        layout.merchant_partitions,
+                        &table_stop,
+                        &read,
+                    )
+                });
+                if let Err(e) = result {
+                    log("ERROR", format_args!("merchant table: {e:#}"));
+                    state.set_failed(format!("merchant table: {e:#}"));
+                }
+            })?
+    };
+    let mut waiting = stop.clone();
+    while !state.merchants().is_caught_up() {
+        tokio::select! {
+            _ = waiting.wait_for(|s| *s) => break,
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    if !*stop.borrow() {
+        let context =
+            group::GroupContext::new(state.clone(), &topics, tokio::runtime::Handle::current());
+        let consumer: Arc<group::GroupConsumer> = Arc::new(
+            group::GroupConsumer::from_config_and_context(&kafka::group_config(s), context)?,
+        );
+        let ctx = Arc::new(partition::TaskContext {
+            state: state.clone(),
+            consumer,
+            producer: producer.clone(),
+            topics: topics.clone(),
+            layout,
+        });
+        let handle = tokio::runtime::Handle::current();
+        let stop = stop.clone();
+        let group = std::thread::Builder::new()
+            .name("group".into())
+            .spawn(move || group::run(ctx, stop, handle))?;
+        tokio::task::spawn_blocking(move || group.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the group thread panicked"))?;
+    }
+    let _ = tokio::task::spawn_blocking(move || {
+        rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30))
+    })
+    .await;
+    table_stop.store(true, Ordering::Release);
+    let _ = tokio::task::spawn_blocking(move || materialiser.join()).await;
+    let l = state.latency_summary();
+    log(
+        "INFO",
+        format_args!(
+            "Kafka pipeline stopped after scoring {} transactions; event-to-alert p50 {:.1} ms p99 {:.1} ms; scoring p50 {:.2} µs p99 {:.2} µs",
+            state.metrics.scored.get(),
+            l.alert_p50_ms,
+            l.alert_p99_ms,
+            l.scoring_p50_us,
+            l.scoring_p99_us
+        ),
+    );
+    Ok(())
 }
 
 /// Resolves on SIGTERM or ctrl-c.
@@ -360,8 +238,8 @@ pub async fn termination() {
     let _ = ctrl_c.await;
 }
 
-async fn status_lines(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let secs = shared.settings.log_interval_secs;
+async fn status_lines(state: Arc<ServiceState>, mut stop: watch::Receiver<bool>) {
+    let secs = state.settings.log_interval_secs;
     let mut last = (0u64, Instant::now());
     loop {
         let wait = Duration::from_secs(if secs == 0 { 5 } else { secs });
@@ -369,12 +247,12 @@ async fn status_lines(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        shared.refresh_gauges();
-        let r = shared.readiness();
+        state.refresh_gauges();
+        let r = state.readiness();
         if secs == 0 {
             continue;
         }
-        let m = &shared.metrics;
+        let m = &state.metrics;
         let scored = m.scored.get();
         let rate = (scored - last.0) as f64 / last.1.elapsed().as_secs_f64().max(1e-9);
         last = (scored, Instant::now());
@@ -386,7 +264,7 @@ async fn status_lines(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             "INFO",
             format_args!(
                 "scored {scored} ({rate:.0}/s), alerts {alerts}, dead-lettered {}, partitions {}, ready {}{}",
-                pipeline::DeadReason::ALL
+                DeadReason::ALL
                     .iter()
                     .map(|r| m.dead_letters.with_label_values(&[r.as_str()]).get())
                     .sum::<u64>(),

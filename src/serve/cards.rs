@@ -1,0 +1,803 @@
+//! The task of one input partition: its cards' state, scoring, alerts.
+//!
+//! On assignment it restores the partition's card state from the cards
+//! changelog (the newest snapshot and the deltas since), then reads its
+//! input from the offset after that checkpoint: records the group already
+//! committed (their alerts were delivered) only rebuild the state; from
+//! the committed offset on, records are scored.
+//!
+//! Each transaction's merchant event goes to the merchant-events topic as
+//! soon as the record is read, ahead of scoring, with the partition's
+//! progress after it. A transaction is scored once the merchant table is
+//! complete up to `merchant_max_lag_secs` before its event time (waiting at
+//! most `merchant_wait_ms`): in live traffic it always is, so nothing waits.
+//!
+//! Every `checkpoint_interval_secs`, and when the partition is revoked or
+//! the service stops, the cards changed since the last checkpoint go to the
+//! changelog, then a marker with the offset they reflect, once everything up
+//! to that offset is acknowledged.
+
+use super::changelog::{self, Entry, Writer, Written};
+use super::events::{MerchantEvent, Source};
+use super::output::{Outgoing, Pending, send_all, settle};
+use super::partition::{
+    Control, Next, PartitionInput, Phase, PhaseGauge, Role, TaskContext, commit, committed,
+};
+use super::state::CardEngine;
+use crate::alerts::{Alert, now_rfc3339};
+use crate::features::card::CardState;
+use crate::features::merchant::MerchantView;
+use crate::features::store::key_hash;
+use crate::features::{Engine, EngineClock};
+use crate::ingest::Transaction;
+use crate::ingest::decode::{DeadReason, decode};
+use crate::model::scorer::Decision;
+use crate::telemetry::log;
+use rdkafka::Message;
+use rdkafka::consumer::CommitMode;
+use rdkafka::message::OwnedMessage;
+use rdkafka::topic_partition_list::Offset;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// Transactions scored together.
+const BATCH: usize = 2048;
+/// Records read and forwarded but not yet scored.
+const MAX_PENDING: usize = 8192;
+/// Batches sent but not yet acknowledged.
+const IN_FLIGHT: usize = 16;
+/// Least time between two progress records of a partition.
+const PROGRESS_EVERY: Duration = Duration::from_millis(10);
+/// How far ahead of the oldest record not yet scored, in event time, a
+/// partition sends merchant events. In live traffic records are scored as
+/// they come and this never binds; when a backlog is read, it keeps the
+/// merchant table from running so far ahead of the transactions scored
+/// that a merchant's kept times no longer reach back to them.
+const FORWARD_LEAD: i64 = 6 * 3600;
+
+/// What a card checkpoint's marker carries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CardCheckpoint {
+    /// The last input offset the state reflects.
+    pub input_offset: i64,
+    pub clock: EngineClock,
+}
+
+/// A record read, its merchant event sent, waiting to be scored.
+struct Fetched {
+    msg: OwnedMessage,
+    tx: Result<Transaction, (DeadReason, String)>,
+    /// Before the committed offset: already scored and alerted by the
+    /// partition's previous owner; only folded into the state.
+    rebuild_only: bool,
+    merchant_event: Option<(Outgoing, rdkafka::producer::DeliveryFuture)>,
+}
+
+pub async fn run(ctx: Arc<TaskContext>, mut input: PartitionInput, mut control: Control) {
+    let p = input.partition();
+    let mut phase = PhaseGauge::new(ctx.state.clone(), Role::Cards);
+    if !control.assigned().await {
+        return;
+    }
+    phase.set(Phase::Restoring);
+    let Some(restored) = restore_until_done(&ctx, p, &control).await else {
+        return;
+    };
+    let start = match restored.checkpoint_offset {
+        Some(i) => Offset::Offset(i + 1),
+        None => Offset::Beginning,
+    };
+    if let Err(e) = input.start_at(start).await {
+        log("ERROR", format_args!("input partition {p}: {e:#}"));
+        return;
+    }
+    let mut task = CardTask::new(ctx.clone(), p, restored);
+    task.run(&mut input, &mut control, &mut phase).await;
+    phase.set(Phase::Draining);
+    task.drain().await;
+    ctx.state.remove_partition(p);
+    log(
+        "INFO",
+        format_args!(
+            "input partition {p}: drained; done through offset {:?}",
+            task.done()
+        ),
+    );
+}
+
+/// A partition's restored state and where it stands.
+struct Restored {
+    engine: Engine,
+    writer: Writer,
+    /// The last input offset the restored state reflects.
+    checkpoint_offset: Option<i64>,
+    /// The group's committed offset: records before it are only folded in.
+    committed: Option<i64>,
+}
+
+async fn restore_until_done(ctx: &Arc<TaskContext>, p: i32, control: &Control) -> Option<Restored> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match restore(ctx, p, control).await {
+            Ok(r) => return Some(r),
+            Err(e) if control.draining() => {
+                log(
+                    "INFO",
+                    format_args!("input partition {p}: restore stopped: {e:#}"),
+                );
+                return None;
+            }
+            Err(e) => log(
+                "WARN",
+                format_args!("input partition {p}: restore failed: {e:#}; retrying in {backoff:?}"),
+            ),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn restore(ctx: &Arc<TaskContext>, p: i32, control: &Control) -> anyhow::Result<Restored> {
+    let started = Instant::now();
+    let c = ctx.clone();
+    let drain = control.drain.clone();
+    let (engine, writer, marker, records) = tokio::task::spawn_blocking(move || {
+        let mut engine = c.state.new_card_engine();
+        let mut writer = Writer::new(c.producer.clone(), &c.topics.cards_changelog, p);
+        if !c.state.settings.rebuild_on_assign {
+            return anyhow::Ok((engine, writer, None, 0));
+        }
+        let reader = super::kafka::reader(&c.state.settings)?;
+        let stopped = || *drain.borrow();
+        let restored =
+            changelog::restore::<CardCheckpoint>(&reader, &c.topics.cards_changelog, p, &stopped)?;
+        let mut state_bytes = 0u64;
+        for (key, value) in &restored.values {
+            let (Ok(key), Some(card)) = (<[u8; 8]>::try_from(&key[..]), CardState::decode(value))
+            else {
+                continue;
+            };
+            state_bytes += value.len() as u64 + 8;
+            engine.insert_card(u64::from_le_bytes(key), card);
+        }
+        if let Some(m) = &restored.marker {
+            engine.set_clock(m.state.clock);
+        }
+        // Nothing restored counts as changed: only what changes from here.
+        let _ = engine.take_changes();
+        writer.resume(state_bytes, restored.bytes.saturating_sub(state_bytes));
+        let metric = &c.state.metrics.records_read;
+        metric
+            .with_label_values(&[&c.topics.cards_changelog])
+            .inc_by(restored.records);
+        Ok((engine, writer, restored.marker, restored.records))
+    })
+    .await??;
+    let consumer = ctx.consumer.clone();
+    let topic = ctx.topics.input.clone();
+    let committed = tokio::task::spawn_blocking(move || committed(&consumer, &topic, p)).await?;
+    ctx.state
+        .metrics
+        .restore_records
+        .with_label_values(&["changelog"])
+        .inc_by(records);
+    let checkpoint_offset = marker.as_ref().map(|m| m.state.input_offset);
+    log(
+        "INFO",
+        format_args!(
+            "input partition {p}: restored {} cards from {records} changelog records in {:.2}s; \
+             checkpoint at input offset {checkpoint_offset:?}, committed {committed:?}",
+            engine.cards(),
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    Ok(Restored {
+        engine,
+        writer,
+        checkpoint_offset,
+        committed,
+    })
+}
+
+struct CardTask {
+    ctx: Arc<TaskContext>,
+    partition: i32,
+    engine: CardEngine,
+    pending: VecDeque<Fetched>,
+    /// The first records of `pending` whose merchant events are sent (or
+    /// that have none to send).
+    forwarded: usize,
+    rebuild_until: i64,
+    /// The last offset folded into the state.
+    folded: i64,
+    /// Newest event time forwarded, and whether the partition is read to its end.
+    forwarded_max: i64,
+    idle: bool,
+    sent_progress: Option<(i64, bool)>,
+    progress_at: Instant,
+    /// Since when the head of `pending` has waited for the merchant table.
+    blocked_since: Option<Instant>,
+    to_acker: Option<mpsc::Sender<(i64, Pending)>>,
+    acker: Option<tokio::task::JoinHandle<()>>,
+    done: watch::Receiver<i64>,
+    writer: Option<Writer>,
+    checkpoint: Option<tokio::task::JoinHandle<(Writer, anyhow::Result<Written>)>>,
+    checkpointed: i64,
+    snapshot_start: Arc<Mutex<Option<i64>>>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl CardTask {
+    fn new(ctx: Arc<TaskContext>, partition: i32, restored: Restored) -> CardTask {
+        let engine: CardEngine = Arc::new(Mutex::new(restored.engine));
+        let folded = restored.checkpoint_offset.unwrap_or(-1);
+        let (done_tx, done) = watch::channel(folded);
+        let (to_acker, batches) = mpsc::channel(IN_FLIGHT);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let acker = tokio::spawn(acker(
+            ctx.clone(),
+            partition,
+            batches,
+            done_tx,
+            stopping.clone(),
+        ));
+        CardTask {
+            partition,
+            engine,
+            pending: VecDeque::new(),
+            forwarded: 0,
+            rebuild_until: restored.committed.unwrap_or(0),
+            folded,
+            forwarded_max: i64::MIN,
+            idle: false,
+            sent_progress: None,
+            progress_at: Instant::now(),
+            blocked_since: None,
+            to_acker: Some(to_acker),
+            acker: Some(acker),
+            done,
+            writer: Some(restored.writer),
+            checkpoint: None,
+            checkpointed: folded,
+            snapshot_start: Arc::new(Mutex::new(None)),
+            stopping,
+            ctx,
+        }
+    }
+
+    fn done(&self) -> i64 {
+        *self.done.borrow()
+    }
+
+    async fn run(
+        &mut self,
+        input: &mut PartitionInput,
+        control: &mut Control,
+        phase: &mut PhaseGauge,
+    ) {
+        let s = &self.ctx.state.settings;
+        let mut checkpoint_tick =
+            tokio::time::interval(Duration::from_secs(s.checkpoint_interval_secs.max(1)));
+        checkpoint_tick.tick().await;
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let max_lag = s.merchant_max_lag_secs;
+        let wait_limit = Duration::from_millis(s.merchant_wait_ms);
+        loop {
+            let blocked = self.head_blocked(max_lag);
+            let need = blocked.unwrap_or(i64::MIN);
+            let wait_left = self
+                .blocked_since
+                .map_or(wait_limit, |b| wait_limit.saturating_sub(b.elapsed()));
+            tokio::select! {
+                biased;
+                _ = control.drained() => return,
+                _ = checkpoint_tick.tick() => self.checkpoint(false),
+                next = input.next(), if self.pending.len() < MAX_PENDING => {
+                    self.take(next);
+                    while self.pending.len() < MAX_PENDING {
+                        match input.try_next().await {
+                            Some(next) => self.take(next),
+                            None => break,
+                        }
+                    }
+                    self.forward().await;
+                }
+                reached = self.ctx.state.merchants().wait_for_frontier(need, wait_left), if blocked.is_some() => {
+                    if !reached {
+                        self.ctx.state.metrics.table_wait_timeouts.inc();
+                        self.score(max_lag, true).await;
+                    }
+                }
+                _ = tick.tick() => {}
+            }
+            self.score(max_lag, false).await;
+            self.forward().await;
+            self.publish_progress(false).await;
+            if phase.phase() == Phase::Restoring
+                && (self.folded + 1 >= self.rebuild_until || self.idle)
+                && self.pending.front().is_none_or(|f| !f.rebuild_only)
+            {
+                phase.set(Phase::Running);
+                self.ctx
+                    .state
+                    .add_partition(self.partition, self.engine.clone());
+                log(
+                    "INFO",
+                    format_args!(
+                        "input partition {}: running from offset {}",
+                        self.partition,
+                        self.folded + 1
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Takes one record (or the partition's end) from the input.
+    fn take(&mut self, next: Next) {
+        match next {
+            Next::End => self.idle = true,
+            Next::Message(msg) => {
+                self.idle = false;
+                let tx = decode(msg.payload(), self.ctx.state.settings.max_message_bytes);
+                let rebuild_only = msg.offset() < self.rebuild_until;
+                if rebuild_only {
+                    self.ctx
+                        .state
+                        .metrics
+                        .restore_records
+                        .with_label_values(&["input"])
+                        .inc();
+                } else {
+                    self.ctx.state.metrics.consumed.inc();
+                }
+                self.pending.push_back(Fetched {
+                    msg,
+                    tx,
+                    rebuild_only,
+                    merchant_event: None,
+                });
+            }
+        }
+    }
+
+    /// Sends the merchant events of the records read, in offset order, up
+    /// to [`FORWARD_LEAD`] ahead of the oldest not yet scored.
+    async fn forward(&mut self) {
+        let topic = &self.ctx.topics.merchant_events;
+        let scorable = |f: &Fetched| !f.rebuild_only && f.tx.is_ok();
+        let limit = self
+            .pending
+            .iter()
+            .find(|f| scorable(f))
+            .and_then(|f| f.tx.as_ref().ok())
+            .map_or(i64::MAX, |tx| tx.time.utc.saturating_add(FORWARD_LEAD));
+        let mut out = Vec::new();
+        let mut at = Vec::new();
+        while let Some(f) = self.pending.get(self.forwarded) {
+            if let (true, Ok(tx)) = (scorable(f), &f.tx) {
+                if tx.time.utc > limit {
+                    break;
+                }
+                let event = MerchantEvent::Transaction {
+                    source: Source::Input(self.partition),
+                    offset: f.msg.offset(),
+                    time: tx.time.utc,
+                };
+                out.push(Outgoing::new(
+                    topic,
+                    tx.merchant_id.as_bytes(),
+                    event.encode(),
+                ));
+                at.push(self.forwarded);
+                self.forwarded_max = self.forwarded_max.max(tx.time.utc);
+            }
+            self.forwarded += 1;
+        }
+        if out.is_empty() {
+            return;
+        }
+        let sent = send_all(&self.ctx.producer, out).await;
+        for (i, s) in at.into_iter().zip(sent) {
+            self.pending[i].merchant_event = Some(s);
+        }
+    }
+
+    /// Tells every merchant partition how far this partition has come.
+    async fn publish_progress(&mut self, force: bool) {
+        let idle = self.idle && self.forwarded == self.pending.len();
+        if self.forwarded_max == i64::MIN && !idle {
+            return;
+        }
+        let now = (self.forwarded_max, idle);
+        let changed = self.sent_progress != Some(now);
+        let flip = self.sent_progress.is_none_or(|(_, i)| i != idle);
+        if !changed || (!force && !flip && self.progress_at.elapsed() < PROGRESS_EVERY) {
+            return;
+        }
+        let event = MerchantEvent::Progress {
+            source: Source::Input(self.partition),
+            watermark: self.forwarded_max,
+            idle,
+        }
+        .encode();
+        let out = (0..self.ctx.layout.merchant_partitions)
+            .map(|m| Outgoing {
+                partition: Some(m),
+                ..Outgoing::new(&self.ctx.topics.merchant_events, b"", event.clone())
+            })
+            .collect();
+        // Not awaited: a lost progress record is superseded by the next.
+        drop(send_all(&self.ctx.producer, out).await);
+        self.sent_progress = Some(now);
+        self.progress_at = Instant::now();
+    }
+
+    /// The event time the merchant table must reach before the head of the
+    /// pending records can be scored, if it has not yet.
+    fn head_blocked(&mut self, max_lag: i64) -> Option<i64> {
+        let need = match self.pending.front() {
+            Some(Fetched {
+                tx: Ok(tx),
+                rebuild_only: false,
+                ..
+            }) => tx.time.utc.saturating_sub(max_lag),
+            _ => {
+                self.blocked_since = None;
+                return None;
+            }
+        };
+        if self.ctx.state.merchants().frontier() >= need {
+            self.blocked_since = None;
+            return None;
+        }
+        self.blocked_since.get_or_insert_with(Instant::now);
+        Some(need)
+    }
+
+    /// Scores the pending records whose merchant features are complete (all
+    /// of the ready ones with `force`), a batch at a time.
+    async fn score(&mut self, max_lag: i64, force: bool) {
+        loop {
+            let frontier = self.ctx.state.merchants().frontier();
+            let mut n = 0;
+            for f in self.pending.iter().take(self.forwarded) {
+                if n == BATCH {
+                    break;
+                }
+                let ready = force
+                    || f.rebuild_only
+                    || f.tx
+                        .as_ref()
+                        .map_or(true, |tx| tx.time.utc.saturating_sub(max_lag) <= frontier);
+                if !ready {
+                    break;
+                }
+                n += 1;
+            }
+            if n == 0 {
+                return;
+            }
+            if let Some(since) = self.blocked_since.take() {
+                self.ctx
+                    .state
+                    .metrics
+                    .merchant_wait_seconds
+                    .observe(since.elapsed().as_secs_f64());
+            }
+            let batch: Vec<Fetched> = self.pending.drain(..n).collect();
+            self.forwarded -= n;
+            self.score_batch(batch).await;
+            if force {
+                return;
+            }
+        }
+    }
+
+    async fn score_batch(&mut self, batch: Vec<Fetched>) {
+        let state = &self.ctx.state;
+        let topics = &self.ctx.topics;
+        let m = &state.metrics;
+        let scorer = state.scorer();
+        let views = state.merchants().views(
+            &batch
+                .iter()
+                .map(|f| match (&f.tx, f.rebuild_only) {
+                    (Ok(tx), false) => (key_hash(&tx.merchant_id), tx.time.utc),
+                    _ => (0, 0),
+                })
+                .collect::<Vec<_>>(),
+        );
+        let produced_at = now_rfc3339();
+        let mut out = Vec::new();
+        let mut pending: Pending = Vec::new();
+        let mut took = Vec::with_capacity(batch.len());
+        let last = batch.last().map_or(self.folded, |f| f.msg.offset());
+        {
+            let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+            for (f, view) in batch.into_iter().zip(views) {
+                if let Some(sent) = f.merchant_event {
+                    pending.push(sent);
+                }
+                let msg = &f.msg;
+                let tx = match f.tx {
+                    Ok(tx) => tx,
+                    Err(_) if f.rebuild_only => continue,
+                    Err((reason, detail)) => {
+                        m.dead_letters.with_label_values(&[reason.as_str()]).inc();
+                        out.push(Outgoing {
+                            headers: vec![
+                                ("peregrine-reason", reason.as_str().to_string()),
+                                ("peregrine-error", detail),
+                                ("peregrine-source-topic", msg.topic().to_string()),
+                                ("peregrine-source-partition", msg.partition().to_string()),
+                                ("peregrine-source-offset", msg.offset().to_string()),
+                            ],
+                            ..Outgoing::new(
+                                &topics.dlq,
+                                msg.key().unwrap_or_default(),
+                                msg.payload().unwrap_or_default().to_vec(),
+                            )
+                        });
+                        continue;
+                    }
+                };
+                if f.rebuild_only {
+                    // The merchant view does not reach the card's state.
+                    let _ = engine.process_card(&tx, MerchantView::default());
+                    continue;
+                }
+                let started = Instant::now();
+                let features = match engine.process_card(&tx, view) {
+                    Ok(f) => f,
+                    Err(_) => {
+                        m.late.inc();
+                        engine.peek_card(&tx, view)
+                    }
+                };
+                let score = scorer.score(&features, false);
+                let spent = started.elapsed();
+                m.scoring_seconds.observe(spent.as_secs_f64());
+                took.push(spent.as_nanos() as u64);
+                m.score.observe(score.score);
+                m.scored.inc();
+                let version = scorer.model.model_version.as_str();
+                if score.decision != Decision::Allow {
+                    m.alerts.with_label_values(&[score.decision.as_str()]).inc();
+                    for hit in &score.reasons.rules {
+                        m.rule_alerts.with_label_values(&[&hit.rule]).inc();
+                    }
+                    let alert = Alert::new(&tx, &score, version, produced_at.clone());
+                    out.push(Outgoing {
+                        alert_of: msg.timestamp().to_millis(),
+                        ..Outgoing::new(
+                            &topics.alerts,
+                            tx.card_id.as_bytes(),
+                            serde_json::to_vec(&alert).unwrap_or_default(),
+                        )
+                    });
+                }
+                if !topics.scores.is_empty() {
+                    let record = serde_json::json!({
+                        "transaction_id": tx.transaction_id,
+                        "card_id": tx.card_id,
+                        "merchant_id": tx.merchant_id,
+                        "score": score.score,
+                        "decision": score.decision,
+                        "model_version": version,
+                        "partition": msg.partition(),
+                        "offset": msg.offset(),
+                    });
+                    out.push(Outgoing::new(
+                        &topics.scores,
+                        tx.card_id.as_bytes(),
+                        record.to_string().into_bytes(),
+                    ));
+                }
+            }
+        }
+        state.record_scorings(&took);
+        self.folded = last;
+        pending.extend(send_all(&self.ctx.producer, out).await);
+        if let Some(to_acker) = &self.to_acker
+            && to_acker.send((last, pending)).await.is_err()
+        {
+            log(
+                "ERROR",
+                format_args!("input partition {}: the acker stopped", self.partition),
+            );
+        }
+    }
+
+    /// Starts a checkpoint of what changed since the last, unless one is
+    /// still being written.
+    fn checkpoint(&mut self, snapshot: bool) {
+        if let Some(h) = &self.checkpoint {
+            if !h.is_finished() {
+                return;
+            }
+        }
+        if let Some(h) = self.checkpoint.take() {
+            // Finished: take the writer back (a finished join never waits).
+            if let Some(Ok((writer, _))) = futures_ready(h) {
+                self.writer = Some(writer);
+            }
+        }
+        let Some(mut writer) = self.writer.take() else {
+            return;
+        };
+        let at = self.folded;
+        let (entries, snapshot, clock) = {
+            let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+            let changes = engine.take_changes();
+            if at == self.checkpointed && changes.changed.is_empty() && changes.removed.is_empty() {
+                drop(engine);
+                self.writer = Some(writer);
+                return;
+            }
+            let per_card = 400u64;
+            let snapshot = snapshot
+                || writer.wants_snapshot(
+                    per_card * (changes.changed.len() + changes.removed.len()) as u64,
+                );
+            let mut entries = Vec::new();
+            let mut value = Vec::new();
+            let mut put = |key: u64, card: &CardState| {
+                value.clear();
+                card.encode(&mut value);
+                entries.push(Entry {
+                    key: key.to_le_bytes().to_vec(),
+                    value: Some(value.clone()),
+                });
+            };
+            if snapshot {
+                for (key, card) in engine.all_cards() {
+                    put(key, card);
+                }
+            } else {
+                for key in &changes.changed {
+                    if let Some(card) = engine.card(*key) {
+                        put(*key, card);
+                    }
+                }
+                for key in changes.removed {
+                    entries.push(Entry {
+                        key: key.to_le_bytes().to_vec(),
+                        value: None,
+                    });
+                }
+            }
+            (entries, snapshot, engine.clock())
+        };
+        self.checkpointed = at;
+        let mut done = self.done.clone();
+        let ctx = self.ctx.clone();
+        let snapshot_start = self.snapshot_start.clone();
+        let p = self.partition;
+        self.checkpoint = Some(tokio::spawn(async move {
+            let ready = async move { done.wait_for(|d| *d >= at).await.is_ok() };
+            let marker = CardCheckpoint {
+                input_offset: at,
+                clock,
+            };
+            let result = writer.write(&entries, snapshot, &marker, ready).await;
+            match &result {
+                Ok(w) => {
+                    let kind = if snapshot { "snapshot" } else { "delta" };
+                    ctx.state
+                        .metrics
+                        .checkpoints
+                        .with_label_values(&["cards", kind])
+                        .inc();
+                    if let Some(s) = w.snapshot_start {
+                        *snapshot_start.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+                        // Restores start at the newest snapshot from now on.
+                        commit(
+                            &ctx.consumer,
+                            &[(&ctx.topics.cards_changelog, p, s)],
+                            CommitMode::Async,
+                        );
+                    }
+                }
+                Err(e) => {
+                    writer.force_snapshot();
+                    log(
+                        "WARN",
+                        format_args!(
+                            "input partition {p}: checkpoint at offset {at} failed: {e:#}"
+                        ),
+                    );
+                }
+            }
+            (writer, result)
+        }));
+    }
+
+    /// Takes no more input; lets what is in flight be acknowledged; writes
+    /// a last checkpoint; commits.
+    async fn drain(&mut self) {
+        drop(self.to_acker.take());
+        if let Some(a) = self.acker.take() {
+            let _ = a.await;
+        }
+        if let Some(h) = self.checkpoint.take()
+            && let Ok((writer, _)) = h.await
+        {
+            self.writer = Some(writer);
+        }
+        if self.done() >= self.folded {
+            self.checkpoint(false);
+            if let Some(h) = self.checkpoint.take() {
+                let _ = h.await;
+            }
+        }
+        self.stopping.store(true, Ordering::Release);
+        self.commit(CommitMode::Sync);
+    }
+
+    fn commit(&self, mode: CommitMode) {
+        let mut offsets = vec![(
+            self.ctx.topics.input.as_str(),
+            self.partition,
+            self.done() + 1,
+        )];
+        if let Some(s) = *self
+            .snapshot_start
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            offsets.push((self.ctx.topics.cards_changelog.as_str(), self.partition, s));
+        }
+        if self.done() >= 0 {
+            commit(&self.ctx.consumer, &offsets, mode);
+        }
+    }
+}
+
+/// The output of a finished task; `None` if it has not finished.
+fn futures_ready<T>(h: tokio::task::JoinHandle<T>) -> Option<Result<T, tokio::task::JoinError>> {
+    if !h.is_finished() {
+        return None;
+    }
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut h = h;
+    match std::pin::Pin::new(&mut h).poll(&mut cx) {
+        std::task::Poll::Ready(r) => Some(r),
+        std::task::Poll::Pending => None,
+    }
+}
+
+use std::future::Future;
+
+/// Settles a partition's batches in order and marks each one's last offset
+/// done once all its messages are acknowledged, while the task goes on
+/// scoring; commits the done offset every second.
+async fn acker(
+    ctx: Arc<TaskContext>,
+    partition: i32,
+    mut batches: mpsc::Receiver<(i64, Pending)>,
+    done: watch::Sender<i64>,
+    stopping: Arc<AtomicBool>,
+) {
+    let mut committed_at = Instant::now();
+    let stopped = || stopping.load(Ordering::Acquire);
+    while let Some((last, pending)) = batches.recv().await {
+        if !settle(&ctx.state, &ctx.producer, pending, &stopped).await {
+            break;
+        }
+        done.send_replace(last);
+        if committed_at.elapsed() >= Duration::from_secs(1) {
+            committed_at = Instant::now();
+            commit(
+                &ctx.consumer,
+                &[(&ctx.topics.input, partition, last + 1)],
+                CommitMode::Async,
+            );
+        }
+    }
+}

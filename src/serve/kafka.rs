@@ -1,0 +1,319 @@
+//! The one place that builds Kafka clients and prepares the topics: the
+//! settings every client shares, the producer, the readers outside the
+//! group, the admin client, and the internal topics named from the group id.
+
+use crate::config::Settings;
+use crate::telemetry::log;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::FutureProducer;
+use rdkafka::types::RDKafkaErrorCode;
+use std::time::Duration;
+
+/// The topics the service reads and writes. The internal ones are named
+/// from the group id, so two deployments with different groups never share
+/// state.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub input: String,
+    pub labels: String,
+    pub alerts: String,
+    pub dlq: String,
+    /// Empty when off.
+    pub scores: String,
+    /// Card state, one partition per input partition (compacted).
+    pub cards_changelog: String,
+    /// Each transaction's merchant event and each fraud label, keyed by
+    /// merchant: the repartition topic of the merchant stage.
+    pub merchant_events: String,
+    /// Merchant state, one partition per merchant-events partition
+    /// (compacted); every instance materialises all of it.
+    pub merchants_changelog: String,
+}
+
+impl Topics {
+    pub fn of(s: &Settings) -> Topics {
+        let g = &s.group_id;
+        Topics {
+            input: s.input_topic.clone(),
+            labels: s.label_topic.clone(),
+            alerts: s.alert_topic.clone(),
+            dlq: s.dlq_topic.clone(),
+            scores: s.score_topic.clone(),
+            cards_changelog: format!("{g}-cards-changelog"),
+            merchant_events: format!("{g}-merchant-events"),
+            merchants_changelog: format!("{g}-merchants-changelog"),
+        }
+    }
+}
+
+/// Partition counts, read once at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub input_partitions: i32,
+    pub label_partitions: i32,
+    pub merchant_partitions: i32,
+}
+
+/// The settings every client shares: brokers, then the pass-through options.
+fn client_config(s: &Settings, defaults: &[(&str, &str)]) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    for (k, v) in defaults {
+        c.set(*k, *v);
+    }
+    c.set("bootstrap.servers", &s.brokers);
+    for (k, v) in &s.librdkafka {
+        c.set(k, v);
+    }
+    c
+}
+
+/// The producer of alerts, dead letters, merchant events and changelogs.
+pub fn producer(s: &Settings) -> anyhow::Result<FutureProducer> {
+    // A short linger: every hop of the merchant path waits for it.
+    let mut c = client_config(s, &[("linger.ms", "2")]);
+    // Not overridable: at-least-once and the changelogs' order rest on
+    // them. No message timeout, so a broker outage delays output instead
+    // of losing it, and a partition's records land in the order sent.
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "0");
+    Ok(c.create()?)
+}
+
+/// The group consumer's configuration. Offsets are committed only by the
+/// partition tasks, for what they finished: librdkafka's own commits (on
+/// close in particular) would commit the fetch position, past events not
+/// yet scored.
+pub fn group_config(s: &Settings) -> ClientConfig {
+    // Without new data a fetch waits this long on the broker: it bounds the
+    // latency a quiet partition adds. Overridable with -X.
+    let mut c = client_config(s, &[("fetch.wait.max.ms", "5")]);
+    c.set("group.id", &s.group_id)
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", "5000")
+        .set("enable.partition.eof", "true")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    c
+}
+
+/// A consumer outside the group that reads assigned partitions (restores,
+/// the merchant table). It carries the group id only to read the group's
+/// committed offsets; it never joins or commits.
+pub fn reader(s: &Settings) -> anyhow::Result<BaseConsumer> {
+    Ok(client_config(s, &[("fetch.wait.max.ms", "5")])
+        .set("group.id", &s.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .create()?)
+}
+
+fn admin(s: &Settings) -> anyhow::Result<AdminClient<DefaultClientContext>> {
+    Ok(client_config(s, &[]).create()?)
+}
+
+/// A topic's partition count, or an error naming it when it has none.
+fn partitions(reader: &BaseConsumer, topic: &str) -> anyhow::Result<i32> {
+    let md = reader.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+    let t = md
+        .topics()
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("topic {topic} is not in the metadata"))?;
+    if let Some(e) = t.error() {
+        anyhow::bail!("topic {topic}: {e:?}");
+    }
+    if t.partitions().is_empty() {
+        anyhow::bail!("topic {topic} has no partitions (does it exist?)");
+    }
+    Ok(t.partitions().len() as i32)
+}
+
+/// How long a card partition's input must be kept at the least: the
+/// checkpoint interval, then a margin for the time a partition may go
+/// unowned (a deploy, a crash) before its next checkpoint.
+pub fn min_input_retention(s: &Settings) -> Duration {
+    Duration::from_secs(2 * s.checkpoint_interval_secs + 3600)
+}
+
+/// Reads the input and label topics' partition counts, creates the
+/// internal topics that are missing and checks those present, and reports
+/// an input retention too short for a safe restore. Retries while the
+/// broker is down or a topic is missing, until `stop`.
+pub async fn prepare(
+    s: &Settings,
+    topics: &Topics,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<Layout>> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let attempt = {
+            let (s, topics) = (s.clone(), topics.clone());
+            tokio::task::spawn_blocking(move || layout(&s, &topics)).await?
+        };
+        match attempt {
+            Ok(layout) => {
+                ensure_internal(s, topics, layout).await?;
+                check_retention(s, topics).await;
+                return Ok(Some(layout));
+            }
+            Err(e) => log(
+                "WARN",
+                format_args!("cannot read the topics yet: {e:#}; retrying in {backoff:?}"),
+            ),
+        }
+        let mut stop = stop.clone();
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return Ok(None),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+fn layout(s: &Settings, topics: &Topics) -> anyhow::Result<Layout> {
+    let reader = reader(s)?;
+    let input_partitions = partitions(&reader, &topics.input)?;
+    let label_partitions = partitions(&reader, &topics.labels)?;
+    let merchant_partitions = match s.merchant_partitions {
+        0 => input_partitions,
+        n => n as i32,
+    };
+    Ok(Layout {
+        input_partitions,
+        label_partitions,
+        merchant_partitions,
+    })
+}
+
+/// Creates the internal topics that do not exist, then checks every one's
+/// partition count: state partitioned one way cannot be read another way.
+async fn ensure_internal(s: &Settings, topics: &Topics, layout: Layout) -> anyhow::Result<()> {
+    let wanted = [
+        (&topics.cards_changelog, layout.input_partitions, true),
+        (&topics.merchant_events, layout.merchant_partitions, false),
+        (
+            &topics.merchants_changelog,
+            layout.merchant_partitions,
+            true,
+        ),
+    ];
+    let admin = admin(s)?;
+    let new: Vec<NewTopic> = wanted
+        .iter()
+        .map(|(name, n, compacted)| {
+            let t = NewTopic::new(name, *n, TopicReplication::Fixed(-1));
+            if *compacted {
+                t.set("cleanup.policy", "compact")
+            } else {
+                t.set("cleanup.policy", "delete")
+            }
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for r in admin.create_topics(&new, &opts).await? {
+        match r {
+            Ok(name) => log("INFO", format_args!("created internal topic {name}")),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, e)) => anyhow::bail!("cannot create internal topic {name}: {e}"),
+        }
+    }
+    let (s, wanted): (Settings, Vec<(String, i32)>) = (
+        s.clone(),
+        wanted.iter().map(|(n, p, _)| (n.to_string(), *p)).collect(),
+    );
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let reader = reader(&s)?;
+        for (name, want) in wanted {
+            // A topic just created may take a moment to appear in the metadata.
+            let mut found = partitions(&reader, &name);
+            for _ in 0..50 {
+                if found.is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                found = partitions(&reader, &name);
+            }
+            let n = found?;
+            if n != want {
+                anyhow::bail!(
+                    "internal topic {name} has {n} partitions, but this layout needs {want}: \
+                     its state is partitioned for another layout. Delete the group's internal \
+                     topics (their state is rebuilt from the input) or use a new group_id"
+                );
+            }
+        }
+        Ok(())
+    })
+    .await?
+}
+
+/// Logs whether the input topic keeps records long enough for a restore:
+/// a card partition replays its input from its last checkpoint.
+async fn check_retention(s: &Settings, topics: &Topics) {
+    let need = min_input_retention(s);
+    let result = async {
+        let admin = admin(s)?;
+        let spec = ResourceSpecifier::Topic(&topics.input);
+        let res = admin
+            .describe_configs([&spec], &AdminOptions::new())
+            .await?;
+        let value = res
+            .first()
+            .and_then(|r| r.as_ref().ok())
+            .and_then(|r| r.get("retention.ms"))
+            .and_then(|e| e.value.clone());
+        anyhow::Ok(value)
+    }
+    .await;
+    match result {
+        Ok(Some(v)) => match v.parse::<i64>() {
+            Ok(ms) if ms >= 0 && (ms as u128) < need.as_millis() => log(
+                "ERROR",
+                format_args!(
+                    "input topic {} keeps records {ms} ms (retention.ms), less than the {} s a \
+                     restore needs (2 × checkpoint_interval_secs + 1 h): a partition unowned for \
+                     longer than that loses the transactions since its last checkpoint",
+                    topics.input,
+                    need.as_secs()
+                ),
+            ),
+            Ok(ms) => log(
+                "INFO",
+                format_args!(
+                    "input topic {} retention.ms {ms}: enough for a restore (needs {} s)",
+                    topics.input,
+                    need.as_secs()
+                ),
+            ),
+            Err(_) => log(
+                "WARN",
+                format_args!(
+                    "input topic {}: retention.ms {v:?} is not a number",
+                    topics.input
+                ),
+            ),
+        },
+        Ok(None) => log(
+            "INFO",
+            format_args!(
+                "input topic {}: retention.ms is not set on the topic, so the broker's default \
+                 applies (Kafka's is 7 days); a restore needs {} s",
+                topics.input,
+                need.as_secs()
+            ),
+        ),
+        Err(e) => log(
+            "WARN",
+            format_args!(
+                "cannot read the input topic's retention ({e:#}); a restore needs {} s",
+                need.as_secs()
+            ),
+        ),
+    }
+}

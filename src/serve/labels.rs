@@ -1,0 +1,173 @@
+//! The task of one label partition: reads fraud labels and sends each to
+//! the merchant-events topic, keyed by merchant, so that it reaches the
+//! merchant's owner; genuine and invalid labels are counted. It holds no
+//! state: it resumes from the group's committed offset, and a label sent
+//! again after a restart is recognised by its offset and skipped.
+
+use super::events::{MerchantEvent, Source};
+use super::output::{Outgoing, send_all, settle};
+use super::partition::{
+    Control, Next, PartitionInput, Phase, PhaseGauge, Role, TaskContext, commit, committed,
+};
+use crate::ingest::label::Label;
+use crate::telemetry::log;
+use rdkafka::Message;
+use rdkafka::consumer::CommitMode;
+use rdkafka::topic_partition_list::Offset;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub async fn run(ctx: Arc<TaskContext>, mut input: PartitionInput, mut control: Control) {
+    let p = input.partition();
+    let mut phase = PhaseGauge::new(ctx.state.clone(), Role::Labels);
+    if !control.assigned().await {
+        return;
+    }
+    phase.set(Phase::Restoring);
+    let from = {
+        let (consumer, topic) = (ctx.consumer.clone(), ctx.topics.labels.clone());
+        tokio::task::spawn_blocking(move || committed(&consumer, &topic, p))
+            .await
+            .ok()
+            .flatten()
+    };
+    let start = from.map_or(Offset::Beginning, Offset::Offset);
+    if let Err(e) = input.start_at(start).await {
+        log("ERROR", format_args!("label partition {p}: {e:#}"));
+        return;
+    }
+    phase.set(Phase::Running);
+    let mut forwarder = Forwarder {
+        ctx: ctx.clone(),
+        partition: p,
+        newest: i64::MIN,
+        sent: None,
+        idle: false,
+        done: from.map_or(-1, |f| f - 1),
+        committed_at: Instant::now(),
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        let mut batch = Vec::new();
+        let mut idle = forwarder.idle;
+        tokio::select! {
+            biased;
+            _ = control.drained() => break,
+            next = input.next() => {
+                let mut next = Some(next);
+                while let Some(n) = next.take() {
+                    match n {
+                        Next::Message(m) => {
+                            idle = false;
+                            batch.push(m);
+                        }
+                        Next::End => idle = true,
+                    }
+                    if batch.len() < 4096 {
+                        next = input.try_next().await;
+                    }
+                }
+            }
+            _ = tick.tick() => {}
+        }
+        forwarder.forward(batch, idle).await;
+    }
+    phase.set(Phase::Draining);
+    forwarder.commit(CommitMode::Sync);
+}
+
+struct Forwarder {
+    ctx: Arc<TaskContext>,
+    partition: i32,
+    /// The newest report time read: this source's watermark.
+    newest: i64,
+    sent: Option<(i64, bool)>,
+    /// Read to the end of the partition, for now.
+    idle: bool,
+    /// The last offset whose label is delivered.
+    done: i64,
+    committed_at: Instant,
+}
+
+impl Forwarder {
+    async fn forward(&mut self, batch: Vec<rdkafka::message::OwnedMessage>, idle: bool) {
+        self.idle = idle;
+        let ctx = &self.ctx;
+        let m = &ctx.state.metrics;
+        let delay = ctx.state.feature_config().label_delay_secs;
+        let mut out = Vec::new();
+        let last = batch.last().map(|msg| msg.offset());
+        for msg in &batch {
+            let label = match Label::parse(msg.payload().unwrap_or_default()) {
+                Ok(l) => l,
+                Err(e) => {
+                    m.labels.with_label_values(&["invalid"]).inc();
+                    log(
+                        "WARN",
+                        format_args!(
+                            "label topic {}/{} offset {}: {e}",
+                            msg.topic(),
+                            msg.partition(),
+                            msg.offset()
+                        ),
+                    );
+                    continue;
+                }
+            };
+            self.newest = self.newest.max(label.reported_at);
+            if !label.is_fraud {
+                m.labels.with_label_values(&["genuine"]).inc();
+                continue;
+            }
+            let event = MerchantEvent::Fraud {
+                source: Source::Labels(self.partition),
+                offset: msg.offset(),
+                time: label.counted_at(delay),
+            };
+            out.push(Outgoing::new(
+                &ctx.topics.merchant_events,
+                label.merchant_id.as_bytes(),
+                event.encode(),
+            ));
+        }
+        let now = (self.newest, idle);
+        if (self.newest != i64::MIN || idle) && self.sent != Some(now) {
+            let event = MerchantEvent::Progress {
+                source: Source::Labels(self.partition),
+                watermark: self.newest,
+                idle,
+            }
+            .encode();
+            for part in 0..ctx.layout.merchant_partitions {
+                out.push(Outgoing {
+                    partition: Some(part),
+                    ..Outgoing::new(&ctx.topics.merchant_events, b"", event.clone())
+                });
+            }
+            self.sent = Some(now);
+        }
+        if out.is_empty() && last.is_none() {
+            return;
+        }
+        let pending = send_all(&ctx.producer, out).await;
+        if settle(&ctx.state, &ctx.producer, pending, &|| false).await
+            && let Some(last) = last
+        {
+            self.done = last;
+        }
+        if self.committed_at.elapsed() >= Duration::from_secs(1) {
+            self.commit(CommitMode::Async);
+        }
+    }
+
+    fn commit(&mut self, mode: CommitMode) {
+        self.committed_at = Instant::now();
+        if self.done >= 0 {
+            commit(
+                &self.ctx.consumer,
+                &[(&self.ctx.topics.labels, self.partition, self.done + 1)],
+                mode,
+            );
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! The merchant table: every instance's copy of the merchants changelog
+//! (Kafka Streams' GlobalKTable). Card tasks and the HTTP API read merchant
+//! features from it; the materialiser applies the changelog's groups as
+//! their markers arrive. It also keeps how far every source (each input and
+//! label partition) had come when each group was written, so a card task
+//! can tell whether the table is complete up to a given event time.
+
+use super::{Key, Progress, Recent, StageCheckpoint, count_1h_from, decode_day};
+use crate::features::merchant::{HourCounts, MerchantState, MerchantView};
+use crate::serve::changelog::{Assembler, Committed, StartGuard, Take, start_offset};
+use crate::serve::events::Source;
+use crate::telemetry::log;
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+/// One merchant in the table.
+struct TableMerchant {
+    /// The merchant-events partition it belongs to.
+    partition: i32,
+    panes: MerchantState,
+    /// `None` when no record says (the 1-hour count then comes from the panes).
+    recent: Option<Recent>,
+}
+
+#[derive(Default)]
+struct Data {
+    merchants: HashMap<u64, TableMerchant>,
+    /// Per merchants-changelog partition, its sources' progress as of its
+    /// newest group applied.
+    progress: HashMap<i32, HashMap<Source, Progress>>,
+}
+
+/// Which sources and partitions the frontier is taken over.
+struct Universe {
+    sources: Vec<Source>,
+    partitions: i32,
+}
+
+pub struct MerchantTable {
+    /// Lock order: this lock is never held while another is taken, nor
+    /// taken while another is held (see `serve::state`).
+    data: RwLock<Data>,
+    changed: tokio::sync::Notify,
+    caught_up: AtomicBool,
+    label_delay_secs: i64,
+    universe: OnceLock<Universe>,
+}
+
+impl MerchantTable {
+    pub fn new(label_delay_secs: i64) -> MerchantTable {
+        MerchantTable {
+            data: RwLock::new(Data::default()),
+            changed: tokio::sync::Notify::new(),
+            caught_up: AtomicBool::new(false),
+            label_delay_secs,
+            universe: OnceLock::new(),
+        }
+    }
+
+    /// Sets the sources and partitions, once the topics' layout is known.
+    pub fn set_universe(&self, sources: Vec<Source>, partitions: i32) {
+        let _ = self.universe.set(Universe {
+            sources,
+            partitions,
+        });
+    }
+
+    pub fn is_caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::Acquire)
+    }
+
+    /// Without Kafka there is nothing to catch up with.
+    pub fn set_caught_up(&self) {
+        self.caught_up.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    pub fn merchants(&self) -> usize {
+        self.read().merchants.len()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Data> {
+        self.data.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The merchant's features at `t`: the label-delayed windows from its
+    /// hour panes, the 1-hour count from its kept transaction times before
+    /// `t` (from the panes when the times are incomplete).
+    pub fn view(&self, merchant_key: u64, t: i64) -> MerchantView {
+        self.views(&[(merchant_key, t)])[0]
+    }
+
+    /// [`MerchantTable::view`] of several, under one read of the table.
+    pub fn views(&self, requests: &[(u64, i64)]) -> Vec<MerchantView> {
+        let data = self.read();
+        requests
+            .iter()
+            .map(|&(key, t)| {
+                let Some(m) = data.merchants.get(&key) else {
+                    return MerchantView::default();
+                };
+                let mut v = m.panes.view(t, self.label_delay_secs);
+                if let Some(n) = m.recent.as_ref().and_then(|r| r.count(count_1h_from(t), t)) {
+                    v.count_1h = n;
+                }
+                v
+            })
+            .collect()
+    }
+
+    /// The event time up to which every source's events are in the table:
+    /// the least watermark over all partitions and all sources not idle.
+    /// `i64::MAX` when all are idle, `i64::MIN` while any is unheard of.
+    pub fn frontier(&self) -> i64 {
+        let Some(u) = self.universe.get() else {
+            return i64::MIN;
+        };
+        let data = self.read();
+        let mut low = i64::MAX;
+        for m in 0..u.partitions {
+            let Some(p) = data.progress.get(&m) else {
+                return i64::MIN;
+            };
+            for s in &u.sources {
+                match p.get(s) {
+                    None => return i64::MIN,
+                    Some(pr) if !pr.idle => low = low.min(pr.watermark),
+                    Some(_) => {}
+                }
+            }
+        }
+        low
+    }
+
+    /// Waits until the frontier reaches `need`, at most `limit`. True if it did.
+    pub async fn wait_for_frontier(&self, need: i64, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let changed = self.changed.notified();
+            if self.frontier() >= need {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.frontier() >= need;
+            }
+        }
+    }
+
+    /// Applies one committed group of a changelog partition.
+    pub fn apply(&self, partition: i32, group: Committed<StageCheckpoint>) {
+        let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
+        if group.marker.snapshot {
+            data.merchants.retain(|_, m| m.partition != partition);
+        }
+        for e in group.entries {
+            let Some(key) = Key::decode(&e.key) else {
+                continue;
+            };
+            match key {
+                Key::Day { merchant, day } => {
+                    let hours = match &e.value {
+                        Some(v) => match decode_day(day, v) {
+                            Some(h) => h,
+                            None => continue,
+                        },
+                        None => Vec::new(),
+                    };
+                    let m = data
+                        .merchants
+                        .entry(merchant)
+                        .or_insert_with(|| TableMerchant {
+                            partition,
+                            panes: MerchantState::default(),
+                            recent: None,
+                        });
+                    set_day(&mut m.panes, day, &hours);
+                }
+                Key::Recent { merchant } => {
+                    let recent = match &e.value {
+                        Some(v) => match Recent::decode(v) {
+                            Some(r) => Some(r),
+                            None => continue,
+                        },
+                        None => None,
+                    };
+                    let m = data
+                        .merchants
+                        .entry(merchant)
+                        .or_insert_with(|| TableMerchant {
+                            partition,
+                            panes: MerchantState::default(),
+                            recent: None,
+                        });
+                    m.recent = recent;
+                }
+            }
+            if e.value.is_none() {
+                let key = match key {
+                    Key::Day { merchant, .. } | Key::Recent { merchant } => merchant,
+                };
+                if data
+                    .merchants
+                    .get(&key)
+                    .is_some_and(|m| m.panes.is_empty() && m.recent.is_none())
+                {
+                    data.merchants.remove(&key);
+                }
+            }
+        }
+        data.progress
+            .insert(partition, group.marker.state.progress.into_iter().collect());
+        drop(data);
+        self.changed.notify_waiters();
+    }
+}
+
+/// Replaces a day's hours in a merchant's panes.
+fn set_day(panes: &mut MerchantState, day: i64, hours: &[HourCounts]) {
+    for old in panes.hours(day * 24, day * 24 + 24) {
+        if !hours.iter().any(|h| h.hour == old.hour) {
+            panes.set_hour(HourCounts {
+                count: 0,
+                frauds: 0,
+                ..old
+            });
+        }
+    }
+    for h in hours {
+        panes.set_hour(*h);
+    }
+}
+
+/// Reads every partition of the merchants changelog into the table, from
+/// each partition's newest snapshot, until `stop`. Marks the table caught
+/// up once every partition was read to its end. Blocking: run it on a
+/// thread of its own. `read` counts the records read.
+pub fn materialise(
+    table: &MerchantTable,
+    reader: &BaseConsumer,
+    topic: &str,
+    partitions: i32,
+    stop: &AtomicBool,
+    read: &prometheus::IntCounter,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut tpl = TopicPartitionList::new();
+    let mut guards = HashMap::new();
+    for p in 0..partitions {
+        let from = start_offset(reader, topic, p)?;
+        tpl.add_partition_offset(topic, p, from)?;
+        guards.insert(
+            p,
+            StartGuard::new(match from {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            }),
+        );
+    }
+    reader.assign(&tpl)?;
+    let mut assemblers: HashMap<i32, Assembler<StageCheckpoint>> = HashMap::new();
+    let mut unread: std::collections::HashSet<i32> = (0..partitions).collect();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Acquire) {
+        let Some(r) = reader.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let msg = match r {
+            Ok(m) => m,
+            Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
+                if guards.get(&p).is_some_and(StartGuard::at_end)
+                    && unread.remove(&p)
+                    && unread.is_empty()
+                {
+                    table.set_caught_up();
+                    log(
+                        "INFO",
+                        format_args!(
+                            "merchant table caught up: {} merchants from {n} records in {:.1}s",
+                            table.merchants(),
+                            started.elapsed().as_secs_f64()
+                        ),
+                    );
+                }
+                continue;
+            }
+            Err(e) => {
+                log("WARN", format_args!("merchant table reader: {e}"));
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+        };
+        read.inc();
+        n += 1;
+        let p = msg.partition();
+        let guard = guards.entry(p).or_insert_with(|| StartGuard::new(None));
+        match guard.take(msg.offset()) {
+            Take::Yes => {}
+            Take::Skip => continue,
+            Take::SeekTo(o) => {
+                reader.seek(topic, p, Offset::Offset(o), Duration::from_secs(10))?;
+                continue;
+            }
+        }
+        if let Some(group) = assemblers.entry(p).or_default().push(&msg) {
+            table.apply(p, group);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::changelog::{Entry, Marker};
+
+    fn group(entries: Vec<Entry>, progress: Vec<(Source, Progress)>) -> Committed<StageCheckpoint> {
+        Committed {
+            entries,
+            marker: Marker {
+                group: 1,
+                snapshot: false,
+                state: StageCheckpoint {
+                    progress,
+                    ..StageCheckpoint::default()
+                },
+            },
+            offset: 0,
+        }
+    }
+
+    #[test]
+    fn frontier_is_the_least_busy_watermark() {
+        let t = MerchantTable::new(7 * 86_400);
+        assert_eq!(t.frontier(), i64::MIN, "no layout yet");
+        let (a, b, l) = (Source::Input(0), Source::Input(1), Source::Labels(0));
+        t.set_universe(vec![a, b, l], 2);
+        let p = |w, idle| Progress { watermark: w, idle };
+        t.apply(
+            0,
+            group(
+                vec![],
+                vec![(a, p(100, false)), (b, p(50, false)), (l, p(0, true))],
+            ),
+        );
+        assert_eq!(t.frontier(), i64::MIN, "partition 1 unheard of");
+        t.apply(
+            1,
+            group(
+                vec![],
+                vec![(a, p(90, false)), (b, p(70, false)), (l, p(0, true))],
+            ),
+        );
+        assert_eq!(t.frontier(), 50);
+        t.apply(
+            0,
+            group(
+                vec![],
+                vec![(a, p(100, false)), (b, p(0, true)), (l, p(0, true))],
+            ),
+        );
+        assert_eq!(t.frontier(), 70);
+        t.apply(
+            1,
+            group(
+                vec![],
+                vec![(a, p(0, true)), (b, p(0, true)), (l, p(0, true))],
+            ),
+        );
+        assert_eq!(t.frontier(), 100);
+    }
+
+    #[test]
+    fn days_and_recent_times_make_the_views() {
+        let t = MerchantTable::new(7 * 86_400);
+        let day = 17_622i64;
+        let at = |h: i64, s: i64| day * 86_400 + h * 3600 + s;
+        let hours = vec![
+            HourCounts {
+                hour: (day * 24 + 9) as u32,
+                count: 3,
+                frauds: 0,
+            },
+            HourCounts {
+                hour: (day * 24 + 10) as u32,
+                count: 2,
+                frauds: 0,
+            },
+        ];
+        let mut recent = Recent::default();
+        for s in [at(9, 10), at(9, 20), at(9, 30), at(10, 5), at(10, 50)] {
+            recent.add(s);
+        }
+        t.apply(
+            0,
+            group(
+                vec![
+                    Entry {
+                        key: Key::Day { merchant: 5, day }.encode(),
+                        value: Some(super::super::encode_day(&hours)),
+                    },
+                    Entry {
+                        key: Key::Recent { merchant: 5 }.encode(),
+                        value: Some(recent.encode()),
+                    },
+                ],
+                vec![],
+            ),
+        );
+        // Times before t only, though the panes hold all five.
+        assert_eq!(t.view(5, at(10, 6)).count_1h, 4);
+        assert_eq!(t.view(5, at(10, 51)).count_1h, 5);
+        assert_eq!(t.view(6, at(10, 51)).count_1h, 0);
+        // A tombstone for the day and the times removes the merchant.
+        t.apply(
+            0,
+            group(
+                vec![
+                    Entry {
+                        key: Key::Day { merchant: 5, day }.encode(),
+                        value: None,
+                    },
+                    Entry {
+                        key: Key::Recent { merchant: 5 }.encode(),
+                        value: None,
+                    },
+                ],
+                vec![],
+            ),
+        );
+        assert_eq!(t.merchants(), 0);
+    }
+}

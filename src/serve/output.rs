@@ -1,0 +1,122 @@
+//! What the partition tasks produce, and waiting for the broker to have it.
+//! A task's input offset is done only once everything it caused (alerts,
+//! dead letters, scores, merchant events) is acknowledged.
+
+use super::state::ServiceState;
+use crate::telemetry::log;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use std::time::Duration;
+
+/// A message to produce, owned, so it can be sent again after a failure.
+pub struct Outgoing {
+    pub topic: String,
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(&'static str, String)>,
+    /// A partition of its own choosing; else the key's.
+    pub partition: Option<i32>,
+    /// The input record's timestamp, for the event-to-alert latency.
+    pub alert_of: Option<i64>,
+}
+
+impl Outgoing {
+    pub fn new(topic: &str, key: &[u8], payload: Vec<u8>) -> Outgoing {
+        Outgoing {
+            topic: topic.to_string(),
+            key: key.to_vec(),
+            payload,
+            headers: Vec::new(),
+            partition: None,
+            alert_of: None,
+        }
+    }
+}
+
+fn send(
+    producer: &FutureProducer,
+    o: &Outgoing,
+) -> Result<DeliveryFuture, rdkafka::error::KafkaError> {
+    let mut headers = OwnedHeaders::new();
+    for (k, v) in &o.headers {
+        headers = headers.insert(Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        });
+    }
+    let mut record = FutureRecord::to(&o.topic)
+        .key(&o.key)
+        .payload(&o.payload)
+        .headers(headers);
+    if let Some(p) = o.partition {
+        record = record.partition(p);
+    }
+    producer.send_result(record).map_err(|(e, _)| e)
+}
+
+pub type Pending = Vec<(Outgoing, DeliveryFuture)>;
+
+/// Hands every message to the producer; waits only while its queue is full.
+pub async fn send_all(producer: &FutureProducer, out: Vec<Outgoing>) -> Pending {
+    let mut pending = Vec::with_capacity(out.len());
+    for o in out {
+        loop {
+            match send(producer, &o) {
+                Ok(f) => {
+                    pending.push((o, f));
+                    break;
+                }
+                // The local queue is full: let deliveries drain it.
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+    pending
+}
+
+/// Waits for the broker to acknowledge every message, sending again what
+/// failed. False if `stopped` before all were acknowledged.
+pub async fn settle(
+    state: &ServiceState,
+    producer: &FutureProducer,
+    mut pending: Pending,
+    stopped: &(dyn Fn() -> bool + Sync),
+) -> bool {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut failed = Vec::new();
+        for (o, f) in pending {
+            match f.await {
+                Ok(Ok(_)) => {
+                    if let Some(ts) = o.alert_of {
+                        record_alert_latency(state, ts);
+                    }
+                }
+                Ok(Err((e, _))) => {
+                    log("WARN", format_args!("delivery to {} failed: {e}", o.topic));
+                    failed.push(o);
+                }
+                Err(_) => failed.push(o),
+            }
+        }
+        if failed.is_empty() {
+            return true;
+        }
+        state.metrics.delivery_retries.inc_by(failed.len() as u64);
+        if stopped() {
+            return false;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        pending = send_all(producer, failed).await;
+    }
+}
+
+fn record_alert_latency(state: &ServiceState, record_ts: i64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    if now >= record_ts {
+        state.record_alert_latency(now - record_ts);
+    }
+}

@@ -1,0 +1,324 @@
+//! What every partition task shares: its lifecycle, the context it works
+//! in, its input (the partition's own queue of the group consumer), the
+//! control the group holds over it, and offset commits.
+//!
+//! A task's lifecycle is one state machine, as vector's Kafka source has:
+//!
+//! ```text
+//! Assigned ──► Restoring ──► Running ──► Draining ──► Revoked
+//!     └────────────┴────────────┴──────────► (stop: straight to Draining)
+//! ```
+//!
+//! - **Assigned**: the group gave the partition; its queue is split off and
+//!   paused, so nothing is fetched before the task knows where to start.
+//! - **Restoring**: the task reads its state (a changelog) and where that
+//!   state stands in its input, seeks there and resumes the partition.
+//! - **Running**: it processes its input.
+//! - **Draining**: on a revoke or at shutdown it takes no more input, lets
+//!   what is in flight be acknowledged, checkpoints and commits.
+//! - **Revoked**: it tells the group it is done and ends.
+
+use super::group::{GroupConsumer, GroupContext};
+use super::kafka::{Layout, Topics};
+use super::state::ServiceState;
+use crate::telemetry::log;
+use rdkafka::Message;
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::producer::FutureProducer;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+use super::changelog::{StartGuard, Take};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Assigned,
+    Restoring,
+    Running,
+    Draining,
+    Revoked,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 5] = [
+        Phase::Assigned,
+        Phase::Restoring,
+        Phase::Running,
+        Phase::Draining,
+        Phase::Revoked,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Assigned => "assigned",
+            Phase::Restoring => "restoring",
+            Phase::Running => "running",
+            Phase::Draining => "draining",
+            Phase::Revoked => "revoked",
+        }
+    }
+}
+
+/// Which topic a task's partition is of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// An input partition: card state, scoring, alerts.
+    Cards,
+    /// A merchant-events partition: merchant state.
+    Merchants,
+    /// A label partition: labels forwarded by merchant.
+    Labels,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Cards, Role::Merchants, Role::Labels];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Cards => "cards",
+            Role::Merchants => "merchants",
+            Role::Labels => "labels",
+        }
+    }
+}
+
+/// What all tasks work with.
+pub struct TaskContext {
+    pub state: Arc<ServiceState>,
+    pub consumer: Arc<GroupConsumer>,
+    pub producer: FutureProducer,
+    pub topics: Topics,
+    pub layout: Layout,
+}
+
+/// The group's hold on a task: `assigned` turns true once the partition is
+/// assigned and paused; `drain` asks it to finish.
+pub struct Control {
+    pub assigned: watch::Receiver<bool>,
+    pub drain: watch::Receiver<bool>,
+}
+
+impl Control {
+    /// Waits until the partition is assigned; false if asked to drain first.
+    pub async fn assigned(&mut self) -> bool {
+        let assigned = tokio::select! {
+            r = self.assigned.wait_for(|a| *a) => r.is_ok(),
+            _ = self.drain.wait_for(|d| *d) => false,
+        };
+        assigned && !*self.drain.borrow()
+    }
+
+    pub fn draining(&self) -> bool {
+        *self.drain.borrow()
+    }
+
+    /// Resolves once a drain is asked for.
+    pub async fn drained(&mut self) {
+        let _ = self.drain.wait_for(|d| *d).await;
+    }
+}
+
+/// Keeps the phase gauge of a task.
+pub struct PhaseGauge {
+    state: Arc<ServiceState>,
+    role: Role,
+    phase: Phase,
+}
+
+impl PhaseGauge {
+    pub fn new(state: Arc<ServiceState>, role: Role) -> PhaseGauge {
+        state
+            .metrics
+            .tasks
+            .with_label_values(&[role.as_str(), Phase::Assigned.as_str()])
+            .inc();
+        PhaseGauge {
+            state,
+            role,
+            phase: Phase::Assigned,
+        }
+    }
+
+    pub fn set(&mut self, phase: Phase) {
+        let m = &self.state.metrics;
+        m.tasks
+            .with_label_values(&[self.role.as_str(), self.phase.as_str()])
+            .dec();
+        if phase != Phase::Revoked {
+            m.tasks
+                .with_label_values(&[self.role.as_str(), phase.as_str()])
+                .inc();
+        }
+        if self.role == Role::Cards {
+            if self.phase == Phase::Restoring {
+                m.restoring.dec();
+            }
+            if phase == Phase::Restoring {
+                m.restoring.inc();
+            }
+        }
+        self.phase = phase;
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+}
+
+impl Drop for PhaseGauge {
+    fn drop(&mut self) {
+        if self.phase != Phase::Revoked {
+            self.set(Phase::Revoked);
+        }
+    }
+}
+
+/// What a partition's queue gave.
+pub enum Next {
+    Message(OwnedMessage),
+    /// The partition is read to its end, for now.
+    End,
+}
+
+/// A partition's own queue of the group consumer, positioned by its task.
+pub struct PartitionInput {
+    queue: StreamPartitionQueue<GroupContext>,
+    consumer: Arc<GroupConsumer>,
+    topic: String,
+    partition: i32,
+    guard: StartGuard,
+    read: prometheus::IntCounter,
+}
+
+impl PartitionInput {
+    pub fn new(
+        queue: StreamPartitionQueue<GroupContext>,
+        ctx: &TaskContext,
+        topic: &str,
+        partition: i32,
+    ) -> PartitionInput {
+        PartitionInput {
+            queue,
+            consumer: ctx.consumer.clone(),
+            topic: topic.to_string(),
+            partition,
+            guard: StartGuard::new(None),
+            read: ctx.state.metrics.records_read.with_label_values(&[topic]),
+        }
+    }
+
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    /// Positions the partition (paused since its assignment) and resumes it.
+    pub async fn start_at(&mut self, from: Offset) -> anyhow::Result<()> {
+        self.guard = StartGuard::new(match from {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        });
+        self.seek(from).await?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, self.partition);
+        self.consumer.resume(&tpl)?;
+        Ok(())
+    }
+
+    async fn seek(&self, to: Offset) -> anyhow::Result<()> {
+        let (consumer, topic, p) = (self.consumer.clone(), self.topic.clone(), self.partition);
+        // A seek waits for the fetcher to take it: off the async workers.
+        tokio::task::spawn_blocking(move || {
+            let mut last = None;
+            // Right after an assignment the fetcher may not have started
+            // the partition yet, and a seek is refused: try again shortly.
+            for _ in 0..50 {
+                match consumer.seek(&topic, p, to, Duration::from_secs(10)) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = Some(e),
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(anyhow::anyhow!(
+                "cannot seek {topic}/{p} to {to:?}: {}",
+                last.map(|e| e.to_string()).unwrap_or_default()
+            ))
+        })
+        .await?
+    }
+
+    /// The next message, or the end of the partition.
+    pub async fn next(&mut self) -> Next {
+        loop {
+            let taken = match self.queue.recv().await {
+                Ok(m) => {
+                    self.read.inc();
+                    match self.guard.take(m.offset()) {
+                        Take::Yes => return Next::Message(m.detach()),
+                        Take::Skip => None,
+                        Take::SeekTo(o) => Some(o),
+                    }
+                }
+                Err(rdkafka::error::KafkaError::PartitionEOF(_)) => {
+                    if self.guard.at_end() {
+                        return Next::End;
+                    }
+                    None
+                }
+                Err(e) => {
+                    log(
+                        "WARN",
+                        format_args!("{}/{}: {e}", self.topic, self.partition),
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    None
+                }
+            };
+            if let Some(o) = taken
+                && let Err(e) = self.seek(Offset::Offset(o)).await
+            {
+                log("WARN", format_args!("{e:#}"));
+            }
+        }
+    }
+
+    /// [`PartitionInput::next`] if one is ready now.
+    pub async fn try_next(&mut self) -> Option<Next> {
+        tokio::time::timeout(Duration::ZERO, self.next()).await.ok()
+    }
+}
+
+/// Commits the next offsets to read of some partitions for the group.
+pub fn commit(consumer: &GroupConsumer, offsets: &[(&str, i32, i64)], mode: CommitMode) {
+    let mut tpl = TopicPartitionList::new();
+    for &(topic, p, next) in offsets {
+        if tpl
+            .add_partition_offset(topic, p, Offset::Offset(next))
+            .is_err()
+        {
+            return;
+        }
+    }
+    if tpl.count() == 0 {
+        return;
+    }
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        log("WARN", format_args!("offset commit: {e}"));
+    }
+}
+
+/// The group's committed offset of a partition, if any (blocking).
+pub fn committed(consumer: &GroupConsumer, topic: &str, partition: i32) -> Option<i64> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let c = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .ok()?;
+    match c.find_partition(topic, partition)?.offset() {
+        Offset::Offset(o) if o >= 0 => Some(o),
+        _ => None,
+    }
+}

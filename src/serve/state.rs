@@ -1,0 +1,356 @@
+//! The service's state, behind methods: the live scorer, the card engines
+//! of the partitions this instance runs, the cards seen only through the
+//! HTTP API, the merchant table, readiness and latency records.
+//!
+//! # Lock order
+//!
+//! No method here, and no caller through these methods, holds two of the
+//! locks below at once: each is taken, used and released before the next.
+//! A scoring request reads its merchant views from the table (its read
+//! lock), releases it, then locks the card engine. A partition task does
+//! the same per batch. That is the whole order, and it is why the HTTP API
+//! and the partition tasks cannot deadlock: a cycle needs a thread holding
+//! one lock while it waits for another.
+//!
+//! - `scorer`: swapped whole on reload; readers clone the `Arc`.
+//! - `cards` (the registry): held only to clone or change the map.
+//! - each partition's engine: held for a batch or one HTTP request.
+//! - `http_cards`: held for one HTTP request.
+//! - the merchant table's lock (inside [`MerchantTable`]).
+//! - `latency`: held to record or read quantiles.
+
+use super::merchants::table::MerchantTable;
+use crate::config::Settings;
+use crate::features::store::key_hash;
+use crate::features::{Engine, FeatureConfig, Features};
+use crate::ingest::Transaction;
+use crate::metrics::Metrics;
+use crate::model::Model;
+use crate::model::rules::{RuleSet, parse_rules};
+use crate::model::scorer::{Score, Scorer};
+use crate::telemetry::log;
+use anyhow::Context;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+/// A partition's card engine, shared by its task and the HTTP API.
+pub type CardEngine = Arc<Mutex<Engine>>;
+
+pub struct ServiceState {
+    pub settings: Settings,
+    pub metrics: Metrics,
+    feature_config: FeatureConfig,
+    scorer: RwLock<Arc<Scorer>>,
+    /// Card state of each running input partition.
+    cards: Mutex<BTreeMap<i32, CardEngine>>,
+    /// Cards seen only through `POST /v1/score?update=true`.
+    http_cards: Mutex<Engine>,
+    merchants: MerchantTable,
+    joined: AtomicBool,
+    /// A fatal error of the Kafka pipeline, for readiness.
+    failed: Mutex<Option<String>>,
+    latency: Mutex<Latencies>,
+}
+
+pub struct Latencies {
+    /// Microseconds from an input record's timestamp to its alert's acknowledgement.
+    pub event_to_alert_us: hdrhistogram::Histogram<u64>,
+    /// Nanoseconds to compute one transaction's features and score.
+    pub scoring_ns: hdrhistogram::Histogram<u64>,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        let h = |max| {
+            hdrhistogram::Histogram::new_with_bounds(1, max, 2).expect("valid histogram bounds")
+        };
+        Latencies {
+            event_to_alert_us: h(3_600_000_000),
+            scoring_ns: h(60_000_000_000),
+        }
+    }
+}
+
+/// Exact quantiles, in milliseconds and microseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct LatencySummary {
+    pub alert_p50_ms: f64,
+    pub alert_p99_ms: f64,
+    pub scoring_p50_us: f64,
+    pub scoring_p99_us: f64,
+}
+
+/// Readiness and the reasons it is not.
+pub struct Readiness {
+    pub ready: bool,
+    pub waiting_for: Vec<String>,
+}
+
+impl ServiceState {
+    pub fn new(settings: Settings, scorer: Scorer) -> Arc<ServiceState> {
+        let feature_config = scorer.model.feature_config;
+        let metrics = Metrics::new();
+        metrics.set_model(&scorer.model.model_version, scorer.model.algo.as_str());
+        let merchants = MerchantTable::new(feature_config.label_delay_secs);
+        if !settings.kafka_enabled {
+            merchants.set_caught_up();
+        }
+        Arc::new(ServiceState {
+            settings,
+            metrics,
+            feature_config,
+            scorer: RwLock::new(Arc::new(scorer)),
+            cards: Mutex::new(BTreeMap::new()),
+            http_cards: Mutex::new(Engine::new(feature_config)),
+            merchants,
+            joined: AtomicBool::new(false),
+            failed: Mutex::new(None),
+            latency: Mutex::new(Latencies::default()),
+        })
+    }
+
+    /// The live scorer. A batch keeps the one it started with, so a reload
+    /// never changes the model in the middle of a batch or drops an event.
+    pub fn scorer(&self) -> Arc<Scorer> {
+        self.scorer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn feature_config(&self) -> FeatureConfig {
+        self.feature_config
+    }
+
+    pub fn merchants(&self) -> &MerchantTable {
+        &self.merchants
+    }
+
+    /// A new card engine that records its changes for a changelog.
+    pub fn new_card_engine(&self) -> Engine {
+        let mut e = Engine::new(self.feature_config);
+        e.track_changes();
+        e
+    }
+
+    /// Makes a partition's cards visible to the HTTP API.
+    pub fn add_partition(&self, partition: i32, engine: CardEngine) {
+        self.lock_cards().insert(partition, engine);
+    }
+
+    /// The partition's cards are no longer this instance's.
+    pub fn remove_partition(&self, partition: i32) {
+        self.lock_cards().remove(&partition);
+    }
+
+    fn lock_cards(&self) -> std::sync::MutexGuard<'_, BTreeMap<i32, CardEngine>> {
+        self.cards.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn partition_engines(&self) -> Vec<CardEngine> {
+        self.lock_cards().values().cloned().collect()
+    }
+
+    /// The group accepted this instance (an assignment, maybe empty, arrived).
+    pub fn set_joined(&self, joined: bool) {
+        self.joined.store(joined, Ordering::Release);
+    }
+
+    /// A fatal pipeline error: the instance is not ready and says why.
+    pub fn set_failed(&self, why: String) {
+        *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        let mut waiting_for = Vec::new();
+        if self.settings.kafka_enabled {
+            if let Some(why) = self
+                .failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+            {
+                waiting_for.push(format!("the Kafka pipeline failed: {why}"));
+            }
+            if !self.merchants.is_caught_up() {
+                waiting_for.push("merchant table catching up".into());
+            }
+            if !self.joined.load(Ordering::Acquire) {
+                waiting_for.push("partition assignment".into());
+            }
+            let restoring = self.metrics.restoring.get();
+            if restoring > 0 {
+                waiting_for.push(format!("{restoring} partitions restoring"));
+            }
+        }
+        let ready = waiting_for.is_empty();
+        self.metrics.ready.set(i64::from(ready));
+        Readiness { ready, waiting_for }
+    }
+
+    /// Scores one transaction for the HTTP API, reading the card's state
+    /// or, with `update`, folding the transaction into it.
+    pub fn score(&self, tx: &Transaction, update: bool) -> (Features, Score, Arc<Scorer>) {
+        let started = Instant::now();
+        let scorer = self.scorer();
+        // The merchant's view first, its lock released before a card's is taken.
+        let merchant = self.merchants.view(key_hash(&tx.merchant_id), tx.time.utc);
+        let owner = self.partition_engines().into_iter().find(|e| {
+            e.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .has_card(&tx.card_id)
+        });
+        let fold = |engine: &mut Engine| {
+            if update {
+                match engine.process_card(tx, merchant) {
+                    Ok(f) => f,
+                    Err(_) => {
+                        self.metrics.late.inc();
+                        engine.peek_card(tx, merchant)
+                    }
+                }
+            } else {
+                engine.peek_card(tx, merchant)
+            }
+        };
+        let features = match owner {
+            Some(e) => fold(&mut e.lock().unwrap_or_else(|e| e.into_inner())),
+            None => fold(&mut self.http_cards.lock().unwrap_or_else(|e| e.into_inner())),
+        };
+        let score = scorer.score(&features, true);
+        self.metrics
+            .scoring_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.score.observe(score.score);
+        self.metrics.scored.inc();
+        (features, score, scorer)
+    }
+
+    pub fn record_scoring(&self, took: std::time::Duration) {
+        let mut l = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = l.scoring_ns.record(took.as_nanos().max(1) as u64);
+    }
+
+    pub fn record_scorings(&self, took: &[u64]) {
+        let mut l = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        for &ns in took {
+            let _ = l.scoring_ns.record(ns.max(1));
+        }
+    }
+
+    pub fn record_alert_latency(&self, ms: i64) {
+        self.metrics
+            .event_to_alert_seconds
+            .observe(ms as f64 / 1000.0);
+        let mut l = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = l.event_to_alert_us.record((ms * 1000).max(1) as u64);
+    }
+
+    pub fn latency_summary(&self) -> LatencySummary {
+        let l = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        LatencySummary {
+            alert_p50_ms: l.event_to_alert_us.value_at_quantile(0.5) as f64 / 1000.0,
+            alert_p99_ms: l.event_to_alert_us.value_at_quantile(0.99) as f64 / 1000.0,
+            scoring_p50_us: l.scoring_ns.value_at_quantile(0.5) as f64 / 1000.0,
+            scoring_p99_us: l.scoring_ns.value_at_quantile(0.99) as f64 / 1000.0,
+        }
+    }
+
+    /// Loads and swaps in a new model and rules; on any error the old ones stay live.
+    pub fn reload(
+        &self,
+        model: Option<&Path>,
+        rules: Option<&Path>,
+    ) -> anyhow::Result<Arc<Scorer>> {
+        let result = self.try_reload(model, rules);
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        self.metrics.reloads.with_label_values(&[outcome]).inc();
+        result
+    }
+
+    fn try_reload(
+        &self,
+        model: Option<&Path>,
+        rules: Option<&Path>,
+    ) -> anyhow::Result<Arc<Scorer>> {
+        let scorer = load_scorer(&self.settings, model, rules)?;
+        if scorer.model.feature_config != self.feature_config {
+            anyhow::bail!(
+                "the model's feature configuration ({:?}) differs from the live one ({:?}); \
+                 state built under one cannot serve the other, so restart to change it",
+                scorer.model.feature_config,
+                self.feature_config
+            );
+        }
+        let scorer = Arc::new(scorer);
+        *self.scorer.write().unwrap_or_else(|e| e.into_inner()) = scorer.clone();
+        self.metrics
+            .set_model(&scorer.model.model_version, scorer.model.algo.as_str());
+        log(
+            "INFO",
+            format_args!(
+                "model {} and {} rules are live",
+                scorer.model.model_version,
+                scorer.rules.rules.len()
+            ),
+        );
+        Ok(scorer)
+    }
+
+    /// Card and merchant counts for the gauges.
+    pub fn refresh_gauges(&self) {
+        let cards: usize = self
+            .partition_engines()
+            .iter()
+            .map(|e| e.lock().unwrap_or_else(|e| e.into_inner()).cards())
+            .sum();
+        let http = self
+            .http_cards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cards();
+        self.metrics.cards.set((cards + http) as i64);
+        self.metrics
+            .merchants
+            .set(self.merchants.merchants() as i64);
+    }
+}
+
+/// The model and rules of the settings, or those given, with the settings'
+/// thresholds applied. No model file means the built-in one, and so do
+/// no rules file and no model file: a custom model starts with no rules.
+pub fn load_scorer(
+    settings: &Settings,
+    model: Option<&Path>,
+    rules: Option<&Path>,
+) -> anyhow::Result<Scorer> {
+    let model_path = model.or(settings.model.as_deref());
+    let rules_path = rules.or(settings.rules.as_deref());
+    let mut scorer = match model_path {
+        None => crate::model::builtin::scorer()?,
+        Some(p) => Scorer::new(Model::load(p)?, RuleSet::default()),
+    };
+    if let Some(p) = rules_path {
+        let text = std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read rules file {}", p.display()))?;
+        scorer.rules = parse_rules(&text).with_context(|| format!("rules file {}", p.display()))?;
+        scorer = Scorer::new(scorer.model, scorer.rules);
+    }
+    if let Some(t) = settings.review_threshold {
+        scorer.thresholds.review = t;
+    }
+    if let Some(t) = settings.block_threshold {
+        scorer.thresholds.block = t;
+    }
+    if scorer.thresholds.review > scorer.thresholds.block {
+        anyhow::bail!(
+            "review threshold {} is above block threshold {}",
+            scorer.thresholds.review,
+            scorer.thresholds.block
+        );
+    }
+    Ok(scorer)
+}
