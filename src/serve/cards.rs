@@ -151,7 +151,7 @@ async fn restore(ctx: &Arc<TaskContext>, p: i32, control: &Control) -> anyhow::R
         if !c.state.settings.rebuild_on_assign {
             return anyhow::Ok((engine, writer, None, 0));
         }
-        let reader = super::kafka::reader(&c.state.settings)?;
+        let reader = super::kafka::reader(&c.state.settings, &c.topics.cards_group)?;
         let stopped = || *drain.borrow();
         let restored =
             changelog::restore::<CardCheckpoint>(&reader, &c.topics.cards_changelog, p, &stopped)?;
@@ -784,20 +784,29 @@ async fn acker(
     done: watch::Sender<i64>,
     stopping: Arc<AtomicBool>,
 ) {
-    let mut committed_at = Instant::now();
     let stopped = || stopping.load(Ordering::Acquire);
-    while let Some((last, pending)) = batches.recv().await {
-        if !settle(&ctx.state, &ctx.producer, pending, &stopped).await {
-            break;
-        }
-        done.send_replace(last);
-        if committed_at.elapsed() >= Duration::from_secs(1) {
-            committed_at = Instant::now();
-            commit(
-                &ctx.consumer,
-                &[(&ctx.topics.input, partition, last + 1)],
-                CommitMode::Async,
-            );
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut committed = *done.borrow();
+    loop {
+        tokio::select! {
+            batch = batches.recv() => {
+                let Some((last, pending)) = batch else { break };
+                if !settle(&ctx.state, &ctx.producer, pending, &stopped).await {
+                    break;
+                }
+                done.send_replace(last);
+            }
+            _ = tick.tick() => {
+                let d = *done.borrow();
+                if d > committed {
+                    committed = d;
+                    commit(
+                        &ctx.consumer,
+                        &[(&ctx.topics.input, partition, d + 1)],
+                        CommitMode::Async,
+                    );
+                }
+            }
         }
     }
 }

@@ -1,8 +1,8 @@
-//! The group consumer: one per instance, subscribed to the input topic,
-//! the label topic and the merchant-events topic, with the
-//! `cooperative-sticky` assignor, so that a rebalance moves only the
-//! partitions that change owner and the others keep their state and keep
-//! running.
+//! The group consumers: one per role and instance (the input topic, the
+//! merchant-events topic, the label topic, each in a group of its own),
+//! with the `cooperative-sticky` assignor, so that a rebalance moves only
+//! the partitions that change owner and the others keep their state and
+//! keep running.
 //!
 //! Each assigned partition gets a queue of its own and a task that reads
 //! it ([`super::partition`]): a slow partition, or one restoring its
@@ -45,8 +45,8 @@ struct TaskHandle {
 
 pub struct GroupContext {
     state: Arc<ServiceState>,
-    input_topic: String,
-    roles: HashMap<String, Role>,
+    role: Role,
+    topic: String,
     runtime: tokio::runtime::Handle,
     /// Set once the consumer exists; weak, as the consumer holds this context.
     tasks_context: OnceLock<Weak<TaskContext>>,
@@ -58,19 +58,15 @@ pub struct GroupContext {
 impl GroupContext {
     pub fn new(
         state: Arc<ServiceState>,
-        topics: &super::kafka::Topics,
+        role: Role,
+        topic: &str,
         runtime: tokio::runtime::Handle,
     ) -> GroupContext {
-        let roles = HashMap::from([
-            (topics.input.clone(), Role::Cards),
-            (topics.labels.clone(), Role::Labels),
-            (topics.merchant_events.clone(), Role::Merchants),
-        ]);
         let drain_deadline = Duration::from_secs(state.settings.shutdown_timeout_secs.max(1));
         GroupContext {
             state,
-            input_topic: topics.input.clone(),
-            roles,
+            role,
+            topic: topic.to_string(),
             runtime,
             tasks_context: OnceLock::new(),
             tasks: Mutex::new(HashMap::new()),
@@ -85,10 +81,8 @@ impl GroupContext {
     fn partitions(&self, tpl: &TopicPartitionList) -> Vec<(Role, String, i32)> {
         tpl.elements()
             .iter()
-            .filter_map(|e| {
-                let role = self.roles.get(e.topic())?;
-                Some((*role, e.topic().to_string(), e.partition()))
-            })
+            .filter(|e| e.topic() == self.topic)
+            .map(|e| (self.role, e.topic().to_string(), e.partition()))
             .collect()
     }
 
@@ -201,9 +195,12 @@ impl ClientContext for GroupContext {
         if let Some(cgrp) = &stats.cgrp
             && cgrp.join_state == "steady"
         {
-            self.state.set_joined(true);
+            self.state.set_joined(self.role);
         }
-        let Some(topic) = stats.topics.get(&self.input_topic) else {
+        if self.role != Role::Cards {
+            return;
+        }
+        let Some(topic) = stats.topics.get(&self.topic) else {
             return;
         };
         for (p, part) in &topic.partitions {
@@ -265,7 +262,7 @@ impl ConsumerContext for GroupContext {
                 log("INFO", format_args!("assigned {}", ps.join(", ")));
                 let inputs = parts.iter().filter(|(r, _, _)| *r == Role::Cards).count();
                 self.state.metrics.partitions.add(inputs as i64);
-                self.state.set_joined(true);
+                self.state.set_joined(self.role);
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => log("WARN", format_args!("rebalance failed: {e}")),
@@ -280,17 +277,21 @@ pub fn run(ctx: Arc<TaskContext>, stop: watch::Receiver<bool>, runtime: tokio::r
     let consumer = ctx.consumer.clone();
     let group = consumer.context();
     let _ = group.tasks_context.set(Arc::downgrade(&ctx));
-    let t = &ctx.topics;
-    if let Err(e) = consumer.subscribe(&[&t.input, &t.labels, &t.merchant_events]) {
-        ctx.state.set_failed(format!("cannot subscribe: {e}"));
-        log("ERROR", format_args!("cannot subscribe: {e}"));
+    if let Err(e) = consumer.subscribe(&[&group.topic]) {
+        ctx.state
+            .set_failed(format!("cannot subscribe to {}: {e}", group.topic));
+        log(
+            "ERROR",
+            format_args!("cannot subscribe to {}: {e}", group.topic),
+        );
         return;
     }
     log(
         "INFO",
         format_args!(
-            "joined group {} on {}, {} and {}",
-            ctx.state.settings.group_id, t.input, t.labels, t.merchant_events
+            "{} consumer subscribed to {}",
+            group.role.as_str(),
+            group.topic
         ),
     );
     runtime.block_on(async {
@@ -314,7 +315,10 @@ pub fn run(ctx: Arc<TaskContext>, stop: watch::Receiver<bool>, runtime: tokio::r
             }
         }
     });
-    log("INFO", "draining every partition");
+    log(
+        "INFO",
+        format_args!("draining every {} partition", group.role.as_str()),
+    );
     group.drain(None);
     consumer.unsubscribe();
     // Serve the revoke and the leave before the consumer goes.

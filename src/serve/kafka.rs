@@ -31,6 +31,13 @@ pub struct Topics {
     /// Merchant state, one partition per merchant-events partition
     /// (compacted); every instance materialises all of it.
     pub merchants_changelog: String,
+    /// The consumer groups. Each role has its own, so that each topic's
+    /// partitions are spread evenly over the instances: the sticky
+    /// assignor balances a member's partitions over all its topics
+    /// together, which could leave one instance every input partition.
+    pub cards_group: String,
+    pub merchants_group: String,
+    pub labels_group: String,
 }
 
 impl Topics {
@@ -45,6 +52,9 @@ impl Topics {
             cards_changelog: format!("{g}-cards-changelog"),
             merchant_events: format!("{g}-merchant-events"),
             merchants_changelog: format!("{g}-merchants-changelog"),
+            cards_group: g.clone(),
+            merchants_group: format!("{g}-merchants"),
+            labels_group: format!("{g}-labels"),
         }
     }
 }
@@ -87,11 +97,11 @@ pub fn producer(s: &Settings) -> anyhow::Result<FutureProducer> {
 /// partition tasks, for what they finished: librdkafka's own commits (on
 /// close in particular) would commit the fetch position, past events not
 /// yet scored.
-pub fn group_config(s: &Settings) -> ClientConfig {
+pub fn group_config(s: &Settings, group_id: &str) -> ClientConfig {
     // Without new data a fetch waits this long on the broker: it bounds the
     // latency a quiet partition adds. Overridable with -X.
     let mut c = client_config(s, &[("fetch.wait.max.ms", "5")]);
-    c.set("group.id", &s.group_id)
+    c.set("group.id", group_id)
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("auto.offset.reset", "earliest")
         .set("statistics.interval.ms", "5000")
@@ -101,12 +111,12 @@ pub fn group_config(s: &Settings) -> ClientConfig {
     c
 }
 
-/// A consumer outside the group that reads assigned partitions (restores,
-/// the merchant table). It carries the group id only to read the group's
+/// A consumer outside the groups that reads assigned partitions (restores,
+/// the merchant table). It carries a group id only to read that group's
 /// committed offsets; it never joins or commits.
-pub fn reader(s: &Settings) -> anyhow::Result<BaseConsumer> {
+pub fn reader(s: &Settings, group_id: &str) -> anyhow::Result<BaseConsumer> {
     Ok(client_config(s, &[("fetch.wait.max.ms", "5")])
-        .set("group.id", &s.group_id)
+        .set("group.id", group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
@@ -177,7 +187,7 @@ pub async fn prepare(
 }
 
 fn layout(s: &Settings, topics: &Topics) -> anyhow::Result<Layout> {
-    let reader = reader(s)?;
+    let reader = reader(s, &topics.cards_group)?;
     let input_partitions = partitions(&reader, &topics.input)?;
     let label_partitions = partitions(&reader, &topics.labels)?;
     let merchant_partitions = match s.merchant_partitions {
@@ -223,12 +233,13 @@ async fn ensure_internal(s: &Settings, topics: &Topics, layout: Layout) -> anyho
             Err((name, e)) => anyhow::bail!("cannot create internal topic {name}: {e}"),
         }
     }
+    let group = topics.cards_group.clone();
     let (s, wanted): (Settings, Vec<(String, i32)>) = (
         s.clone(),
         wanted.iter().map(|(n, p, _)| (n.to_string(), *p)).collect(),
     );
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let reader = reader(&s)?;
+        let reader = reader(&s, &group)?;
         for (name, want) in wanted {
             // A topic just created may take a moment to appear in the metadata.
             let mut found = partitions(&reader, &name);

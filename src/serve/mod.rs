@@ -152,20 +152,21 @@ async fn pipeline(state: Arc<ServiceState>, stop: watch::Receiver<bool>) -> anyh
         std::thread::Builder::new()
             .name("merchant-table".into())
             .spawn(move || {
-                let result = kafka::reader(&state.settings).and_then(|reader| {
-                    let read = state
-                        .metrics
-                        .records_read
-                        .with_label_values(&[&topics.merchants_changelog]);
-                    merchants::table::materialise(
-                        state.merchants(),
-                        &reader,
-                        &topics.merchants_changelog,
-                        layout.merchant_partitions,
-                        &table_stop,
-                        &read,
-                    )
-                });
+                let result =
+                    kafka::reader(&state.settings, &topics.merchants_group).and_then(|reader| {
+                        let read = state
+                            .metrics
+                            .records_read
+                            .with_label_values(&[&topics.merchants_changelog]);
+                        merchants::table::materialise(
+                            state.merchants(),
+                            &reader,
+                            &topics.merchants_changelog,
+                            layout.merchant_partitions,
+                            &table_stop,
+                            &read,
+                        )
+                    });
                 if let Err(e) = result {
                     log("ERROR", format_args!("merchant table: {e:#}"));
                     state.set_failed(format!("merchant table: {e:#}"));
@@ -180,26 +181,47 @@ async fn pipeline(state: Arc<ServiceState>, stop: watch::Receiver<bool>) -> anyh
         }
     }
     if !*stop.borrow() {
-        let context =
-            group::GroupContext::new(state.clone(), &topics, tokio::runtime::Handle::current());
-        let consumer: Arc<group::GroupConsumer> = Arc::new(
-            group::GroupConsumer::from_config_and_context(&kafka::group_config(s), context)?,
-        );
-        let ctx = Arc::new(partition::TaskContext {
-            state: state.clone(),
-            consumer,
-            producer: producer.clone(),
-            topics: topics.clone(),
-            layout,
-        });
-        let handle = tokio::runtime::Handle::current();
-        let stop = stop.clone();
-        let group = std::thread::Builder::new()
-            .name("group".into())
-            .spawn(move || group::run(ctx, stop, handle))?;
-        tokio::task::spawn_blocking(move || group.join())
-            .await?
-            .map_err(|_| anyhow::anyhow!("the group thread panicked"))?;
+        let roles = [
+            (
+                partition::Role::Merchants,
+                &topics.merchant_events,
+                &topics.merchants_group,
+            ),
+            (
+                partition::Role::Labels,
+                &topics.labels,
+                &topics.labels_group,
+            ),
+            (partition::Role::Cards, &topics.input, &topics.cards_group),
+        ];
+        let mut threads = Vec::new();
+        for (role, topic, group_id) in roles {
+            let handle = tokio::runtime::Handle::current();
+            let context = group::GroupContext::new(state.clone(), role, topic, handle.clone());
+            let consumer: Arc<group::GroupConsumer> =
+                Arc::new(group::GroupConsumer::from_config_and_context(
+                    &kafka::group_config(s, group_id),
+                    context,
+                )?);
+            let ctx = Arc::new(partition::TaskContext {
+                state: state.clone(),
+                consumer,
+                producer: producer.clone(),
+                topics: topics.clone(),
+                layout,
+            });
+            let stop = stop.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("group-{}", role.as_str()))
+                    .spawn(move || group::run(ctx, stop, handle))?,
+            );
+        }
+        for t in threads {
+            tokio::task::spawn_blocking(move || t.join())
+                .await?
+                .map_err(|_| anyhow::anyhow!("a group thread panicked"))?;
+        }
     }
     let _ = tokio::task::spawn_blocking(move || {
         rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30))

@@ -20,6 +20,7 @@
 //! - `latency`: held to record or read quantiles.
 
 use super::merchants::table::MerchantTable;
+use super::partition::Role;
 use crate::config::Settings;
 use crate::features::store::key_hash;
 use crate::features::{Engine, FeatureConfig, Features};
@@ -32,7 +33,7 @@ use crate::telemetry::log;
 use anyhow::Context;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -49,7 +50,8 @@ pub struct ServiceState {
     /// Cards seen only through `POST /v1/score?update=true`.
     http_cards: Mutex<Engine>,
     merchants: MerchantTable,
-    joined: AtomicBool,
+    /// The roles whose group accepted this instance, one bit each.
+    joined: AtomicU8,
     /// A fatal error of the Kafka pipeline, for readiness.
     failed: Mutex<Option<String>>,
     latency: Mutex<Latencies>,
@@ -106,7 +108,7 @@ impl ServiceState {
             cards: Mutex::new(BTreeMap::new()),
             http_cards: Mutex::new(Engine::new(feature_config)),
             merchants,
-            joined: AtomicBool::new(false),
+            joined: AtomicU8::new(0),
             failed: Mutex::new(None),
             latency: Mutex::new(Latencies::default()),
         })
@@ -154,9 +156,9 @@ impl ServiceState {
         self.lock_cards().values().cloned().collect()
     }
 
-    /// The group accepted this instance (an assignment, maybe empty, arrived).
-    pub fn set_joined(&self, joined: bool) {
-        self.joined.store(joined, Ordering::Release);
+    /// A role's group accepted this instance (an assignment, maybe empty, arrived).
+    pub fn set_joined(&self, role: Role) {
+        self.joined.fetch_or(1 << role as u8, Ordering::AcqRel);
     }
 
     /// A fatal pipeline error: the instance is not ready and says why.
@@ -178,8 +180,11 @@ impl ServiceState {
             if !self.merchants.is_caught_up() {
                 waiting_for.push("merchant table catching up".into());
             }
-            if !self.joined.load(Ordering::Acquire) {
-                waiting_for.push("partition assignment".into());
+            let joined = self.joined.load(Ordering::Acquire);
+            for role in Role::ALL {
+                if joined & (1 << role as u8) == 0 {
+                    waiting_for.push(format!("partition assignment ({})", role.as_str()));
+                }
             }
             let restoring = self.metrics.restoring.get();
             if restoring > 0 {

@@ -8,11 +8,11 @@
 //! record format.
 //!
 //! Records, keyed by merchant and day so that a record stays small however
-//! busy the merchant, and compaction keeps each day's latest:
-//! - `d` + merchant + day: the day's hours, each with its transactions and
-//!   known frauds (a tombstone once the day is past the retention);
-//! - `r` + merchant: the merchant's newest transaction times (at most
-//!   [`RECENT_CAP`]), for an exact 1-hour count.
+//! busy the merchant, and compaction keeps each day's latest: the day's
+//! hours, each with its transactions and known frauds, and for the two
+//! newest days of the merchant their transaction times (at most
+//! [`RECENT_CAP`] a day), for an exact 1-hour count. A day past the
+//! retention gets a tombstone.
 
 pub mod stage;
 pub mod table;
@@ -28,81 +28,106 @@ const DAY: i64 = 86_400;
 /// with more in the window gets its count from the hour panes.
 pub const RECENT_CAP: usize = 64;
 
-/// A changelog key, decoded.
+/// A changelog key: a merchant's day.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Key {
-    Day { merchant: u64, day: i64 },
-    Recent { merchant: u64 },
+pub struct Key {
+    pub merchant: u64,
+    pub day: i64,
 }
 
 impl Key {
     pub fn encode(self) -> Vec<u8> {
-        match self {
-            Key::Day { merchant, day } => {
-                let mut k = Vec::with_capacity(13);
-                k.push(b'd');
-                k.extend_from_slice(&merchant.to_le_bytes());
-                k.extend_from_slice(&(day as i32).to_le_bytes());
-                k
-            }
-            Key::Recent { merchant } => {
-                let mut k = Vec::with_capacity(9);
-                k.push(b'r');
-                k.extend_from_slice(&merchant.to_le_bytes());
-                k
-            }
-        }
+        let mut k = Vec::with_capacity(13);
+        k.push(b'd');
+        k.extend_from_slice(&self.merchant.to_le_bytes());
+        k.extend_from_slice(&(self.day as i32).to_le_bytes());
+        k
     }
 
     pub fn decode(bytes: &[u8]) -> Option<Key> {
-        let (&tag, rest) = bytes.split_first()?;
-        let merchant = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
-        match (tag, rest.len()) {
-            (b'd', 12) => Some(Key::Day {
-                merchant,
-                day: i32::from_le_bytes(rest[8..12].try_into().ok()?) as i64,
+        match bytes {
+            [b'd', rest @ ..] if rest.len() == 12 => Some(Key {
+                merchant: u64::from_le_bytes(rest[..8].try_into().ok()?),
+                day: i32::from_le_bytes(rest[8..].try_into().ok()?) as i64,
             }),
-            (b'r', 8) => Some(Key::Recent { merchant }),
             _ => None,
         }
     }
 }
 
-/// The hours of one day, encoded: hour of day, transactions, frauds.
-pub fn encode_day(hours: &[HourCounts]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(2 + 9 * hours.len());
-    out.push(1);
-    out.push(hours.len() as u8);
-    for h in hours {
-        out.push((h.hour % 24) as u8);
-        out.extend_from_slice(&h.count.to_le_bytes());
-        out.extend_from_slice(&h.frauds.to_le_bytes());
-    }
-    out
+/// One merchant's day, as the changelog carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Day {
+    pub hours: Vec<HourCounts>,
+    /// The day's transaction times, when it is one of the merchant's two
+    /// newest days; `None` for an older one.
+    pub times: Option<Recent>,
 }
 
-pub fn decode_day(day: i64, bytes: &[u8]) -> Option<Vec<HourCounts>> {
-    let mut r = Reader(bytes);
-    if r.u8()? != 1 {
-        return None;
+impl Day {
+    pub fn encode(&self) -> Vec<u8> {
+        let n = self.times.as_ref().map_or(0, |t| 11 + 4 * t.times.len());
+        let mut out = Vec::with_capacity(3 + 9 * self.hours.len() + n);
+        out.push(2);
+        out.push(self.hours.len() as u8);
+        for h in &self.hours {
+            out.push((h.hour % 24) as u8);
+            out.extend_from_slice(&h.count.to_le_bytes());
+            out.extend_from_slice(&h.frauds.to_le_bytes());
+        }
+        match &self.times {
+            None => out.push(0),
+            Some(t) => {
+                out.push(1);
+                out.extend_from_slice(&t.dropped_upto.to_le_bytes());
+                out.extend_from_slice(&(t.times.len() as u16).to_le_bytes());
+                for x in &t.times {
+                    out.extend_from_slice(&x.to_le_bytes());
+                }
+            }
+        }
+        out
     }
-    let n = r.u8()? as usize;
-    let mut hours = Vec::with_capacity(n);
-    for _ in 0..n {
-        let h = r.u8()? as i64;
-        if h >= 24 {
+
+    pub fn decode(day: i64, bytes: &[u8]) -> Option<Day> {
+        let mut r = Reader(bytes);
+        if r.u8()? != 2 {
             return None;
         }
-        hours.push(HourCounts {
-            hour: (day * 24 + h) as u32,
-            count: r.u32()?,
-            frauds: r.u32()?,
-        });
+        let n = r.u8()? as usize;
+        let mut hours = Vec::with_capacity(n);
+        for _ in 0..n {
+            let h = r.u8()? as i64;
+            if h >= 24 {
+                return None;
+            }
+            hours.push(HourCounts {
+                hour: (day * 24 + h) as u32,
+                count: r.u32()?,
+                frauds: r.u32()?,
+            });
+        }
+        let times = match r.u8()? {
+            0 => None,
+            1 => {
+                let dropped_upto = r.i64()?;
+                let n = r.u16()? as usize;
+                let mut times = Vec::with_capacity(n);
+                for _ in 0..n {
+                    times.push(r.u32()?);
+                }
+                Some(Recent {
+                    times,
+                    dropped_upto,
+                })
+            }
+            _ => return None,
+        };
+        r.0.is_empty().then_some(Day { hours, times })
     }
-    r.0.is_empty().then_some(hours)
 }
 
-/// A merchant's latest transaction times.
+/// A merchant's transaction times of one day.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recent {
     /// Sorted.
@@ -122,34 +147,6 @@ impl Default for Recent {
 }
 
 impl Recent {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(11 + 4 * self.times.len());
-        out.push(1);
-        out.extend_from_slice(&self.dropped_upto.to_le_bytes());
-        out.extend_from_slice(&(self.times.len() as u16).to_le_bytes());
-        for t in &self.times {
-            out.extend_from_slice(&t.to_le_bytes());
-        }
-        out
-    }
-
-    pub fn decode(bytes: &[u8]) -> Option<Recent> {
-        let mut r = Reader(bytes);
-        if r.u8()? != 1 {
-            return None;
-        }
-        let dropped_upto = r.i64()?;
-        let n = r.u16()? as usize;
-        let mut times = Vec::with_capacity(n);
-        for _ in 0..n {
-            times.push(r.u32()?);
-        }
-        r.0.is_empty().then_some(Recent {
-            times,
-            dropped_upto,
-        })
-    }
-
     /// Adds a time, then drops the oldest over the cap.
     pub fn add(&mut self, t: i64) {
         let pos = self.times.partition_point(|&x| (x as i64) <= t);
@@ -216,15 +213,11 @@ mod tests {
 
     #[test]
     fn records_round_trip() {
-        for k in [
-            Key::Day {
-                merchant: u64::MAX,
-                day: 17_622,
-            },
-            Key::Recent { merchant: 7 },
-        ] {
-            assert_eq!(Key::decode(&k.encode()), Some(k));
-        }
+        let k = Key {
+            merchant: u64::MAX,
+            day: 17_622,
+        };
+        assert_eq!(Key::decode(&k.encode()), Some(k));
         assert_eq!(Key::decode(b"~"), None);
         let day = 17_622;
         let hours = vec![
@@ -239,7 +232,6 @@ mod tests {
                 frauds: 0,
             },
         ];
-        assert_eq!(decode_day(day, &encode_day(&hours)), Some(hours));
         let mut r = Recent::default();
         let t0 = 1_600_000_000;
         for i in 0..100 {
@@ -247,7 +239,15 @@ mod tests {
         }
         assert_eq!(r.times.len(), RECENT_CAP);
         assert_eq!(r.dropped_upto, t0 + 35 * 60);
-        assert_eq!(Recent::decode(&r.encode()), Some(r.clone()));
+        for times in [None, Some(r.clone())] {
+            let d = Day {
+                hours: hours.clone(),
+                times,
+            };
+            assert_eq!(Day::decode(day, &d.encode()), Some(d.clone()));
+            let bytes = d.encode();
+            assert_eq!(Day::decode(day, &bytes[..bytes.len() - 1]), None);
+        }
         // Complete from after the dropped time, not before it.
         assert_eq!(r.count(t0 + 40 * 60, t0 + 50 * 60), Some(10));
         assert_eq!(r.count(t0, t0 + 50 * 60), None);

@@ -7,7 +7,7 @@
 //! progress. That changelog is both this task's restore point and what
 //! every instance's merchant table reads.
 
-use super::{Key, Progress, Recent, StageCheckpoint, day_of, day_of_hour, decode_day, encode_day};
+use super::{Day, Key, Progress, Recent, StageCheckpoint, day_of, day_of_hour};
 use crate::features::FeatureConfig;
 use crate::features::merchant::MerchantState;
 use crate::features::store::key_hash_bytes;
@@ -104,7 +104,39 @@ pub async fn run(ctx: Arc<TaskContext>, mut input: PartitionInput, mut control: 
 
 struct StageMerchant {
     panes: MerchantState,
-    recent: Recent,
+    /// Transaction times of the merchant's two newest days.
+    times: Vec<(i64, Recent)>,
+}
+
+impl StageMerchant {
+    fn add_time(&mut self, t: i64) {
+        let day = day_of(t);
+        let newest = self.times.iter().map(|(d, _)| *d).max().unwrap_or(day);
+        if day < newest - 1 {
+            return;
+        }
+        match self.times.iter_mut().find(|(d, _)| *d == day) {
+            Some((_, r)) => r.add(t),
+            None => {
+                let mut r = Recent::default();
+                r.add(t);
+                self.times.push((day, r));
+                let newest = newest.max(day);
+                self.times.retain(|(d, _)| *d >= newest - 1);
+            }
+        }
+    }
+
+    fn day(&self, day: i64) -> Day {
+        Day {
+            hours: self.panes.hours(day * 24, day * 24 + 24),
+            times: self
+                .times
+                .iter()
+                .find(|(d, _)| *d == day)
+                .map(|(_, r)| r.clone()),
+        }
+    }
 }
 
 struct Stage {
@@ -117,7 +149,6 @@ struct Stage {
     events_offset: i64,
     next_sweep: i64,
     dirty_days: HashSet<(u64, i64)>,
-    dirty_recent: HashSet<u64>,
     /// Something to write: state or progress.
     changed: bool,
     writer: Writer,
@@ -129,7 +160,7 @@ async fn restore(ctx: &Arc<TaskContext>, m: i32, control: &Control) -> anyhow::R
     let c = ctx.clone();
     let drain = control.drain.clone();
     let stage = tokio::task::spawn_blocking(move || {
-        let reader = crate::serve::kafka::reader(&c.state.settings)?;
+        let reader = crate::serve::kafka::reader(&c.state.settings, &c.topics.merchants_group)?;
         let stopped = || *drain.borrow();
         let restored = changelog::restore::<StageCheckpoint>(
             &reader,
@@ -156,7 +187,6 @@ async fn restore(ctx: &Arc<TaskContext>, m: i32, control: &Control) -> anyhow::R
             events_offset: -1,
             next_sweep: i64::MIN,
             dirty_days: HashSet::new(),
-            dirty_recent: HashSet::new(),
             changed: false,
             writer: Writer::new(c.producer.clone(), &c.topics.merchants_changelog, m),
             snapshot_start: None,
@@ -164,21 +194,23 @@ async fn restore(ctx: &Arc<TaskContext>, m: i32, control: &Control) -> anyhow::R
         let mut state_bytes = 0u64;
         for (key, value) in &restored.values {
             state_bytes += (key.len() + value.len()) as u64;
-            match Key::decode(key) {
-                Some(Key::Day { merchant, day }) => {
-                    if let Some(hours) = decode_day(day, value) {
-                        let e = stage.merchant(merchant);
-                        for h in hours {
-                            e.panes.set_hour(h);
-                        }
-                    }
+            let Some(key) = Key::decode(key) else {
+                continue;
+            };
+            if let Some(d) = Day::decode(key.day, value) {
+                let e = stage.merchant(key.merchant);
+                for h in d.hours {
+                    e.panes.set_hour(h);
                 }
-                Some(Key::Recent { merchant }) => {
-                    if let Some(r) = Recent::decode(value) {
-                        stage.merchant(merchant).recent = r;
-                    }
+                if let Some(t) = d.times {
+                    e.times.push((key.day, t));
                 }
-                None => {}
+            }
+        }
+        // The times of each merchant's two newest days, as a live stage keeps them.
+        for m in stage.merchants.values_mut() {
+            if let Some(newest) = m.times.iter().map(|(d, _)| *d).max() {
+                m.times.retain(|(d, _)| *d >= newest - 1);
             }
         }
         stage
@@ -210,7 +242,7 @@ impl Stage {
     fn merchant(&mut self, key: u64) -> &mut StageMerchant {
         self.merchants.entry(key).or_insert_with(|| StageMerchant {
             panes: MerchantState::default(),
-            recent: Recent::default(),
+            times: Vec::new(),
         })
     }
 
@@ -268,9 +300,8 @@ impl Stage {
                 self.watermark = self.watermark.max(time);
                 let m = self.merchant(key);
                 m.panes.add_transaction(time);
-                m.recent.add(time);
+                m.add_time(time);
                 self.dirty_days.insert((key, day_of(time)));
-                self.dirty_recent.insert(key);
                 self.sweep_if_due();
             }
             MerchantEvent::Fraud {
@@ -325,7 +356,6 @@ impl Stage {
             }
             if m.panes.is_empty() {
                 gone.push(key);
-                self.dirty_recent.insert(key);
             }
         }
         for key in gone {
@@ -333,23 +363,12 @@ impl Stage {
         }
     }
 
+    /// A day's record, or its tombstone once it has no hour left.
     fn day_entry(&self, key: u64, day: i64) -> Entry {
-        let hours = self
-            .merchants
-            .get(&key)
-            .map(|m| m.panes.hours(day * 24, day * 24 + 24))
-            .unwrap_or_default();
+        let d = self.merchants.get(&key).map(|m| m.day(day));
         Entry {
-            key: Key::Day { merchant: key, day }.encode(),
-            value: (!hours.is_empty()).then(|| encode_day(&hours)),
-        }
-    }
-
-    fn recent_entry(&self, key: u64) -> Entry {
-        let recent = self.merchants.get(&key).map(|m| &m.recent);
-        Entry {
-            key: Key::Recent { merchant: key }.encode(),
-            value: recent.filter(|r| !r.times.is_empty()).map(Recent::encode),
+            key: Key { merchant: key, day }.encode(),
+            value: d.filter(|d| !d.hours.is_empty()).map(|d| d.encode()),
         }
     }
 
@@ -360,7 +379,6 @@ impl Stage {
             .dirty_days
             .iter()
             .map(|&(k, d)| self.day_entry(k, d))
-            .chain(self.dirty_recent.iter().map(|&k| self.recent_entry(k)))
             .collect();
         let bytes: u64 = entries
             .iter()
@@ -373,9 +391,6 @@ impl Stage {
                 let mut days: Vec<i64> = m.panes.pane_hours().map(day_of_hour).collect();
                 days.dedup();
                 entries.extend(days.into_iter().map(|d| self.day_entry(key, d)));
-                if !m.recent.times.is_empty() {
-                    entries.push(self.recent_entry(key));
-                }
             }
         }
         let mut applied: Vec<(Source, i64)> = self.applied.iter().map(|(s, o)| (*s, *o)).collect();
@@ -396,7 +411,6 @@ impl Stage {
         {
             Ok(w) => {
                 self.dirty_days.clear();
-                self.dirty_recent.clear();
                 self.changed = false;
                 let kind = if snapshot { "snapshot" } else { "delta" };
                 ctx.state

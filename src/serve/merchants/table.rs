@@ -5,7 +5,7 @@
 //! label partition) had come when each group was written, so a card task
 //! can tell whether the table is complete up to a given event time.
 
-use super::{Key, Progress, Recent, StageCheckpoint, count_1h_from, decode_day};
+use super::{Day, Key, Progress, Recent, StageCheckpoint, count_1h_from};
 use crate::features::merchant::{HourCounts, MerchantState, MerchantView};
 use crate::serve::changelog::{Assembler, Committed, StartGuard, Take, start_offset};
 use crate::serve::events::Source;
@@ -23,9 +23,33 @@ struct TableMerchant {
     /// The merchant-events partition it belongs to.
     partition: i32,
     panes: MerchantState,
-    /// `None` when no record says (the 1-hour count then comes from the panes).
-    recent: Option<Recent>,
+    /// Transaction times of the merchant's two newest days.
+    times: Vec<(i64, Recent)>,
 }
+
+impl TableMerchant {
+    /// The merchant's transactions in `[from, t)`, from the kept times;
+    /// `None` when a day in the range has hours but not all its times.
+    fn count(&self, from: i64, t: i64) -> Option<u32> {
+        let mut n = 0;
+        for day in from.div_euclid(DAY)..=(t - 1).div_euclid(DAY) {
+            let (lo, hi) = (from.max(day * DAY), t.min((day + 1) * DAY));
+            if lo >= hi {
+                continue;
+            }
+            let hours = (lo.div_euclid(HOUR), (hi - 1).div_euclid(HOUR) + 1);
+            if self.panes.hours(hours.0, hours.1).is_empty() {
+                continue;
+            }
+            let (_, times) = self.times.iter().find(|(d, _)| *d == day)?;
+            n += times.count(lo, hi)?;
+        }
+        Some(n)
+    }
+}
+
+const HOUR: i64 = 3600;
+const DAY: i64 = 86_400;
 
 #[derive(Default)]
 struct Data {
@@ -105,7 +129,7 @@ impl MerchantTable {
                     return MerchantView::default();
                 };
                 let mut v = m.panes.view(t, self.label_delay_secs);
-                if let Some(n) = m.recent.as_ref().and_then(|r| r.count(count_1h_from(t), t)) {
+                if let Some(n) = m.count(count_1h_from(t), t) {
                     v.count_1h = n;
                 }
                 v
@@ -161,55 +185,33 @@ impl MerchantTable {
             let Some(key) = Key::decode(&e.key) else {
                 continue;
             };
-            match key {
-                Key::Day { merchant, day } => {
-                    let hours = match &e.value {
-                        Some(v) => match decode_day(day, v) {
-                            Some(h) => h,
-                            None => continue,
-                        },
-                        None => Vec::new(),
-                    };
-                    let m = data
-                        .merchants
-                        .entry(merchant)
-                        .or_insert_with(|| TableMerchant {
-                            partition,
-                            panes: MerchantState::default(),
-                            recent: None,
-                        });
-                    set_day(&mut m.panes, day, &hours);
-                }
-                Key::Recent { merchant } => {
-                    let recent = match &e.value {
-                        Some(v) => match Recent::decode(v) {
-                            Some(r) => Some(r),
-                            None => continue,
-                        },
-                        None => None,
-                    };
-                    let m = data
-                        .merchants
-                        .entry(merchant)
-                        .or_insert_with(|| TableMerchant {
-                            partition,
-                            panes: MerchantState::default(),
-                            recent: None,
-                        });
-                    m.recent = recent;
-                }
+            let day = match &e.value {
+                Some(v) => match Day::decode(key.day, v) {
+                    Some(d) => d,
+                    None => continue,
+                },
+                None => Day {
+                    hours: Vec::new(),
+                    times: None,
+                },
+            };
+            let m = data
+                .merchants
+                .entry(key.merchant)
+                .or_insert_with(|| TableMerchant {
+                    partition,
+                    panes: MerchantState::default(),
+                    times: Vec::new(),
+                });
+            set_day(&mut m.panes, key.day, &day.hours);
+            m.times.retain(|(d, _)| *d != key.day);
+            if let Some(t) = day.times {
+                m.times.push((key.day, t));
+                let newest = m.times.iter().map(|(d, _)| *d).max().unwrap_or(key.day);
+                m.times.retain(|(d, _)| *d >= newest - 1);
             }
-            if e.value.is_none() {
-                let key = match key {
-                    Key::Day { merchant, .. } | Key::Recent { merchant } => merchant,
-                };
-                if data
-                    .merchants
-                    .get(&key)
-                    .is_some_and(|m| m.panes.is_empty() && m.recent.is_none())
-                {
-                    data.merchants.remove(&key);
-                }
+            if m.panes.is_empty() {
+                data.merchants.remove(&key.merchant);
             }
         }
         data.progress
@@ -375,63 +377,65 @@ mod tests {
     }
 
     #[test]
-    fn days_and_recent_times_make_the_views() {
+    fn days_and_times_make_the_views() {
         let t = MerchantTable::new(7 * 86_400);
         let day = 17_622i64;
-        let at = |h: i64, s: i64| day * 86_400 + h * 3600 + s;
-        let hours = vec![
-            HourCounts {
-                hour: (day * 24 + 9) as u32,
-                count: 3,
-                frauds: 0,
-            },
-            HourCounts {
-                hour: (day * 24 + 10) as u32,
-                count: 2,
-                frauds: 0,
-            },
-        ];
-        let mut recent = Recent::default();
-        for s in [at(9, 10), at(9, 20), at(9, 30), at(10, 5), at(10, 50)] {
-            recent.add(s);
-        }
+        let at = |d: i64, h: i64, s: i64| (day + d) * 86_400 + h * 3600 + s;
+        let hour = |d: i64, h: i64, count| HourCounts {
+            hour: ((day + d) * 24 + h) as u32,
+            count,
+            frauds: 0,
+        };
+        let times = |ts: &[i64]| {
+            let mut r = Recent::default();
+            for &s in ts {
+                r.add(s);
+            }
+            Some(r)
+        };
+        let entry = |d: i64, hours: Vec<HourCounts>, times: Option<Recent>| Entry {
+            key: Key {
+                merchant: 5,
+                day: day + d,
+            }
+            .encode(),
+            value: Some(Day { hours, times }.encode()),
+        };
         t.apply(
             0,
             group(
                 vec![
-                    Entry {
-                        key: Key::Day { merchant: 5, day }.encode(),
-                        value: Some(super::super::encode_day(&hours)),
-                    },
-                    Entry {
-                        key: Key::Recent { merchant: 5 }.encode(),
-                        value: Some(recent.encode()),
-                    },
+                    entry(
+                        0,
+                        vec![hour(0, 23, 2)],
+                        times(&[at(0, 23, 10), at(0, 23, 50)]),
+                    ),
+                    entry(
+                        1,
+                        vec![hour(1, 0, 3)],
+                        times(&[at(1, 0, 5), at(1, 0, 20), at(1, 0, 30)]),
+                    ),
                 ],
                 vec![],
             ),
         );
-        // Times before t only, though the panes hold all five.
-        assert_eq!(t.view(5, at(10, 6)).count_1h, 4);
-        assert_eq!(t.view(5, at(10, 51)).count_1h, 5);
-        assert_eq!(t.view(6, at(10, 51)).count_1h, 0);
-        // A tombstone for the day and the times removes the merchant.
-        t.apply(
-            0,
-            group(
-                vec![
-                    Entry {
-                        key: Key::Day { merchant: 5, day }.encode(),
-                        value: None,
-                    },
-                    Entry {
-                        key: Key::Recent { merchant: 5 }.encode(),
-                        value: None,
-                    },
-                ],
-                vec![],
-            ),
-        );
+        // Times before t only, over midnight, though the panes hold all five.
+        assert_eq!(t.view(5, at(1, 0, 6)).count_1h, 3);
+        assert_eq!(t.view(5, at(1, 0, 31)).count_1h, 5);
+        assert_eq!(t.view(6, at(1, 0, 31)).count_1h, 0);
+        // A day without its times: the count comes from the panes.
+        t.apply(0, group(vec![entry(0, vec![hour(0, 23, 2)], None)], vec![]));
+        assert_eq!(t.view(5, at(1, 0, 6)).count_1h, 5);
+        // Tombstones for both days remove the merchant.
+        let tomb = |d: i64| Entry {
+            key: Key {
+                merchant: 5,
+                day: day + d,
+            }
+            .encode(),
+            value: None,
+        };
+        t.apply(0, group(vec![tomb(0), tomb(1)], vec![]));
         assert_eq!(t.merchants(), 0);
     }
 }
