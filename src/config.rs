@@ -50,8 +50,10 @@ pub struct Settings {
     /// scored against it: a transaction waits until every partition's
     /// transactions up to this long before it are in the table.
     pub merchant_max_lag_secs: i64,
-    /// The longest a batch waits for the merchant table, in milliseconds;
-    /// it is then scored against the table as it is, and counted.
+    /// How long, in milliseconds, a partition's progress may stand still
+    /// before the others stop waiting for it (until it moves again): a
+    /// partition restoring, or unowned after a crash, holds the others up
+    /// once, for this long. Counted in the wait timeouts.
     pub merchant_wait_ms: u64,
     /// Seconds between the status lines in the log; 0 turns them off.
     pub log_interval_secs: u64,

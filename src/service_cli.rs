@@ -157,6 +157,11 @@ pub struct ProduceArgs {
     /// Transactions per second; 0 sends as fast as the broker takes them.
     #[arg(long, default_value_t = 0)]
     rate: u64,
+    /// Live traffic: each transaction's timestamp becomes the time it is
+    /// sent, so event time runs with the wall clock (the file's order and
+    /// `--rate` give the pacing), as a processor's live stream does.
+    #[arg(long)]
+    live: bool,
     /// Skip this many transactions of the file first.
     #[arg(long, default_value_t = 0)]
     skip: u64,
@@ -198,6 +203,14 @@ pub fn produce(a: ProduceArgs) -> anyhow::Result<()> {
         seen += 1;
         if seen <= a.skip {
             continue;
+        }
+        if a.live {
+            tx.time = peregrine::ingest::EventTime {
+                utc: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64),
+                offset: 0,
+            };
         }
         let fraud = tx.is_fraud == Some(true);
         tx.is_fraud = None;

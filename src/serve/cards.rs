@@ -17,8 +17,9 @@
 //! changelog, then a marker with the offset they reflect, once everything up
 //! to that offset is acknowledged.
 
-use super::changelog::{self, Entry, Writer, Written};
+use super::changelog::{self, Entry, Writer};
 use super::events::{MerchantEvent, Source};
+use super::merchants::table::Frontier;
 use super::output::{Outgoing, Pending, send_all, settle};
 use super::partition::{
     Control, Next, PartitionInput, Phase, PhaseGauge, Role, TaskContext, commit, committed,
@@ -52,6 +53,9 @@ const MAX_PENDING: usize = 8192;
 const IN_FLIGHT: usize = 16;
 /// Least time between two progress records of a partition.
 const PROGRESS_EVERY: Duration = Duration::from_millis(10);
+/// Most time between two progress records of a running partition: the
+/// merchant table tells a partition that runs from one that does not by them.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// How far ahead of the oldest record not yet scored, in event time, a
 /// partition sends merchant events. In live traffic records are scored as
 /// they come and this never binds; when a backlog is read, it keeps the
@@ -221,11 +225,15 @@ struct CardTask {
     progress_at: Instant,
     /// Since when the head of `pending` has waited for the merchant table.
     blocked_since: Option<Instant>,
+    frontier: Frontier,
+    /// Sources the frontier leaves out as stuck, last time.
+    stuck: usize,
     to_acker: Option<mpsc::Sender<(i64, Pending)>>,
     acker: Option<tokio::task::JoinHandle<()>>,
     done: watch::Receiver<i64>,
-    writer: Option<Writer>,
-    checkpoint: Option<tokio::task::JoinHandle<(Writer, anyhow::Result<Written>)>>,
+    /// Locked by the checkpoint being written, if any.
+    writer: Arc<tokio::sync::Mutex<Writer>>,
+    checkpoint: Option<tokio::task::JoinHandle<()>>,
     checkpointed: i64,
     snapshot_start: Arc<Mutex<Option<i64>>>,
     stopping: Arc<AtomicBool>,
@@ -257,10 +265,15 @@ impl CardTask {
             sent_progress: None,
             progress_at: Instant::now(),
             blocked_since: None,
+            frontier: Frontier::new(
+                Some(Source::Input(partition)),
+                Duration::from_millis(ctx.state.settings.merchant_wait_ms),
+            ),
+            stuck: 0,
             to_acker: Some(to_acker),
             acker: Some(acker),
             done,
-            writer: Some(restored.writer),
+            writer: Arc::new(tokio::sync::Mutex::new(restored.writer)),
             checkpoint: None,
             checkpointed: folded,
             snapshot_start: Arc::new(Mutex::new(None)),
@@ -285,13 +298,9 @@ impl CardTask {
         checkpoint_tick.tick().await;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         let max_lag = s.merchant_max_lag_secs;
-        let wait_limit = Duration::from_millis(s.merchant_wait_ms);
         loop {
             let blocked = self.head_blocked(max_lag);
-            let need = blocked.unwrap_or(i64::MIN);
-            let wait_left = self
-                .blocked_since
-                .map_or(wait_limit, |b| wait_limit.saturating_sub(b.elapsed()));
+            let version = blocked.map_or(0, |(_, v)| v);
             tokio::select! {
                 biased;
                 _ = control.drained() => return,
@@ -306,15 +315,10 @@ impl CardTask {
                     }
                     self.forward().await;
                 }
-                reached = self.ctx.state.merchants().wait_for_frontier(need, wait_left), if blocked.is_some() => {
-                    if !reached {
-                        self.ctx.state.metrics.table_wait_timeouts.inc();
-                        self.score(max_lag, true).await;
-                    }
-                }
+                _ = self.ctx.state.merchants().changed_since(version, Duration::from_millis(100)), if blocked.is_some() => {}
                 _ = tick.tick() => {}
             }
-            self.score(max_lag, false).await;
+            self.score(max_lag).await;
             self.forward().await;
             self.publish_progress(false).await;
             if phase.phase() == Phase::Restoring
@@ -410,13 +414,12 @@ impl CardTask {
     /// Tells every merchant partition how far this partition has come.
     async fn publish_progress(&mut self, force: bool) {
         let idle = self.idle && self.forwarded == self.pending.len();
-        if self.forwarded_max == i64::MIN && !idle {
-            return;
-        }
         let now = (self.forwarded_max, idle);
         let changed = self.sent_progress != Some(now);
         let flip = self.sent_progress.is_none_or(|(_, i)| i != idle);
-        if !changed || (!force && !flip && self.progress_at.elapsed() < PROGRESS_EVERY) {
+        let since = self.progress_at.elapsed();
+        let due = (changed && (force || flip || since >= PROGRESS_EVERY)) || since >= HEARTBEAT;
+        if !due {
             return;
         }
         let event = MerchantEvent::Progress {
@@ -439,7 +442,7 @@ impl CardTask {
 
     /// The event time the merchant table must reach before the head of the
     /// pending records can be scored, if it has not yet.
-    fn head_blocked(&mut self, max_lag: i64) -> Option<i64> {
+    fn head_blocked(&mut self, max_lag: i64) -> Option<(i64, u64)> {
         let need = match self.pending.front() {
             Some(Fetched {
                 tx: Ok(tx),
@@ -451,26 +454,43 @@ impl CardTask {
                 return None;
             }
         };
-        if self.ctx.state.merchants().frontier() >= need {
+        let version = self.ctx.state.merchants().version();
+        if self.frontier() >= need {
             self.blocked_since = None;
             return None;
         }
         self.blocked_since.get_or_insert_with(Instant::now);
-        Some(need)
+        Some((need, version))
     }
 
-    /// Scores the pending records whose merchant features are complete (all
-    /// of the ready ones with `force`), a batch at a time.
-    async fn score(&mut self, max_lag: i64, force: bool) {
+    fn frontier(&mut self) -> i64 {
+        let (frontier, stuck) = self.frontier.get(self.ctx.state.merchants());
+        if stuck > self.stuck {
+            self.ctx.state.metrics.table_wait_timeouts.inc();
+            log(
+                "WARN",
+                format_args!(
+                    "input partition {}: {stuck} merchant table sources have not moved for \
+                     merchant_wait_ms; left out of the wait until they move",
+                    self.partition
+                ),
+            );
+        }
+        self.stuck = stuck;
+        frontier
+    }
+
+    /// Scores the pending records whose merchant features are complete, a
+    /// batch at a time.
+    async fn score(&mut self, max_lag: i64) {
         loop {
-            let frontier = self.ctx.state.merchants().frontier();
+            let frontier = self.frontier();
             let mut n = 0;
             for f in self.pending.iter().take(self.forwarded) {
                 if n == BATCH {
                     break;
                 }
-                let ready = force
-                    || f.rebuild_only
+                let ready = f.rebuild_only
                     || f.tx
                         .as_ref()
                         .map_or(true, |tx| tx.time.utc.saturating_sub(max_lag) <= frontier);
@@ -492,9 +512,6 @@ impl CardTask {
             let batch: Vec<Fetched> = self.pending.drain(..n).collect();
             self.forwarded -= n;
             self.score_batch(batch).await;
-            if force {
-                return;
-            }
         }
     }
 
@@ -616,18 +633,7 @@ impl CardTask {
     /// Starts a checkpoint of what changed since the last, unless one is
     /// still being written.
     fn checkpoint(&mut self, snapshot: bool) {
-        if let Some(h) = &self.checkpoint {
-            if !h.is_finished() {
-                return;
-            }
-        }
-        if let Some(h) = self.checkpoint.take() {
-            // Finished: take the writer back (a finished join never waits).
-            if let Some(Ok((writer, _))) = futures_ready(h) {
-                self.writer = Some(writer);
-            }
-        }
-        let Some(mut writer) = self.writer.take() else {
+        let Ok(mut writer) = self.writer.clone().try_lock_owned() else {
             return;
         };
         let at = self.folded;
@@ -635,8 +641,6 @@ impl CardTask {
             let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
             let changes = engine.take_changes();
             if at == self.checkpointed && changes.changed.is_empty() && changes.removed.is_empty() {
-                drop(engine);
-                self.writer = Some(writer);
                 return;
             }
             let per_card = 400u64;
@@ -713,7 +717,6 @@ impl CardTask {
                     );
                 }
             }
-            (writer, result)
         }));
     }
 
@@ -724,10 +727,8 @@ impl CardTask {
         if let Some(a) = self.acker.take() {
             let _ = a.await;
         }
-        if let Some(h) = self.checkpoint.take()
-            && let Ok((writer, _)) = h.await
-        {
-            self.writer = Some(writer);
+        if let Some(h) = self.checkpoint.take() {
+            let _ = h.await;
         }
         if self.done() >= self.folded {
             self.checkpoint(false);
@@ -757,22 +758,6 @@ impl CardTask {
         }
     }
 }
-
-/// The output of a finished task; `None` if it has not finished.
-fn futures_ready<T>(h: tokio::task::JoinHandle<T>) -> Option<Result<T, tokio::task::JoinError>> {
-    if !h.is_finished() {
-        return None;
-    }
-    let waker = std::task::Waker::noop();
-    let mut cx = std::task::Context::from_waker(waker);
-    let mut h = h;
-    match std::pin::Pin::new(&mut h).poll(&mut cx) {
-        std::task::Poll::Ready(r) => Some(r),
-        std::task::Poll::Pending => None,
-    }
-}
-
-use std::future::Future;
 
 /// Settles a partition's batches in order and marks each one's last offset
 /// done once all its messages are acknowledged, while the task goes on

@@ -42,6 +42,7 @@ pub async fn run(ctx: Arc<TaskContext>, mut input: PartitionInput, mut control: 
         partition: p,
         newest: i64::MIN,
         sent: None,
+        sent_at: Instant::now(),
         idle: false,
         done: from.map_or(-1, |f| f - 1),
         committed_at: Instant::now(),
@@ -82,6 +83,7 @@ struct Forwarder {
     /// The newest report time read: this source's watermark.
     newest: i64,
     sent: Option<(i64, bool)>,
+    sent_at: Instant,
     /// Read to the end of the partition, for now.
     idle: bool,
     /// The last offset whose label is delivered.
@@ -131,7 +133,8 @@ impl Forwarder {
             ));
         }
         let now = (self.newest, idle);
-        if (self.newest != i64::MIN || idle) && self.sent != Some(now) {
+        if self.sent != Some(now) || self.sent_at.elapsed() >= super::cards::HEARTBEAT {
+            self.sent_at = Instant::now();
             let event = MerchantEvent::Progress {
                 source: Source::Labels(self.partition),
                 watermark: self.newest,

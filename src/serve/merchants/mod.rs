@@ -178,6 +178,11 @@ impl Recent {
 pub struct Progress {
     pub watermark: i64,
     pub idle: bool,
+    /// Progress records heard from the source: they come at least every
+    /// second from a running partition, so a count that stands still
+    /// means the partition is not running (restoring, or unowned).
+    #[serde(default)]
+    pub beats: u64,
 }
 
 /// What a merchant stage's marker carries.

@@ -30,6 +30,9 @@ const DAY: i64 = 86_400;
 /// Least time between two writes to the changelog: each is a group and a
 /// marker, read by every instance.
 const FLUSH_EVERY: Duration = Duration::from_millis(5);
+/// Most time between writes while only heartbeats came: the merchant table
+/// needs them to tell a running partition from one that is not.
+const BEATS_EVERY: Duration = Duration::from_secs(1);
 
 pub async fn run(ctx: Arc<TaskContext>, mut input: PartitionInput, mut control: Control) {
     let m = input.partition();
@@ -86,7 +89,8 @@ pub async fn run(ctx: Arc<TaskContext>, mut input: PartitionInput, mut control: 
             }
             _ = tick.tick() => {}
         }
-        if stage.changed && flushed_at.elapsed() >= FLUSH_EVERY {
+        let since = flushed_at.elapsed();
+        if (stage.changed && since >= FLUSH_EVERY) || (stage.beaten && since >= BEATS_EVERY) {
             stage.flush(&ctx).await;
             flushed_at = Instant::now();
         }
@@ -151,6 +155,8 @@ struct Stage {
     dirty_days: HashSet<(u64, i64)>,
     /// Something to write: state or progress.
     changed: bool,
+    /// Only heartbeats to write: progress records that changed nothing.
+    beaten: bool,
     writer: Writer,
     snapshot_start: Option<i64>,
 }
@@ -188,6 +194,7 @@ async fn restore(ctx: &Arc<TaskContext>, m: i32, control: &Control) -> anyhow::R
             next_sweep: i64::MIN,
             dirty_days: HashSet::new(),
             changed: false,
+            beaten: false,
             writer: Writer::new(c.producer.clone(), &c.topics.merchants_changelog, m),
             snapshot_start: None,
         };
@@ -269,7 +276,6 @@ impl Stage {
 
     fn apply(&mut self, ctx: &TaskContext, msg: &OwnedMessage) {
         self.events_offset = msg.offset();
-        self.changed = true;
         let metrics = &ctx.state.metrics;
         let Some(event) = msg.payload().and_then(MerchantEvent::decode) else {
             log(
@@ -284,6 +290,9 @@ impl Stage {
             return;
         };
         let key = key_hash_bytes(msg.key().unwrap_or_default());
+        if !matches!(event, MerchantEvent::Progress { .. }) {
+            self.changed = true;
+        }
         match event {
             MerchantEvent::Transaction {
                 source,
@@ -326,7 +335,21 @@ impl Stage {
                 watermark,
                 idle,
             } => {
-                self.progress.insert(source, Progress { watermark, idle });
+                let before = self.progress.get(&source).copied();
+                let beats = before.map_or(0, |p| p.beats) + 1;
+                if before.is_none_or(|p| p.watermark != watermark || p.idle != idle) {
+                    self.changed = true;
+                } else {
+                    self.beaten = true;
+                }
+                self.progress.insert(
+                    source,
+                    Progress {
+                        watermark,
+                        idle,
+                        beats,
+                    },
+                );
             }
         }
     }
@@ -412,6 +435,7 @@ impl Stage {
             Ok(w) => {
                 self.dirty_days.clear();
                 self.changed = false;
+                self.beaten = false;
                 let kind = if snapshot { "snapshot" } else { "delta" };
                 ctx.state
                     .metrics

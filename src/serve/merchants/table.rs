@@ -71,6 +71,7 @@ pub struct MerchantTable {
     data: RwLock<Data>,
     changed: tokio::sync::Notify,
     caught_up: AtomicBool,
+    version: std::sync::atomic::AtomicU64,
     label_delay_secs: i64,
     universe: OnceLock<Universe>,
 }
@@ -81,6 +82,7 @@ impl MerchantTable {
             data: RwLock::new(Data::default()),
             changed: tokio::sync::Notify::new(),
             caught_up: AtomicBool::new(false),
+            version: std::sync::atomic::AtomicU64::new(0),
             label_delay_secs,
             universe: OnceLock::new(),
         }
@@ -137,40 +139,53 @@ impl MerchantTable {
             .collect()
     }
 
-    /// The event time up to which every source's events are in the table:
-    /// the least watermark over all partitions and all sources not idle.
-    /// `i64::MAX` when all are idle, `i64::MIN` while any is unheard of.
+    /// The event time up to which every source's events are in the table,
+    /// over every merchant partition: the least watermark of the sources
+    /// not idle. `i64::MAX` when all are idle, `i64::MIN` while any is
+    /// unheard of.
     pub fn frontier(&self) -> i64 {
+        Frontier::new(None, Duration::MAX).get(self).0
+    }
+
+    /// Calls `each` with every (merchant partition, source) pair that
+    /// holds the frontier: its watermark, `i64::MIN` when unheard of. `own`
+    /// counts even when the table last heard it was idle: its owner knows
+    /// better.
+    fn each_pair(&self, own: Option<Source>, mut each: impl FnMut((i32, Source), (i64, u64))) {
         let Some(u) = self.universe.get() else {
-            return i64::MIN;
+            return each((-1, Source::Input(-1)), (i64::MIN, 0));
         };
         let data = self.read();
-        let mut low = i64::MAX;
         for m in 0..u.partitions {
-            let Some(p) = data.progress.get(&m) else {
-                return i64::MIN;
-            };
+            let progress = data.progress.get(&m);
             for s in &u.sources {
-                match p.get(s) {
-                    None => return i64::MIN,
-                    Some(pr) if !pr.idle => low = low.min(pr.watermark),
+                match progress.and_then(|p| p.get(s)) {
+                    None => each((m, *s), (i64::MIN, 0)),
+                    Some(pr) if !pr.idle || own == Some(*s) => {
+                        each((m, *s), (pr.watermark, pr.beats))
+                    }
                     Some(_) => {}
                 }
             }
         }
-        low
     }
 
-    /// Waits until the frontier reaches `need`, at most `limit`. True if it did.
-    pub async fn wait_for_frontier(&self, need: i64, limit: Duration) -> bool {
+    /// A count of the groups applied: it changes whenever the table does.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// Waits until the table changes from `version`, at most `limit`.
+    /// False if it did not.
+    pub async fn changed_since(&self, version: u64, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let changed = self.changed.notified();
-            if self.frontier() >= need {
+            if self.version() != version {
                 return true;
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return self.frontier() >= need;
+                return self.version() != version;
             }
         }
     }
@@ -216,8 +231,62 @@ impl MerchantTable {
         }
         data.progress
             .insert(partition, group.marker.state.progress.into_iter().collect());
+        self.version.fetch_add(1, Ordering::AcqRel);
         drop(data);
         self.changed.notify_waiters();
+    }
+}
+
+/// The merchant table's frontier as one card task sees it. A (merchant
+/// partition, source) pair from which nothing was heard (no progress, no
+/// heartbeat) for the longest wait while the table went on changing is
+/// stuck (its partition restoring, or unowned after a crash) and is left
+/// out until it is heard again: it holds the others up once, for that
+/// wait, not for as long as it is stuck. A partition that is running,
+/// however slowly, or waiting itself, is always waited for, and so is every
+/// pair while the whole table stands still (a slow broker).
+/// Groups the table must apply before a pair that stands still counts as stuck.
+const STUCK_GROUPS: u64 = 20;
+
+pub struct Frontier {
+    own: Option<Source>,
+    stuck_after: Duration,
+    /// Each pair's (watermark, beats), and since when (time, table version)
+    /// it has had them.
+    seen: HashMap<(i32, Source), ((i64, u64), Instant, u64)>,
+}
+
+impl Frontier {
+    pub fn new(own: Option<Source>, stuck_after: Duration) -> Frontier {
+        Frontier {
+            own,
+            stuck_after,
+            seen: HashMap::new(),
+        }
+    }
+
+    /// The frontier, and how many pairs it leaves out as stuck.
+    pub fn get(&mut self, table: &MerchantTable) -> (i64, usize) {
+        let now = Instant::now();
+        let version = table.version();
+        let mut low = i64::MAX;
+        let mut stuck = 0;
+        let (seen, limit) = (&mut self.seen, self.stuck_after);
+        table.each_pair(self.own, |key, heard| {
+            let (at, since, since_version) = seen.entry(key).or_insert((heard, now, version));
+            if *at != heard {
+                (*at, *since, *since_version) = (heard, now, version);
+            }
+            let w = heard.0;
+            // The table moved on meanwhile: others did, this one did not.
+            let others_moved = version >= *since_version + STUCK_GROUPS;
+            if now.duration_since(*since) >= limit && others_moved {
+                stuck += 1;
+            } else {
+                low = low.min(w);
+            }
+        });
+        (low, stuck)
     }
 }
 
@@ -341,7 +410,11 @@ mod tests {
         assert_eq!(t.frontier(), i64::MIN, "no layout yet");
         let (a, b, l) = (Source::Input(0), Source::Input(1), Source::Labels(0));
         t.set_universe(vec![a, b, l], 2);
-        let p = |w, idle| Progress { watermark: w, idle };
+        let p = |w, idle| Progress {
+            watermark: w,
+            idle,
+            beats: 0,
+        };
         t.apply(
             0,
             group(
@@ -374,6 +447,57 @@ mod tests {
             ),
         );
         assert_eq!(t.frontier(), 100);
+        t.apply(
+            0,
+            group(
+                vec![],
+                vec![(a, p(100, true)), (b, p(0, true)), (l, p(0, true))],
+            ),
+        );
+        t.apply(
+            1,
+            group(
+                vec![],
+                vec![(a, p(90, true)), (b, p(0, true)), (l, p(0, true))],
+            ),
+        );
+        assert_eq!(t.frontier(), i64::MAX, "all idle");
+        assert_eq!(
+            Frontier::new(Some(a), Duration::MAX).get(&t).0,
+            90,
+            "a partition knows it is busy"
+        );
+        // A pair that does not move for the longest wait is left out until it moves.
+        t.apply(
+            0,
+            group(
+                vec![],
+                vec![(a, p(100, false)), (b, p(40, false)), (l, p(0, true))],
+            ),
+        );
+        let mut f = Frontier::new(None, Duration::from_millis(50));
+        assert_eq!(f.get(&t), (40, 0));
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(f.get(&t), (40, 0), "the whole table stood still: wait on");
+        let busy = |w| {
+            group(
+                vec![],
+                vec![(a, p(w, false)), (b, p(40, false)), (l, p(0, true))],
+            )
+        };
+        for w in 101..101 + STUCK_GROUPS as i64 {
+            t.apply(0, busy(w));
+        }
+        // `b` stood still while the table moved on (partition 1 is idle).
+        assert_eq!(f.get(&t), (100 + STUCK_GROUPS as i64, 1));
+        t.apply(
+            0,
+            group(
+                vec![],
+                vec![(a, p(100, false)), (b, p(45, false)), (l, p(0, true))],
+            ),
+        );
+        assert_eq!(f.get(&t), (45, 0), "it moved: counted again");
     }
 
     #[test]
