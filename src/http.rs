@@ -158,8 +158,35 @@ async fn score(
         Ok(tx) => tx,
         Err((msg, field)) => return error(StatusCode::UNPROCESSABLE_ENTITY, msg, Some(field)),
     };
-    let (features, score, scorer) = shared.score(&tx, update);
-    axum::Json(score_body(&tx, &features, &score, &scorer)).into_response()
+    let body = off_the_workers(&shared, move |s| {
+        let (features, score, scorer) = s.score(&tx, update);
+        score_body(&tx, &features, &score, &scorer)
+    })
+    .await;
+    match body {
+        Ok(b) => axum::Json(b).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// Runs scoring on the blocking pool, a few requests at a time: a flood of
+/// HTTP requests then queues for the scoring slots instead of taking every
+/// async worker, which the Kafka partitions' tasks and the probes need.
+async fn off_the_workers<T: Send + 'static>(
+    shared: &AppState,
+    work: impl FnOnce(&ServiceState) -> T + Send + 'static,
+) -> Result<T, Response> {
+    let _slot = shared.http_scoring_slots().acquire().await.map_err(|_| {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the service is stopping",
+            None,
+        )
+    })?;
+    let state = shared.clone();
+    tokio::task::spawn_blocking(move || work(&state))
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None))
 }
 
 /// A JSON array of transactions, or `{"transactions": [...]}`; scored in order.
@@ -217,14 +244,19 @@ async fn score_batch(
             }
         }
     }
-    let results: Vec<Value> = txs
-        .iter()
-        .map(|tx| {
-            let (f, s, scorer) = shared.score(tx, update);
-            score_body(tx, &f, &s, &scorer)
-        })
-        .collect();
-    axum::Json(json!({ "results": results })).into_response()
+    let results = off_the_workers(&shared, move |s| {
+        txs.iter()
+            .map(|tx| {
+                let (f, sc, scorer) = s.score(tx, update);
+                score_body(tx, &f, &sc, &scorer)
+            })
+            .collect::<Vec<Value>>()
+    })
+    .await;
+    match results {
+        Ok(r) => axum::Json(json!({ "results": r })).into_response(),
+        Err(r) => r,
+    }
 }
 
 fn model_body(scorer: &Scorer) -> Value {

@@ -230,7 +230,7 @@ impl Metrics {
             ),
             redelivered: counter(
                 "peregrine_redelivered_total",
-                "Messages the broker delivered again at an offset already taken; skipped.",
+                "Messages read at an offset already taken, or before the one a partition was positioned at; skipped.",
             ),
             registry: r,
         }

@@ -192,6 +192,7 @@ pub struct PartitionInput {
     partition: i32,
     guard: StartGuard,
     read: prometheus::IntCounter,
+    redelivered: prometheus::IntCounter,
 }
 
 impl PartitionInput {
@@ -258,7 +259,10 @@ impl PartitionInput {
                     self.read.inc();
                     match self.guard.take(m.offset()) {
                         Take::Yes => return Next::Message(m.detach()),
-                        Take::Skip => None,
+                        Take::Skip => {
+                            self.redelivered.inc();
+                            None
+                        }
                         Take::SeekTo(o) => Some(o),
                     }
                 }

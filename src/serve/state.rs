@@ -55,6 +55,8 @@ pub struct ServiceState {
     /// A fatal error of the Kafka pipeline, for readiness.
     failed: Mutex<Option<String>>,
     latency: Mutex<Latencies>,
+    /// HTTP scoring requests run at most this many at a time.
+    http_scoring: tokio::sync::Semaphore,
 }
 
 pub struct Latencies {
@@ -111,7 +113,16 @@ impl ServiceState {
             joined: AtomicU8::new(0),
             failed: Mutex::new(None),
             latency: Mutex::new(Latencies::default()),
+            // Half the cores (at least one), so that HTTP scoring leaves
+            // room for the Kafka partitions on any machine.
+            http_scoring: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            ),
         })
+    }
+
+    pub fn http_scoring_slots(&self) -> &tokio::sync::Semaphore {
+        &self.http_scoring
     }
 
     /// The live scorer. A batch keeps the one it started with, so a reload

@@ -151,19 +151,27 @@ impl MerchantTable {
     /// holds the frontier: its watermark, `i64::MIN` when unheard of. `own`
     /// counts even when the table last heard it was idle: its owner knows
     /// better.
-    fn each_pair(&self, own: Option<Source>, mut each: impl FnMut((i32, Source), (i64, u64))) {
+    fn each_pair(&self, own: Option<Source>, mut each: impl FnMut(Pair, Heard)) {
+        let unheard = Heard {
+            watermark: i64::MIN,
+            beats: 0,
+        };
         let Some(u) = self.universe.get() else {
-            return each((-1, Source::Input(-1)), (i64::MIN, 0));
+            return each((-1, Source::Input(-1)), unheard);
         };
         let data = self.read();
         for m in 0..u.partitions {
             let progress = data.progress.get(&m);
             for s in &u.sources {
                 match progress.and_then(|p| p.get(s)) {
-                    None => each((m, *s), (i64::MIN, 0)),
-                    Some(pr) if !pr.idle || own == Some(*s) => {
-                        each((m, *s), (pr.watermark, pr.beats))
-                    }
+                    None => each((m, *s), unheard),
+                    Some(pr) if !pr.idle || own == Some(*s) => each(
+                        (m, *s),
+                        Heard {
+                            watermark: pr.watermark,
+                            beats: pr.beats,
+                        },
+                    ),
                     Some(_) => {}
                 }
             }
@@ -251,9 +259,24 @@ const STUCK_GROUPS: u64 = 20;
 pub struct Frontier {
     own: Option<Source>,
     stuck_after: Duration,
-    /// Each pair's (watermark, beats), and since when (time, table version)
-    /// it has had them.
-    seen: HashMap<(i32, Source), ((i64, u64), Instant, u64)>,
+    seen: HashMap<Pair, Seen>,
+}
+
+/// A merchant partition and a source.
+type Pair = (i32, Source);
+
+/// What the table last said of a pair.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Heard {
+    watermark: i64,
+    beats: u64,
+}
+
+/// What a pair last said, and since when: the time and the table's version.
+struct Seen {
+    heard: Heard,
+    since: Instant,
+    since_version: u64,
 }
 
 impl Frontier {
@@ -273,17 +296,24 @@ impl Frontier {
         let mut stuck = 0;
         let (seen, limit) = (&mut self.seen, self.stuck_after);
         table.each_pair(self.own, |key, heard| {
-            let (at, since, since_version) = seen.entry(key).or_insert((heard, now, version));
-            if *at != heard {
-                (*at, *since, *since_version) = (heard, now, version);
+            let s = seen.entry(key).or_insert(Seen {
+                heard,
+                since: now,
+                since_version: version,
+            });
+            if s.heard != heard {
+                *s = Seen {
+                    heard,
+                    since: now,
+                    since_version: version,
+                };
             }
-            let w = heard.0;
             // The table moved on meanwhile: others did, this one did not.
-            let others_moved = version >= *since_version + STUCK_GROUPS;
-            if now.duration_since(*since) >= limit && others_moved {
+            let others_moved = version >= s.since_version + STUCK_GROUPS;
+            if now.duration_since(s.since) >= limit && others_moved {
                 stuck += 1;
             } else {
-                low = low.min(w);
+                low = low.min(heard.watermark);
             }
         });
         (low, stuck)
