@@ -209,6 +209,7 @@ impl PartitionInput {
             partition,
             guard: StartGuard::new(None),
             read: ctx.state.metrics.records_read.with_label_values(&[topic]),
+            redelivered: ctx.state.metrics.redelivered.clone(),
         }
     }
 
