@@ -89,6 +89,19 @@ pub fn run(a: DemoArgs, _progress: bool) -> anyhow::Result<()> {
             for t in names {
                 mock.create_topic(t, PARTITIONS, 1)?;
             }
+            // The mock cluster has no CreateTopics: the service's internal
+            // topics are made here, as the service would make them.
+            let internal = peregrine::serve::kafka::Topics::of(&Settings {
+                group_id: format!("{tag}-group"),
+                ..Settings::default()
+            });
+            for t in [
+                &internal.cards_changelog,
+                &internal.merchant_events,
+                &internal.merchants_changelog,
+            ] {
+                mock.create_topic(t, PARTITIONS, 1)?;
+            }
             mock.bootstrap_servers()
         }
     };
@@ -111,6 +124,12 @@ pub fn run(a: DemoArgs, _progress: bool) -> anyhow::Result<()> {
         dlq_topic: topics.dlq.clone(),
         http_addr: a.http_addr.clone(),
         log_interval_secs: 0,
+        // The demo's month passes in seconds: a day of event time every
+        // 0.4 s at the default rate. Live traffic's 60 s bound would make
+        // every transaction wait out the merchant table's round trip; scaled
+        // to the demo's clock, the bound that live traffic never meets is
+        // about six hours.
+        merchant_max_lag_secs: 6 * 3600,
         ..Settings::default()
     };
     settings.validate()?;

@@ -169,7 +169,10 @@ pub async fn prepare(
         match attempt {
             Ok(layout) => {
                 ensure_internal(s, topics, layout).await?;
-                check_retention(s, topics).await;
+                // Reported, not waited for: a broker that does not answer
+                // DescribeConfigs must not hold up the start.
+                let (s, topics) = (s.clone(), topics.clone());
+                tokio::spawn(async move { check_retention(&s, &topics).await });
                 return Ok(Some(layout));
             }
             Err(e) => log(
@@ -205,42 +208,55 @@ fn layout(s: &Settings, topics: &Topics) -> anyhow::Result<Layout> {
 /// partition count: state partitioned one way cannot be read another way.
 async fn ensure_internal(s: &Settings, topics: &Topics, layout: Layout) -> anyhow::Result<()> {
     let wanted = [
-        (&topics.cards_changelog, layout.input_partitions, true),
-        (&topics.merchant_events, layout.merchant_partitions, false),
         (
-            &topics.merchants_changelog,
+            topics.cards_changelog.clone(),
+            layout.input_partitions,
+            true,
+        ),
+        (
+            topics.merchant_events.clone(),
+            layout.merchant_partitions,
+            false,
+        ),
+        (
+            topics.merchants_changelog.clone(),
             layout.merchant_partitions,
             true,
         ),
     ];
-    let admin = admin(s)?;
-    let new: Vec<NewTopic> = wanted
-        .iter()
-        .map(|(name, n, compacted)| {
-            let t = NewTopic::new(name, *n, TopicReplication::Fixed(-1));
-            if *compacted {
-                t.set("cleanup.policy", "compact")
-            } else {
-                t.set("cleanup.policy", "delete")
-            }
+    let missing: Vec<(String, i32, bool)> = {
+        let (s, group, wanted) = (s.clone(), topics.cards_group.clone(), wanted.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let reader = reader(&s, &group)?;
+            Ok(wanted
+                .into_iter()
+                .filter(|(name, _, _)| partitions(&reader, name).is_err())
+                .collect())
         })
-        .collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for r in admin.create_topics(&new, &opts).await? {
-        match r {
-            Ok(name) => log("INFO", format_args!("created internal topic {name}")),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, e)) => anyhow::bail!("cannot create internal topic {name}: {e}"),
+        .await??
+    };
+    if !missing.is_empty() {
+        let admin = admin(s)?;
+        let new: Vec<NewTopic> = missing
+            .iter()
+            .map(|(name, n, compacted)| {
+                let policy = if *compacted { "compact" } else { "delete" };
+                NewTopic::new(name, *n, TopicReplication::Fixed(-1)).set("cleanup.policy", policy)
+            })
+            .collect();
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        for r in admin.create_topics(&new, &opts).await? {
+            match r {
+                Ok(name) => log("INFO", format_args!("created internal topic {name}")),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, e)) => anyhow::bail!("cannot create internal topic {name}: {e}"),
+            }
         }
     }
-    let group = topics.cards_group.clone();
-    let (s, wanted): (Settings, Vec<(String, i32)>) = (
-        s.clone(),
-        wanted.iter().map(|(n, p, _)| (n.to_string(), *p)).collect(),
-    );
+    let (s, group) = (s.clone(), topics.cards_group.clone());
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let reader = reader(&s, &group)?;
-        for (name, want) in wanted {
+        for (name, want, _) in wanted {
             // A topic just created may take a moment to appear in the metadata.
             let mut found = partitions(&reader, &name);
             for _ in 0..50 {
@@ -272,7 +288,10 @@ async fn check_retention(s: &Settings, topics: &Topics) {
         let admin = admin(s)?;
         let spec = ResourceSpecifier::Topic(&topics.input);
         let res = admin
-            .describe_configs([&spec], &AdminOptions::new())
+            .describe_configs(
+                [&spec],
+                &AdminOptions::new().request_timeout(Some(Duration::from_secs(5))),
+            )
             .await?;
         let value = res
             .first()
