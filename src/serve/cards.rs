@@ -56,6 +56,8 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(10);
 /// Most time between two progress records of a running partition: the
 /// merchant table tells a partition that runs from one that does not by them.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A wait for the merchant table this long is logged, and again as often.
+const LONG_WAIT: Duration = Duration::from_secs(10);
 /// How far ahead of the oldest record not yet scored, in event time, a
 /// partition sends merchant events. In live traffic records are scored as
 /// they come and this never binds; when a backlog is read, it keeps the
@@ -225,6 +227,8 @@ struct CardTask {
     progress_at: Instant,
     /// Since when the head of `pending` has waited for the merchant table.
     blocked_since: Option<Instant>,
+    /// When a long wait was last logged.
+    wait_logged: Option<Instant>,
     frontier: Frontier,
     /// Sources the frontier leaves out as stuck, last time.
     stuck: usize,
@@ -265,6 +269,7 @@ impl CardTask {
             sent_progress: None,
             progress_at: Instant::now(),
             blocked_since: None,
+            wait_logged: None,
             frontier: Frontier::new(
                 Some(Source::Input(partition)),
                 Duration::from_millis(ctx.state.settings.merchant_wait_ms),
@@ -455,11 +460,26 @@ impl CardTask {
             }
         };
         let version = self.ctx.state.merchants().version();
-        if self.frontier() >= need {
+        let frontier = self.frontier();
+        if frontier >= need {
             self.blocked_since = None;
             return None;
         }
-        self.blocked_since.get_or_insert_with(Instant::now);
+        let since = *self.blocked_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= LONG_WAIT && self.wait_logged.is_none_or(|t| t.elapsed() >= LONG_WAIT)
+        {
+            self.wait_logged = Some(Instant::now());
+            log(
+                "WARN",
+                format_args!(
+                    "input partition {}: waiting {:.0}s for the merchant table to reach {need} \
+                     (at {frontier}, held by {:?})",
+                    self.partition,
+                    since.elapsed().as_secs_f64(),
+                    self.frontier.held_by()
+                ),
+            );
+        }
         Some((need, version))
     }
 

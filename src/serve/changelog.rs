@@ -193,15 +193,25 @@ pub fn read_to_end(
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, from)?;
     reader.assign(&tpl)?;
-    let mut position = StartGuard::new(match from {
-        Offset::Offset(o) => Some(o),
-        _ => None,
-    });
+    let low = reader
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .ok()
+        .map(|(low, _)| low);
+    let mut position = StartGuard::new(
+        match from {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        },
+        low,
+    );
     loop {
         if stopped() {
             anyhow::bail!("stopped while reading {topic}/{partition}");
         }
         let Some(r) = reader.poll(Duration::from_millis(200)) else {
+            if unstall(reader, topic, partition, &mut position)? {
+                break;
+            }
             continue;
         };
         let msg = match r {
@@ -240,7 +250,31 @@ pub enum Take {
     SeekTo(i64),
 }
 
-/// Workarounds for two behaviours of tansu 0.6's in-memory storage, kept
+/// For a partition that gave nothing for a while: true when it is read to
+/// the broker's high watermark (an end librdkafka may not report); else,
+/// when the guard is still looking for its first record, seeks back for it
+/// (see [`StartGuard::stalled`]).
+pub fn unstall(
+    reader: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    guard: &mut StartGuard,
+) -> anyhow::Result<bool> {
+    let (low, high) = reader.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+    if guard.next_offset().unwrap_or(low) >= high {
+        return Ok(guard.at_end());
+    }
+    if let Some(o) = guard.stalled() {
+        reader.seek(topic, partition, Offset::Offset(o), Duration::from_secs(10))?;
+    }
+    Ok(false)
+}
+
+/// The first step back for a stalled partition: each costs a quiet wait, so
+/// it starts larger than the step for a record read past the start.
+const STALL_STEP: i64 = 64;
+
+/// Workarounds for three behaviours of tansu 0.6's in-memory storage, kept
 /// here and nowhere else; against a Kafka broker they never trigger.
 ///
 /// - A fetch from an offset inside a stored batch is answered with the
@@ -248,38 +282,84 @@ pub enum Take {
 ///   be skipped. When the first record read is past the wanted offset, the
 ///   guard seeks further back (doubling the step) until it reads the batch
 ///   that holds it, then skips the records before it. A first record still
-///   past the wanted offset after seeking back to 0 means the records are
-///   gone (retention, compaction) and is taken as is.
+///   past the wanted offset after reading from the partition's first
+///   offset, several times over, means the records are gone (retention,
+///   compaction) and is taken as is.
+/// - A fetch from an offset inside the partition's last batch is answered
+///   with nothing, and librdkafka waits for ever below the high watermark.
+///   When a partition positioned below its high watermark stays quiet,
+///   the guard seeks back the same way ([`StartGuard::stalled`]).
 /// - A partition's last batch may be delivered twice: offsets only grow,
 ///   so one already taken is skipped.
 #[derive(Debug)]
 pub struct StartGuard {
     want: Option<i64>,
+    /// The partition's first offset when it was positioned: records from
+    /// there on exist, so one read past the wanted offset is never taken
+    /// for a gap until the guard has read from there.
+    low: i64,
     back: i64,
+    /// Seeks to `low` that still gave a record past the wanted offset.
+    at_low: u32,
     last: i64,
     saw_first: bool,
 }
 
+/// Seeks to the partition's first offset that must give a record past the
+/// wanted one before it is taken as is: answers to earlier seeks may still
+/// be on their way.
+const AT_LOW_TRIES: u32 = 8;
+
 impl StartGuard {
-    /// `want`: the offset the partition was positioned at, if it is one.
-    pub fn new(want: Option<i64>) -> StartGuard {
+    /// `want`: the offset the partition was positioned at, if it is one;
+    /// `low`: the partition's first offset then, if known.
+    pub fn new(want: Option<i64>, low: Option<i64>) -> StartGuard {
+        let low = low.unwrap_or(0).max(0);
         StartGuard {
-            want,
+            // Below the partition's first offset, the records are gone.
+            want: want.map(|w| w.max(low)),
+            low,
             back: 0,
+            at_low: 0,
             last: -1,
             saw_first: want.is_none(),
         }
     }
 
+    /// The next place to seek back to, if any is left.
+    fn step_back(&mut self, first_step: i64) -> Option<i64> {
+        let want = self.want?;
+        let room = want - self.low;
+        if self.back < room {
+            self.back = (self.back * 2).max(first_step).min(room);
+            return Some(want - self.back);
+        }
+        if self.at_low < AT_LOW_TRIES {
+            self.at_low += 1;
+            return Some(self.low);
+        }
+        None
+    }
+
     pub fn take(&mut self, offset: i64) -> Take {
         if let (false, Some(want)) = (self.saw_first, self.want) {
-            if offset > want && self.back < want {
-                self.back = (self.back * 2).max(1).min(want);
-                return Take::SeekTo(want - self.back);
+            if offset > want
+                && let Some(o) = self.step_back(1)
+            {
+                return Take::SeekTo(o);
             }
-            self.saw_first = offset <= want || self.back >= want;
-            if !self.saw_first {
-                return Take::Skip;
+            // At or before the wanted offset; or still past it after
+            // reading from the partition's start: the records are gone.
+            self.saw_first = true;
+            if offset > want {
+                log(
+                    "WARN",
+                    format_args!(
+                        "wanted offset {want}, but the partition gives {offset} first even from \
+                         offset {}: taking it from there",
+                        self.low
+                    ),
+                );
             }
         }
         if offset <= self.last || self.want.is_some_and(|w| offset < w) {
@@ -289,10 +369,31 @@ impl StartGuard {
         Take::Yes
     }
 
+    /// Whether a record at or before the wanted offset was read.
+    pub fn started(&self) -> bool {
+        self.saw_first
+    }
+
+    /// Where to seek when the partition gave nothing although records lie
+    /// ahead: further back, by a step that doubles from [`STALL_STEP`].
+    /// `None` once a first record was read, or once there is nowhere left.
+    pub fn stalled(&mut self) -> Option<i64> {
+        if self.saw_first {
+            return None;
+        }
+        self.step_back(STALL_STEP)
+    }
+
     /// Whether an end-of-partition means the wanted records were all read:
     /// not while the guard is still seeking back for the first one.
     pub fn at_end(&self) -> bool {
         self.saw_first || self.back == 0
+    }
+
+    /// The next offset to take, if known: after the last taken, or the
+    /// one positioned at.
+    pub fn next_offset(&self) -> Option<i64> {
+        self.last().map(|l| l + 1).or(self.want)
     }
 
     /// The last offset taken, if any.
@@ -463,14 +564,14 @@ mod tests {
     #[test]
     fn guard_takes_from_the_wanted_offset() {
         // A broker that returns what was asked for.
-        let mut g = StartGuard::new(Some(5));
+        let mut g = StartGuard::new(Some(5), None);
         assert_eq!(g.take(5), Take::Yes);
         assert_eq!(g.take(6), Take::Yes);
         assert_eq!(g.take(6), Take::Skip, "a redelivery");
         assert_eq!(g.last(), Some(6));
         // A broker that skips to the next batch (which starts at 8): seek
         // back until the batch holding 5 (it starts at 3) comes.
-        let mut g = StartGuard::new(Some(5));
+        let mut g = StartGuard::new(Some(5), None);
         assert_eq!(g.take(8), Take::SeekTo(4));
         assert!(!g.at_end());
         assert_eq!(g.take(8), Take::SeekTo(3));
@@ -478,14 +579,46 @@ mod tests {
         assert_eq!(g.take(4), Take::Skip);
         assert_eq!(g.take(5), Take::Yes);
         assert!(g.at_end());
-        // Records gone below 9: after seeking back to 0, take what comes.
-        let mut g = StartGuard::new(Some(2));
+        // Past the wanted offset even after reading from the partition's
+        // start, a few times over (answers to earlier seeks may still
+        // come): the records are gone, take what comes.
+        let mut g = StartGuard::new(Some(2), None);
         assert_eq!(g.take(9), Take::SeekTo(1));
         assert_eq!(g.take(9), Take::SeekTo(0));
+        for _ in 0..AT_LOW_TRIES {
+            assert_eq!(g.take(9), Take::SeekTo(0));
+        }
         assert_eq!(g.take(9), Take::Yes);
+        // Wanted below the partition's first offset: from there.
+        let mut g = StartGuard::new(Some(2), Some(5));
+        assert_eq!(g.take(5), Take::Yes);
         // From the beginning: everything.
-        let mut g = StartGuard::new(None);
+        let mut g = StartGuard::new(None, None);
         assert_eq!(g.take(0), Take::Yes);
         assert!(g.at_end());
+        assert_eq!(g.stalled(), None, "nothing wanted: nothing to seek for");
+    }
+
+    #[test]
+    fn guard_seeks_back_from_a_stalled_start() {
+        // Positioned at 1000 inside the last batch (it starts at 900): the
+        // broker answers with nothing, so seek back by growing steps until
+        // a record at or before 1000 comes.
+        let mut g = StartGuard::new(Some(1000), None);
+        assert!(!g.started());
+        assert_eq!(g.stalled(), Some(1000 - STALL_STEP));
+        assert_eq!(g.stalled(), Some(1000 - 2 * STALL_STEP));
+        assert!(!g.at_end(), "an end now is not the end of what was wanted");
+        assert_eq!(g.take(900), Take::Skip);
+        assert!(g.started());
+        assert_eq!(g.stalled(), None, "reading: not stalled");
+        assert_eq!(g.take(1000), Take::Yes);
+        assert_eq!(g.next_offset(), Some(1001));
+        // Never further back than the start of the partition.
+        let mut g = StartGuard::new(Some(10), Some(4));
+        assert_eq!(g.stalled(), Some(4));
+        assert_eq!(g.stalled(), Some(4), "again: an answer may be on its way");
+        let tries = std::iter::from_fn(|| g.stalled()).count();
+        assert_eq!(tries as u32, AT_LOW_TRIES - 1);
     }
 }

@@ -30,6 +30,13 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// A partition that gives nothing for this long is checked against the
+/// broker's high watermark, for an end librdkafka did not report.
+const QUIET: Duration = Duration::from_secs(1);
+/// The same, before the first record after positioning (see
+/// [`StartGuard::stalled`]).
+const QUIET_AT_START: Duration = Duration::from_millis(250);
 use tokio::sync::watch;
 
 use super::changelog::{StartGuard, Take};
@@ -191,6 +198,13 @@ pub struct PartitionInput {
     topic: String,
     partition: i32,
     guard: StartGuard,
+    /// The end was reported and no record came since.
+    ended: bool,
+    /// When the queue last gave something, or the partition was positioned.
+    heard_at: std::time::Instant,
+    /// A query of the partition's low and high watermarks, under way.
+    watermark_check: Option<tokio::task::JoinHandle<Option<(i64, i64)>>>,
+    seeking_logged: bool,
     read: prometheus::IntCounter,
     redelivered: prometheus::IntCounter,
 }
@@ -207,7 +221,11 @@ impl PartitionInput {
             consumer: ctx.consumer.clone(),
             topic: topic.to_string(),
             partition,
-            guard: StartGuard::new(None),
+            guard: StartGuard::new(None, None),
+            ended: false,
+            heard_at: std::time::Instant::now(),
+            watermark_check: None,
+            seeking_logged: false,
             read: ctx.state.metrics.records_read.with_label_values(&[topic]),
             redelivered: ctx.state.metrics.redelivered.clone(),
         }
@@ -219,11 +237,25 @@ impl PartitionInput {
 
     /// Positions the partition (paused since its assignment) and resumes it.
     pub async fn start_at(&mut self, from: Offset) -> anyhow::Result<()> {
-        self.guard = StartGuard::new(match from {
+        let (consumer, topic, p) = (self.consumer.clone(), self.topic.clone(), self.partition);
+        let low = tokio::task::spawn_blocking(move || {
+            consumer
+                .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                .ok()
+                .map(|(low, _)| low)
+        })
+        .await
+        .ok()
+        .flatten();
+        let want = match from {
             Offset::Offset(o) => Some(o),
             _ => None,
-        });
+        };
+        self.guard = StartGuard::new(want, low);
+        self.ended = false;
+        self.seeking_logged = false;
         self.seek(from).await?;
+        self.heard_at = std::time::Instant::now();
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.topic, self.partition);
         self.consumer.resume(&tpl)?;
@@ -252,23 +284,85 @@ impl PartitionInput {
         .await?
     }
 
-    /// The next message, or the end of the partition.
+    /// The next message, or the end of the partition. The end comes from
+    /// librdkafka's end-of-partition event, or, when the partition is
+    /// quiet for [`QUIET`], from the broker's high watermark: librdkafka
+    /// gives no event for a partition positioned at its end that never
+    /// fetches a record, and a partition that is never idle would hold up
+    /// every merchant table frontier.
     pub async fn next(&mut self) -> Next {
         loop {
-            let taken = match self.queue.recv().await {
+            // Deadlines and checks kept across calls: callers drop this
+            // future often (at every tick of their loop).
+            let received = if self.watermark_check.is_some() {
+                Err(())
+            } else {
+                let quiet = if self.guard.started() {
+                    QUIET
+                } else {
+                    QUIET_AT_START
+                };
+                let until = tokio::time::Instant::from_std(self.heard_at + quiet);
+                tokio::time::timeout_at(until, self.queue.recv())
+                    .await
+                    .map_err(|_| ())
+            };
+            self.heard_at = std::time::Instant::now();
+            let received = match received {
+                Ok(r) => r,
+                Err(()) => {
+                    if self.ended {
+                        continue;
+                    }
+                    let (consumer, topic, p) =
+                        (self.consumer.clone(), self.topic.clone(), self.partition);
+                    let check = self.watermark_check.get_or_insert_with(|| {
+                        tokio::task::spawn_blocking(move || {
+                            consumer
+                                .fetch_watermarks(&topic, p, Duration::from_secs(5))
+                                .ok()
+                        })
+                    });
+                    let watermarks = check.await.ok().flatten();
+                    self.watermark_check = None;
+                    let Some((low, high)) = watermarks else {
+                        continue;
+                    };
+                    if self.guard.next_offset().unwrap_or(low) >= high {
+                        if self.guard.at_end() {
+                            self.ended = true;
+                            return Next::End;
+                        }
+                    } else if let Some(o) = self.guard.stalled() {
+                        self.log_seeking_back("nothing");
+                        if let Err(e) = self.seek(Offset::Offset(o)).await {
+                            log("WARN", format_args!("{e:#}"));
+                        }
+                    }
+                    continue;
+                }
+            };
+            let taken = match received {
                 Ok(m) => {
                     self.read.inc();
                     match self.guard.take(m.offset()) {
-                        Take::Yes => return Next::Message(m.detach()),
+                        Take::Yes => {
+                            self.ended = false;
+                            return Next::Message(m.detach());
+                        }
                         Take::Skip => {
                             self.redelivered.inc();
                             None
                         }
-                        Take::SeekTo(o) => Some(o),
+                        Take::SeekTo(o) => {
+                            self.log_seeking_back(&format!("offset {}", m.offset()));
+                            Some(o)
+                        }
                     }
                 }
                 Err(rdkafka::error::KafkaError::PartitionEOF(_)) => {
                     if self.guard.at_end() {
+                        self.ended = true;
                         return Next::End;
                     }
                     None
@@ -287,6 +381,19 @@ impl PartitionInput {
             {
                 log("WARN", format_args!("{e:#}"));
             }
+        }
+    }
+
+    fn log_seeking_back(&mut self, read: &str) {
+        if !self.seeking_logged {
+            self.seeking_logged = true;
+            log(
+                "INFO",
+                format_args!(
+                    "{}/{}: read {read} first; seeking back for the batch that holds the start",
+                    self.topic, self.partition
+                ),
+            );
         }
     }
 

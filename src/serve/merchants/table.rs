@@ -7,7 +7,7 @@
 
 use super::{Day, Key, Progress, Recent, StageCheckpoint, count_1h_from};
 use crate::features::merchant::{HourCounts, MerchantState, MerchantView};
-use crate::serve::changelog::{Assembler, Committed, StartGuard, Take, start_offset};
+use crate::serve::changelog::{Assembler, Committed, StartGuard, Take, start_offset, unstall};
 use crate::serve::events::Source;
 use crate::telemetry::log;
 use rdkafka::Message;
@@ -260,6 +260,8 @@ pub struct Frontier {
     own: Option<Source>,
     stuck_after: Duration,
     seen: HashMap<Pair, Seen>,
+    /// The pair that held the frontier last time, and its watermark.
+    held_by: Option<(Pair, i64)>,
 }
 
 /// A merchant partition and a source.
@@ -285,7 +287,14 @@ impl Frontier {
             own,
             stuck_after,
             seen: HashMap::new(),
+            held_by: None,
         }
+    }
+
+    /// The (merchant partition, source) that held the frontier at the last
+    /// [`Frontier::get`], with its watermark: what a blocked task waits for.
+    pub fn held_by(&self) -> Option<((i32, Source), i64)> {
+        self.held_by
     }
 
     /// The frontier, and how many pairs it leaves out as stuck.
@@ -294,6 +303,7 @@ impl Frontier {
         let version = table.version();
         let mut low = i64::MAX;
         let mut stuck = 0;
+        let mut held_by = None;
         let (seen, limit) = (&mut self.seen, self.stuck_after);
         table.each_pair(self.own, |key, heard| {
             let s = seen.entry(key).or_insert(Seen {
@@ -312,10 +322,12 @@ impl Frontier {
             let others_moved = version >= s.since_version + STUCK_GROUPS;
             if now.duration_since(s.since) >= limit && others_moved {
                 stuck += 1;
-            } else {
-                low = low.min(heard.watermark);
+            } else if heard.watermark < low {
+                low = heard.watermark;
+                held_by = Some((key, heard.watermark));
             }
         });
+        self.held_by = held_by;
         (low, stuck)
     }
 }
@@ -354,21 +366,45 @@ pub fn materialise(
     for p in 0..partitions {
         let from = start_offset(reader, topic, p)?;
         tpl.add_partition_offset(topic, p, from)?;
-        guards.insert(
-            p,
-            StartGuard::new(match from {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            }),
-        );
+        let low = reader
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .ok()
+            .map(|(low, _)| low);
+        let want = match from {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        };
+        guards.insert(p, StartGuard::new(want, low));
     }
     reader.assign(&tpl)?;
     let mut assemblers: HashMap<i32, Assembler<StageCheckpoint>> = HashMap::new();
     let mut unread: std::collections::HashSet<i32> = (0..partitions).collect();
     let mut n = 0u64;
     while !stop.load(Ordering::Acquire) {
-        let Some(r) = reader.poll(Duration::from_millis(100)) else {
-            continue;
+        let r = match reader.poll(Duration::from_millis(100)) {
+            Some(r) => r,
+            None if unread.is_empty() => continue,
+            None => {
+                // Quiet: the partitions not yet read to their end may be
+                // there without librdkafka saying so, or stalled.
+                let mut ended = Vec::new();
+                for &p in &unread {
+                    if let Some(guard) = guards.get_mut(&p)
+                        && unstall(reader, topic, p, guard)?
+                    {
+                        ended.push(p);
+                    }
+                }
+                match ended.first() {
+                    Some(&p) => {
+                        for q in &ended[1..] {
+                            unread.remove(q);
+                        }
+                        Err(rdkafka::error::KafkaError::PartitionEOF(p))
+                    }
+                    None => continue,
+                }
+            }
         };
         let msg = match r {
             Ok(m) => m,
@@ -398,7 +434,9 @@ pub fn materialise(
         read.inc();
         n += 1;
         let p = msg.partition();
-        let guard = guards.entry(p).or_insert_with(|| StartGuard::new(None));
+        let guard = guards
+            .entry(p)
+            .or_insert_with(|| StartGuard::new(None, None));
         match guard.take(msg.offset()) {
             Take::Yes => {}
             Take::Skip => continue,
