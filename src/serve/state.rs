@@ -190,6 +190,8 @@ impl ServiceState {
             }
             if !self.merchants.is_caught_up() {
                 waiting_for.push("merchant table catching up".into());
+            } else if !self.merchants.all_heard() {
+                waiting_for.push("merchant table: a source not heard from yet".into());
             }
             let joined = self.joined.load(Ordering::Acquire);
             for role in Role::ALL {

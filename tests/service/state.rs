@@ -401,7 +401,7 @@ fn a_partition_restoring_holds_up_no_other() {
     // committed, which a restore reads through and drops.
     let changelog = format!("{}-cards-changelog", n.group);
     create_topics(broker(), &[&changelog], 6);
-    fill_partition(&changelog, 0, 1_500_000);
+    fill_partition(&changelog, 0, 4_000_000);
     let producer = {
         let (data, input, labels) = (data.clone(), n.input.clone(), n.labels.clone());
         std::thread::spawn(move || {
@@ -486,7 +486,7 @@ fn fill_partition(topic: &str, partition: i32, n: usize) {
         .set("linger.ms", "20")
         .create()
         .unwrap();
-    let value = [7u8; 128];
+    let value = [7u8; 64];
     for i in 0..n {
         let key = (i as u64).to_le_bytes();
         let mut record = BaseRecord::to(topic)

@@ -106,6 +106,21 @@ impl MerchantTable {
         self.changed.notify_waiters();
     }
 
+    /// Whether every (merchant partition, source) pair has been heard from
+    /// at least once: until then the frontier stays at its least, and a
+    /// card task could score nothing.
+    pub fn all_heard(&self) -> bool {
+        let Some(u) = self.universe.get() else {
+            return false;
+        };
+        let data = self.read();
+        (0..u.partitions).all(|m| {
+            data.progress
+                .get(&m)
+                .is_some_and(|p| u.sources.iter().all(|s| p.contains_key(s)))
+        })
+    }
+
     pub fn merchants(&self) -> usize {
         self.read().merchants.len()
     }
