@@ -57,6 +57,15 @@ pub struct Settings {
     pub merchant_wait_ms: u64,
     /// Seconds between the status lines in the log; 0 turns them off.
     pub log_interval_secs: u64,
+    /// How far ahead of this machine's clock, in seconds, a transaction's
+    /// or a label's time may be. Later ones are dead-lettered
+    /// (`future_timestamp`) and never reach the state: one message dated
+    /// 9999 would otherwise move every window past everything else.
+    #[serde(alias = "max_clock_skew")]
+    pub max_clock_skew_secs: u64,
+    /// Larger amounts are dead-lettered (`amount_over_limit`), and refused
+    /// over HTTP with 422.
+    pub max_amount: f64,
     /// Raw librdkafka properties (SASL, TLS, timeouts), passed through as given.
     pub librdkafka: BTreeMap<String, String>,
 }
@@ -87,6 +96,8 @@ impl Default for Settings {
             merchant_max_lag_secs: 60,
             merchant_wait_ms: 5000,
             log_interval_secs: 10,
+            max_clock_skew_secs: 600,
+            max_amount: 1e9,
             librdkafka: BTreeMap::new(),
         }
     }
@@ -106,6 +117,9 @@ const TYPED_KEYS: &[&str] = &[
     "merchant_max_lag_secs",
     "merchant_wait_ms",
     "log_interval_secs",
+    "max_clock_skew_secs",
+    "max_clock_skew",
+    "max_amount",
 ];
 
 const KEYS: &[&str] = &[
@@ -132,6 +146,9 @@ const KEYS: &[&str] = &[
     "merchant_max_lag_secs",
     "merchant_wait_ms",
     "log_interval_secs",
+    "max_clock_skew_secs",
+    "max_clock_skew",
+    "max_amount",
 ];
 
 pub const ENV_PREFIX: &str = "PEREGRINE_";
@@ -272,6 +289,9 @@ impl Settings {
         if self.merchant_max_lag_secs < 0 {
             return invalid("merchant_max_lag_secs", "must not be negative");
         }
+        if !(self.max_amount.is_finite() && self.max_amount > 0.0) {
+            return invalid("max_amount", "must be a positive number");
+        }
         if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
             return invalid("admin_token", "must be at least 16 characters");
         }
@@ -330,6 +350,8 @@ impl fmt::Debug for Settings {
             .field("merchant_max_lag_secs", &self.merchant_max_lag_secs)
             .field("merchant_wait_ms", &self.merchant_wait_ms)
             .field("log_interval_secs", &self.log_interval_secs)
+            .field("max_clock_skew_secs", &self.max_clock_skew_secs)
+            .field("max_amount", &self.max_amount)
             .field("librdkafka", &raw)
             .finish()
     }

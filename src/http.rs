@@ -4,6 +4,7 @@
 
 use crate::features::Features;
 use crate::ingest::Transaction;
+use crate::ingest::decode::{DeadReason, Limits, now_utc};
 use crate::model::scorer::{Score, Scorer};
 use crate::serve::ServiceState;
 use crate::telemetry::log;
@@ -113,8 +114,18 @@ fn parse_json(body: &[u8]) -> Result<Value, Box<Response>> {
     })
 }
 
-fn to_transaction(v: &Value) -> Result<Transaction, (String, &'static str)> {
-    Transaction::from_json(v).map_err(|e| (e.to_string(), e.field))
+/// A transaction from a request: the schema, then the live input's limits
+/// (the clock's skew, the amount), each refusal naming its field.
+fn to_transaction(v: &Value, limits: &Limits) -> Result<Transaction, (String, &'static str)> {
+    let tx = Transaction::from_json(v).map_err(|e| (e.to_string(), e.field))?;
+    limits.check(&tx, now_utc()).map_err(|(reason, detail)| {
+        let field = match reason {
+            DeadReason::FutureTimestamp => "timestamp",
+            _ => "amount",
+        };
+        (detail, field)
+    })?;
+    Ok(tx)
 }
 
 fn score_body(tx: &Transaction, features: &Features, score: &Score, scorer: &Scorer) -> Value {
@@ -154,7 +165,7 @@ async fn score(
         Ok(r) => r,
         Err(r) => return *r,
     };
-    let tx = match to_transaction(&v) {
+    let tx = match to_transaction(&v, &Limits::of(&shared.settings)) {
         Ok(tx) => tx,
         Err((msg, field)) => return error(StatusCode::UNPROCESSABLE_ENTITY, msg, Some(field)),
     };
@@ -231,8 +242,9 @@ async fn score_batch(
     }
     // All are checked before any is applied, so a bad item changes no state.
     let mut txs = Vec::with_capacity(items.len());
+    let limits = Limits::of(&shared.settings);
     for (i, item) in items.iter().enumerate() {
-        match to_transaction(item) {
+        match to_transaction(item, &limits) {
             Ok(tx) => txs.push(tx),
             Err((msg, field)) => {
                 let r = json!({

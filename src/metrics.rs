@@ -38,7 +38,16 @@ pub struct Metrics {
     pub delivery_retries: IntCounter,
     pub table_wait_timeouts: IntCounter,
     pub redelivered: IntCounter,
+    pub fields_ignored: IntCounterVec,
+    pub key_mismatch: IntCounter,
+    pub scores_not_finite: IntCounter,
+    pub merchant_future_events: IntCounter,
 }
+
+/// The optional fields of a transaction: a wrong one is left out and counted.
+pub const OPTIONAL_FIELDS: [&str; 7] = [
+    "currency", "country", "channel", "mcc", "lat", "lon", "is_fraud",
+];
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
     r.register(Box::new(c.clone()))
@@ -232,6 +241,23 @@ impl Metrics {
                 "peregrine_redelivered_total",
                 "Messages read at an offset already taken, or before the one a partition was positioned at; skipped.",
             ),
+            fields_ignored: counter_vec(
+                "peregrine_fields_ignored_total",
+                "Transactions scored without an optional field that was wrong, by field.",
+                &["field"],
+            ),
+            key_mismatch: counter(
+                "peregrine_key_mismatch_total",
+                "Input messages whose Kafka key is not their card_id: scored, but the card's history may be split across partitions.",
+            ),
+            scores_not_finite: counter(
+                "peregrine_scores_not_finite_total",
+                "Model scores that were not a finite number: decided review, never allow.",
+            ),
+            merchant_future_events: counter(
+                "peregrine_merchant_future_events_total",
+                "Merchant events dated beyond max_clock_skew_secs ahead of the clock; left out of the merchant state.",
+            ),
             registry: r,
         }
     }
@@ -242,13 +268,22 @@ impl Metrics {
         for d in ["review", "block"] {
             self.alerts.with_label_values(&[d]);
         }
-        for r in ["empty", "oversize", "not_json", "invalid_field"] {
-            self.dead_letters.with_label_values(&[r]);
+        for r in crate::ingest::decode::DeadReason::ALL {
+            self.dead_letters.with_label_values(&[r.as_str()]);
+        }
+        for f in OPTIONAL_FIELDS {
+            self.fields_ignored.with_label_values(&[f]);
         }
         for r in ["ok", "error"] {
             self.reloads.with_label_values(&[r]);
         }
-        for o in ["applied", "too_old", "genuine", "invalid"] {
+        for o in [
+            "applied",
+            "too_old",
+            "genuine",
+            "invalid",
+            "future_timestamp",
+        ] {
             self.labels.with_label_values(&[o]);
         }
         for s in ["changelog", "input"] {

@@ -402,3 +402,26 @@ fn demo_runs_the_pipeline_on_the_mock_cluster() {
             .is_some_and(|a| !a.is_empty())
     );
 }
+
+/// A librdkafka property it does not know stops `serve` at once, with
+/// librdkafka's own message, instead of an instance that stays up unready.
+#[test]
+fn serve_with_an_unknown_kafka_option_exits_with_its_message() {
+    let started = std::time::Instant::now();
+    let err = fails(&[
+        "serve",
+        "--brokers",
+        "127.0.0.1:9",
+        "--http-addr",
+        "127.0.0.1:0",
+        "-X",
+        "no.such.option=1",
+    ]);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(err.contains("No such configuration property"), "{err}");
+    assert!(err.contains("no.such.option"), "{err}");
+}

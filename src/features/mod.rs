@@ -502,7 +502,7 @@ fn fold_card(
     let (lat, lon) = coord(tx.lat, tx.lon);
     let ev = Recent {
         ts: tx.time.utc as u32,
-        amount: tx.amount as f32,
+        amount: state_amount(tx.amount),
         merchant: (keys.merchant >> 32) as u32,
         lat,
         lon,
@@ -546,7 +546,7 @@ impl Observed {
     pub fn features(&self, tx: &Transaction) -> Features {
         let (cv, mv, large) = (&self.card, &self.merchant, self.large);
         let t = tx.time.utc;
-        let amount = tx.amount;
+        let amount = tx.amount.min(AMOUNT_CEILING);
         let (lat, lon) = coord(tx.lat, tx.lon);
 
         let local = tx.time.local();
@@ -605,5 +605,40 @@ impl Observed {
         f[idx::LAST_FRAUD_AGE] = age(mv.last_fraud_hour);
         f[idx::CLEAN_SINCE_FRAUD] = mv.clean_since_fraud as f32;
         Features(f)
+    }
+}
+
+/// Amounts as the state holds them: at most [`AMOUNT_CEILING`], so that no
+/// window's sum, nor the sum of its squares in `f32`, can overflow to
+/// infinity and no feature to NaN, whatever a file holds. The service
+/// refuses amounts over `max_amount` (10^9 by default) before they get here.
+pub fn state_amount(amount: f64) -> f32 {
+    amount.clamp(0.0, AMOUNT_CEILING) as f32
+}
+
+/// 10^15: its square times a day's 4 095 counted events stays far inside `f32`.
+pub const AMOUNT_CEILING: f64 = 1e15;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::Transaction;
+
+    /// An absurd amount from a file leaves every later feature finite.
+    #[test]
+    fn no_amount_makes_a_window_infinite() {
+        let mut engine = Engine::new(FeatureConfig::default());
+        let mut tx = Transaction {
+            card_id: "c".into(),
+            merchant_id: "m".into(),
+            ..Transaction::default()
+        };
+        for (i, amount) in [5.0, 1e39, f64::MAX, 7.0, 9.0].into_iter().enumerate() {
+            tx.transaction_id = i.to_string();
+            tx.time.utc = 1_522_540_800 + 60 * i as i64;
+            tx.amount = amount;
+            let f = engine.process(&tx).unwrap();
+            assert!(f.0.iter().all(|v| v.is_finite()), "{amount}: {:?}", f.0);
+        }
     }
 }

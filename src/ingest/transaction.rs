@@ -223,9 +223,32 @@ impl Transaction {
         self.is_fraud = None;
     }
 
-    /// Decodes a JSON object (Kafka, HTTP, JSON Lines). Unknown fields are
-    /// ignored; `null` counts as absent.
+    /// Decodes a JSON object (HTTP, JSON Lines): any field that is wrong is
+    /// an error. Unknown fields are ignored; `null` counts as absent.
     pub fn from_json(v: &Value) -> Result<Transaction, FieldError> {
+        Transaction::from_json_with(v, &mut Err)
+    }
+
+    /// Decodes a JSON object from a stream (Kafka): a wrong required field is
+    /// an error, a wrong optional one is left out and pushed on `ignored`,
+    /// so that schema drift upstream in an optional field does not switch
+    /// the checks off for every transaction that carries it.
+    pub fn from_json_lenient(
+        v: &Value,
+        ignored: &mut Vec<FieldError>,
+    ) -> Result<Transaction, FieldError> {
+        Transaction::from_json_with(v, &mut |e| {
+            ignored.push(e);
+            Ok(())
+        })
+    }
+
+    /// `optional_error` decides what a wrong optional field does: an error,
+    /// or (when it returns `Ok`) the field is left absent.
+    fn from_json_with(
+        v: &Value,
+        optional_error: &mut dyn FnMut(FieldError) -> Result<(), FieldError>,
+    ) -> Result<Transaction, FieldError> {
         let obj = v
             .as_object()
             .ok_or_else(|| FieldError::new("(body)", "expected a JSON object"))?;
@@ -255,28 +278,77 @@ impl Transaction {
             Some(other) => tx.set_amount_value(None, other.to_string().as_bytes())?,
             None => return Err(FieldError::missing("amount")),
         }
-        if let Some(s) = json_str(get("currency"), "currency")? {
-            tx.set_currency(s.as_bytes())?;
-        }
-        if let Some(s) = json_str(get("country"), "country")? {
-            tx.set_country(s.as_bytes())?;
-        }
-        if let Some(s) = json_str(get("channel"), "channel")? {
-            tx.set_channel(s.as_bytes())?;
-        }
-        match get("mcc") {
-            None => {}
-            Some(Value::String(s)) => tx.set_mcc(s.as_bytes())?,
-            Some(other) => tx.set_mcc(other.to_string().as_bytes())?,
-        }
-        tx.lat = json_coordinate(get("lat"), "lat", 90.0)?;
-        tx.lon = json_coordinate(get("lon"), "lon", 180.0)?;
-        match get("is_fraud") {
-            None => {}
-            Some(Value::Bool(b)) => tx.is_fraud = Some(*b),
-            Some(Value::String(s)) => tx.set_label(s.as_bytes())?,
-            Some(other) => tx.set_label(other.to_string().as_bytes())?,
-        }
+        // Each optional field is set whole or not at all.
+        let mut optional = |tx: &mut Transaction,
+                            set: &dyn Fn(&mut Transaction) -> Result<(), FieldError>,
+                            clear: &dyn Fn(&mut Transaction)| {
+            set(tx).or_else(|e| {
+                clear(tx);
+                optional_error(e)
+            })
+        };
+        optional(
+            &mut tx,
+            &|tx| match json_str(get("currency"), "currency")? {
+                Some(s) => tx.set_currency(s.as_bytes()),
+                None => Ok(()),
+            },
+            &|tx| tx.currency.clear(),
+        )?;
+        optional(
+            &mut tx,
+            &|tx| match json_str(get("country"), "country")? {
+                Some(s) => tx.set_country(s.as_bytes()),
+                None => Ok(()),
+            },
+            &|tx| tx.country.clear(),
+        )?;
+        optional(
+            &mut tx,
+            &|tx| match json_str(get("channel"), "channel")? {
+                Some(s) => tx.set_channel(s.as_bytes()),
+                None => Ok(()),
+            },
+            &|tx| tx.channel = None,
+        )?;
+        optional(
+            &mut tx,
+            &|tx| match get("mcc") {
+                None => Ok(()),
+                Some(Value::String(s)) => tx.set_mcc(s.as_bytes()),
+                Some(other) => tx.set_mcc(other.to_string().as_bytes()),
+            },
+            &|tx| tx.mcc = None,
+        )?;
+        optional(
+            &mut tx,
+            &|tx| {
+                tx.lat = json_coordinate(get("lat"), "lat", 90.0)?;
+                Ok(())
+            },
+            &|tx| tx.lat = None,
+        )?;
+        optional(
+            &mut tx,
+            &|tx| {
+                tx.lon = json_coordinate(get("lon"), "lon", 180.0)?;
+                Ok(())
+            },
+            &|tx| tx.lon = None,
+        )?;
+        optional(
+            &mut tx,
+            &|tx| match get("is_fraud") {
+                None => Ok(()),
+                Some(Value::Bool(b)) => {
+                    tx.is_fraud = Some(*b);
+                    Ok(())
+                }
+                Some(Value::String(s)) => tx.set_label(s.as_bytes()),
+                Some(other) => tx.set_label(other.to_string().as_bytes()),
+            },
+            &|tx| tx.is_fraud = None,
+        )?;
         Ok(tx)
     }
 

@@ -179,7 +179,10 @@ impl Scorer {
             })
             .collect();
         let t = &self.thresholds;
-        let mut decision = if score >= t.block {
+        // A score that is not a number fails closed: never `allow`.
+        let mut decision = if !score.is_finite() {
+            Decision::Review
+        } else if score >= t.block {
             Decision::Block
         } else if score >= t.review {
             Decision::Review
@@ -257,6 +260,30 @@ mod tests {
     use crate::features::{Engine, FeatureConfig};
     use crate::ingest::Transaction;
     use crate::sim::{SimConfig, Simulation};
+
+    /// A score that is not a number (a corrupt model) fails closed.
+    #[test]
+    fn a_score_that_is_not_a_number_is_never_allowed() {
+        use crate::features::{Features, N_FEATURES};
+        use crate::model::Body;
+        use crate::model::logistic::{Logistic, Scaling};
+        let with_weight = |w: f64| {
+            let mut model = super::super::builtin::scorer().unwrap().model.clone();
+            let x = vec![1.0f32; 2 * N_FEATURES];
+            model.body = Body::Logistic(Logistic {
+                scaling: Scaling::fit(&x, N_FEATURES),
+                weights: vec![w; N_FEATURES],
+                intercept: -10.0,
+            });
+            model.anomaly = None;
+            Scorer::new(model, RuleSet::default())
+        };
+        let f = Features([0.0; N_FEATURES]);
+        assert_eq!(with_weight(0.1).score(&f, false).decision, Decision::Allow);
+        let s = with_weight(f64::NAN).score(&f, false);
+        assert!(s.score.is_nan());
+        assert_eq!(s.decision, Decision::Review);
+    }
 
     /// `alert` is `score` without the allows, whether or not its tree walk
     /// stopped early: same alerts, same scores to the bit.

@@ -20,7 +20,8 @@
 use super::changelog::{self, Entry, Writer};
 use super::events::{MerchantEvent, Source};
 use super::merchants::table::Frontier;
-use super::output::{Outgoing, Pending, send_all, settle};
+use super::output::record_clock;
+use super::output::{Outgoing, Pending, dead_letter, send_all, settle};
 use super::partition::{
     Control, Next, PartitionInput, Phase, PhaseGauge, Role, TaskContext, commit, committed,
 };
@@ -31,7 +32,7 @@ use crate::features::merchant::MerchantView;
 use crate::features::store::key_hash;
 use crate::features::{Engine, EngineClock};
 use crate::ingest::Transaction;
-use crate::ingest::decode::{DeadReason, decode};
+use crate::ingest::decode::{DeadReason, Limits, decode};
 use crate::model::scorer::Decision;
 use crate::telemetry::log;
 use rdkafka::Message;
@@ -212,6 +213,7 @@ async fn restore(ctx: &Arc<TaskContext>, p: i32, control: &Control) -> anyhow::R
 struct CardTask {
     ctx: Arc<TaskContext>,
     partition: i32,
+    limits: Limits,
     engine: CardEngine,
     pending: VecDeque<Fetched>,
     /// The first records of `pending` whose merchant events are sent (or
@@ -270,6 +272,7 @@ impl CardTask {
             progress_at: Instant::now(),
             blocked_since: None,
             wait_logged: None,
+            limits: Limits::of(&ctx.state.settings),
             frontier: Frontier::new(
                 Some(Source::Input(partition)),
                 Duration::from_millis(ctx.state.settings.merchant_wait_ms),
@@ -352,7 +355,24 @@ impl CardTask {
             Next::End => self.idle = true,
             Next::Message(msg) => {
                 self.idle = false;
-                let tx = decode(msg.payload(), self.ctx.state.settings.max_message_bytes);
+                let m = &self.ctx.state.metrics;
+                let mut ignored = Vec::new();
+                let tx = decode(
+                    msg.payload(),
+                    &self.limits,
+                    record_clock(&msg),
+                    &mut ignored,
+                );
+                if let Ok(tx) = &tx {
+                    for e in &ignored {
+                        m.fields_ignored.with_label_values(&[e.field]).inc();
+                    }
+                    // Partitioned by something else, a card's history is
+                    // split: say so, but score it with what this partition holds.
+                    if msg.key().is_some_and(|k| k != tx.card_id.as_bytes()) {
+                        m.key_mismatch.inc();
+                    }
+                }
                 let rebuild_only = msg.offset() < self.rebuild_until;
                 if rebuild_only {
                     self.ctx
@@ -566,20 +586,7 @@ impl CardTask {
                     Err(_) if f.rebuild_only => continue,
                     Err((reason, detail)) => {
                         m.dead_letters.with_label_values(&[reason.as_str()]).inc();
-                        out.push(Outgoing {
-                            headers: vec![
-                                ("peregrine-reason", reason.as_str().to_string()),
-                                ("peregrine-error", detail),
-                                ("peregrine-source-topic", msg.topic().to_string()),
-                                ("peregrine-source-partition", msg.partition().to_string()),
-                                ("peregrine-source-offset", msg.offset().to_string()),
-                            ],
-                            ..Outgoing::new(
-                                &topics.dlq,
-                                msg.key().unwrap_or_default(),
-                                msg.payload().unwrap_or_default().to_vec(),
-                            )
-                        });
+                        out.push(dead_letter(&topics.dlq, msg, reason.as_str(), detail));
                         continue;
                     }
                 };
@@ -597,6 +604,9 @@ impl CardTask {
                     }
                 };
                 let score = scorer.score(&features, false);
+                if !score.score.is_finite() {
+                    m.scores_not_finite.inc();
+                }
                 let spent = started.elapsed();
                 m.scoring_seconds.observe(spent.as_secs_f64());
                 took.push(spent.as_nanos() as u64);

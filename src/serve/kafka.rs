@@ -4,6 +4,7 @@
 
 use crate::config::Settings;
 use crate::telemetry::log;
+use anyhow::Context;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -91,6 +92,17 @@ pub fn producer(s: &Settings) -> anyhow::Result<FutureProducer> {
         .set("acks", "all")
         .set("message.timeout.ms", "0");
     Ok(c.create()?)
+}
+
+/// Builds a producer and a consumer from the settings once, so that a
+/// property librdkafka does not know, or a value it refuses, stops the
+/// start with librdkafka's own message instead of a retry loop.
+pub fn check_config(s: &Settings) -> anyhow::Result<()> {
+    let _: FutureProducer = producer(s).context("the Kafka producer's settings are not valid")?;
+    let _: BaseConsumer = group_config(s, &s.group_id)
+        .create()
+        .context("the Kafka consumer's settings are not valid")?;
+    Ok(())
 }
 
 /// The group consumer's configuration. Offsets are committed only by the

@@ -1,14 +1,16 @@
 //! The task of one label partition: reads fraud labels and sends each to
 //! the merchant-events topic, keyed by merchant, so that it reaches the
-//! merchant's owner; genuine and invalid labels are counted. It holds no
+//! merchant's owner; genuine labels are counted, and invalid ones and those
+//! dated past the clock's skew are dead-lettered with the reason. It holds no
 //! state: it resumes from the group's committed offset, and a label sent
 //! again after a restart is recognised by its offset and skipped.
 
 use super::events::{MerchantEvent, Source};
-use super::output::{Outgoing, send_all, settle};
+use super::output::{Outgoing, dead_letter, record_clock, send_all, settle};
 use super::partition::{
     Control, Next, PartitionInput, Phase, PhaseGauge, Role, TaskContext, commit, committed,
 };
+use crate::ingest::decode::{DeadReason, Limits};
 use crate::ingest::label::Label;
 use crate::telemetry::log;
 use rdkafka::Message;
@@ -40,6 +42,7 @@ pub async fn run(ctx: Arc<TaskContext>, mut input: PartitionInput, mut control: 
     let mut forwarder = Forwarder {
         ctx: ctx.clone(),
         partition: p,
+        limits: Limits::of(&ctx.state.settings),
         newest: i64::MIN,
         sent: None,
         sent_at: Instant::now(),
@@ -80,6 +83,7 @@ pub async fn run(ctx: Arc<TaskContext>, mut input: PartitionInput, mut control: 
 struct Forwarder {
     ctx: Arc<TaskContext>,
     partition: i32,
+    limits: Limits,
     /// The newest report time read: this source's watermark.
     newest: i64,
     sent: Option<(i64, bool)>,
@@ -100,19 +104,29 @@ impl Forwarder {
         let mut out = Vec::new();
         let last = batch.last().map(|msg| msg.offset());
         for msg in &batch {
-            let label = match Label::parse(msg.payload().unwrap_or_default()) {
+            let checked = Label::parse(msg.payload().unwrap_or_default())
+                .map_err(|e| ("invalid", DeadReason::InvalidField, e.to_string()))
+                .and_then(|l| {
+                    let now = record_clock(msg);
+                    let times = [
+                        ("reported_at", Some(l.reported_at)),
+                        ("timestamp", l.transaction_time),
+                    ];
+                    for (field, t) in times {
+                        if let Some(t) = t {
+                            self.limits
+                                .check_time(field, t, now)
+                                .map_err(|(r, detail)| ("future_timestamp", r, detail))?;
+                        }
+                    }
+                    Ok(l)
+                });
+            let label = match checked {
                 Ok(l) => l,
-                Err(e) => {
-                    m.labels.with_label_values(&["invalid"]).inc();
-                    log(
-                        "WARN",
-                        format_args!(
-                            "label topic {}/{} offset {}: {e}",
-                            msg.topic(),
-                            msg.partition(),
-                            msg.offset()
-                        ),
-                    );
+                Err((outcome, reason, detail)) => {
+                    m.labels.with_label_values(&[outcome]).inc();
+                    m.dead_letters.with_label_values(&[reason.as_str()]).inc();
+                    out.push(dead_letter(&ctx.topics.dlq, msg, reason.as_str(), detail));
                     continue;
                 }
             };

@@ -73,6 +73,9 @@ pub async fn run_with(
             scorer.thresholds.block
         ),
     );
+    if settings.kafka_enabled {
+        kafka::check_config(settings)?;
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let listener = tokio::net::TcpListener::bind(&settings.http_addr)
         .await
@@ -82,12 +85,21 @@ pub async fn run_with(
         format_args!("HTTP API on http://{}", listener.local_addr()?),
     );
     let http = tokio::spawn(crate::http::serve(state.clone(), listener, stop_rx.clone()));
-    let kafka = settings
+    let mut kafka = settings
         .kafka_enabled
         .then(|| tokio::spawn(pipeline(state.clone(), stop_rx.clone())));
     let status = tokio::spawn(status_lines(state.clone(), stop_rx.clone()));
-    shutdown.await;
-    log("INFO", "shutting down: draining in-flight events");
+    let failed = tokio::select! {
+        _ = shutdown => None,
+        why = failure(&state, &mut kafka) => Some(why),
+    };
+    match &failed {
+        None => log("INFO", "shutting down: draining in-flight events"),
+        Some(why) => log(
+            "ERROR",
+            format_args!("the Kafka pipeline failed: {why}; shutting down"),
+        ),
+    }
     let _ = stop_tx.send(true);
     let deadline = Duration::from_secs(settings.shutdown_timeout_secs);
     let drained = tokio::time::timeout(deadline, async {
@@ -102,6 +114,9 @@ pub async fn run_with(
         let _ = status.await;
     })
     .await;
+    if let Some(why) = failed {
+        anyhow::bail!("the Kafka pipeline failed: {why}");
+    }
     match drained {
         Ok(()) => {
             log("INFO", "stopped cleanly");
@@ -112,6 +127,32 @@ pub async fn run_with(
              uncommitted transactions will be read again on restart",
             settings.shutdown_timeout_secs
         ),
+    }
+}
+
+/// Resolves once the Kafka pipeline has failed (an error, a panic, or a
+/// part of it reporting a fatal error), with why: the process then exits
+/// non-zero instead of staying up unready until someone stops it.
+async fn failure(
+    state: &ServiceState,
+    kafka: &mut Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+) -> String {
+    loop {
+        if let Some(why) = state.failure() {
+            return why;
+        }
+        if let Some(k) = kafka.as_mut()
+            && k.is_finished()
+        {
+            let result = k.await;
+            *kafka = None;
+            return match result {
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(e) => format!("it panicked: {e}"),
+                Ok(Ok(())) => "it stopped by itself".into(),
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

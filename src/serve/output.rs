@@ -33,6 +33,30 @@ impl Outgoing {
     }
 }
 
+/// A message that cannot be used, for the dead-letter topic: as it came,
+/// with why and where from in its headers.
+pub fn dead_letter(
+    dlq: &str,
+    msg: &impl rdkafka::Message,
+    reason: &str,
+    detail: String,
+) -> Outgoing {
+    Outgoing {
+        headers: vec![
+            ("peregrine-reason", reason.to_string()),
+            ("peregrine-error", detail),
+            ("peregrine-source-topic", msg.topic().to_string()),
+            ("peregrine-source-partition", msg.partition().to_string()),
+            ("peregrine-source-offset", msg.offset().to_string()),
+        ],
+        ..Outgoing::new(
+            dlq,
+            msg.key().unwrap_or_default(),
+            msg.payload().unwrap_or_default().to_vec(),
+        )
+    }
+}
+
 fn send(
     producer: &FutureProducer,
     o: &Outgoing,
@@ -119,4 +143,15 @@ fn record_alert_latency(state: &ServiceState, record_ts: i64) {
     if now >= record_ts {
         state.record_alert_latency(now - record_ts);
     }
+}
+
+/// The clock a record's time is judged against (UTC seconds): when it was
+/// written to Kafka, or now if that is earlier or unknown. A record read
+/// again on a restore is judged as it was the first time, and a producer's
+/// clock set in the future counts for nothing.
+pub fn record_clock(msg: &impl rdkafka::Message) -> i64 {
+    let now = crate::ingest::decode::now_utc();
+    msg.timestamp()
+        .to_millis()
+        .map_or(now, |ms| now.min(ms.div_euclid(1000)))
 }

@@ -177,6 +177,14 @@ impl ServiceState {
         *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
     }
 
+    /// Why the pipeline failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn readiness(&self) -> Readiness {
         let mut waiting_for = Vec::new();
         if self.settings.kafka_enabled {
@@ -239,6 +247,9 @@ impl ServiceState {
             None => fold(&mut self.http_cards.lock().unwrap_or_else(|e| e.into_inner())),
         };
         let score = scorer.score(&features, true);
+        if !score.score.is_finite() {
+            self.metrics.scores_not_finite.inc();
+        }
         self.metrics
             .scoring_seconds
             .observe(started.elapsed().as_secs_f64());

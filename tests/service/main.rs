@@ -2,6 +2,7 @@
 //! (tansu, started by `scripts/kafka-up`), each on topics of its own; the
 //! service's state across restarts and rebalances in [`state`].
 
+mod hostile;
 mod state;
 
 use serde_json::Value;
@@ -180,6 +181,20 @@ fn produce(data: &Path, n: &Names, extra: &[&str]) {
     ];
     args.extend_from_slice(extra);
     ok(&args);
+}
+
+/// Writes `text` to `file` and sends each of its lines as it is.
+fn produce_raw(file: &Path, text: &str, topic: &str) {
+    std::fs::write(file, text).unwrap();
+    ok(&[
+        "produce",
+        "--brokers",
+        broker(),
+        "--raw",
+        file.to_str().unwrap(),
+        "--topic",
+        topic,
+    ]);
 }
 
 /// Every message of a topic, once it holds `want` distinct transactions
@@ -598,17 +613,7 @@ fn poison_messages_are_dead_lettered_and_the_rest_scored() {
     }
     lines.push(good(i));
     let valid = i + 1;
-    let raw = dir.join("mixed.jsonl");
-    std::fs::write(&raw, lines.join("\n")).unwrap();
-    ok(&[
-        "produce",
-        "--brokers",
-        broker(),
-        "--raw",
-        raw.to_str().unwrap(),
-        "--topic",
-        &n.input,
-    ]);
+    produce_raw(&dir.join("mixed.jsonl"), &lines.join("\n"), &n.input);
     let svc = Service::start(&n, "only", &[], &[("PEREGRINE_MAX_MESSAGE_BYTES", "2048")]);
     svc.wait_for(Duration::from_secs(60), "all valid scored", |s| {
         s.metric("peregrine_transactions_scored_total") as u32 >= valid
@@ -764,6 +769,24 @@ fn http_api() {
     );
     assert_eq!(status, 422, "{err}");
     assert_eq!(err["field"], "amount");
+    // Live input's limits: the clock's skew and the amount.
+    for (body, field, says) in [
+        (
+            r#"{"transaction_id":"e3","timestamp":"9999-12-31T23:59:59Z","card_id":"c","merchant_id":"m","amount":4}"#,
+            "timestamp",
+            "max_clock_skew_secs",
+        ),
+        (
+            r#"{"transaction_id":"e4","timestamp":"2018-04-01T10:00:00Z","card_id":"c","merchant_id":"m","amount":1e39}"#,
+            "amount",
+            "max_amount",
+        ),
+    ] {
+        let (status, err) = svc.post("/v1/score", body);
+        assert_eq!(status, 422, "{err}");
+        assert_eq!(err["field"], field);
+        assert!(err["error"].as_str().unwrap().contains(says), "{err}");
+    }
     let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(70_000));
     let (status, err) = svc.post("/v1/score", &big);
     assert_eq!(status, 413, "{err}");
@@ -874,17 +897,7 @@ fn metrics_pass_promtool() {
     let n = names("promtool");
     topics(&n, 2);
     produce(&data, &n, &[]);
-    let raw = dir.join("bad.jsonl");
-    std::fs::write(&raw, "not json\n").unwrap();
-    ok(&[
-        "produce",
-        "--brokers",
-        broker(),
-        "--raw",
-        raw.to_str().unwrap(),
-        "--topic",
-        &n.input,
-    ]);
+    produce_raw(&dir.join("bad.jsonl"), "not json\n", &n.input);
     let svc = Service::start(&n, "prom", &[], &[]);
     svc.wait_for(Duration::from_secs(60), "dead letter counted", |s| {
         s.metric("peregrine_dead_letters_total") >= 1.0

@@ -13,6 +13,7 @@ use crate::features::merchant::MerchantState;
 use crate::features::store::key_hash_bytes;
 use crate::serve::changelog::{self, Entry, Writer};
 use crate::serve::events::{MerchantEvent, Source};
+use crate::serve::output::record_clock;
 use crate::serve::partition::{
     Control, Next, PartitionInput, Phase, PhaseGauge, Role, TaskContext, commit,
 };
@@ -290,6 +291,15 @@ impl Stage {
             return;
         };
         let key = key_hash_bytes(msg.key().unwrap_or_default());
+        // The partition tasks refuse such events already; a stage that
+        // took one would move its watermark past every merchant's windows.
+        if let MerchantEvent::Transaction { time, .. } | MerchantEvent::Fraud { time, .. } = event {
+            let skew = i64::try_from(ctx.state.settings.max_clock_skew_secs).unwrap_or(i64::MAX);
+            if time > record_clock(msg).saturating_add(skew) {
+                metrics.merchant_future_events.inc();
+                return;
+            }
+        }
         if !matches!(event, MerchantEvent::Progress { .. }) {
             self.changed = true;
         }
