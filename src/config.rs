@@ -29,8 +29,15 @@ pub struct Settings {
     pub rules: Option<PathBuf>,
     pub review_threshold: Option<f64>,
     pub block_threshold: Option<f64>,
-    /// Bearer token for `POST /v1/model/reload`; reloads are refused when unset.
+    /// Bearer token for `POST /v1/model/reload` and for scoring with
+    /// `update=true`; both are refused when unset.
     pub admin_token: Option<String>,
+    /// A file holding the admin token (a mounted Kubernetes Secret), read
+    /// at start; instead of `admin_token`.
+    pub admin_token_file: Option<PathBuf>,
+    /// The only directory `POST /v1/model/reload` loads model and rules
+    /// files from; a path outside it is refused.
+    pub models_dir: PathBuf,
     /// Seconds the service may take to drain and commit after SIGTERM.
     pub shutdown_timeout_secs: u64,
     /// Larger Kafka messages are dead-lettered as oversize.
@@ -66,6 +73,21 @@ pub struct Settings {
     /// Larger amounts are dead-lettered (`amount_over_limit`), and refused
     /// over HTTP with 422.
     pub max_amount: f64,
+    /// Seconds a running input partition may hold records read but not
+    /// finished (scored, output acknowledged) before `/readyz` fails.
+    pub partition_stall_secs: u64,
+    /// HTTP scoring requests in progress at most; more are refused at once
+    /// with 503 and `Retry-After`, so an overload is shed, not queued.
+    pub http_max_concurrency: usize,
+    /// Milliseconds an HTTP scoring request may take, its wait for a
+    /// scoring slot included, before it is answered 503.
+    pub http_timeout_ms: u64,
+    /// Cards kept for `update=true` scoring of cards no Kafka partition
+    /// holds: at most this many, the least recently used dropped first.
+    pub http_max_cards: usize,
+    /// Seconds of wall-clock time without a request after which such a
+    /// card is dropped.
+    pub http_card_idle_secs: u64,
     /// Raw librdkafka properties (SASL, TLS, timeouts), passed through as given.
     pub librdkafka: BTreeMap<String, String>,
 }
@@ -87,6 +109,8 @@ impl Default for Settings {
             review_threshold: None,
             block_threshold: None,
             admin_token: None,
+            admin_token_file: None,
+            models_dir: PathBuf::from("models"),
             shutdown_timeout_secs: 20,
             max_message_bytes: 64 * 1024,
             max_body_bytes: 1024 * 1024,
@@ -98,6 +122,11 @@ impl Default for Settings {
             log_interval_secs: 10,
             max_clock_skew_secs: 600,
             max_amount: 1e9,
+            partition_stall_secs: 60,
+            http_max_concurrency: 256,
+            http_timeout_ms: 2000,
+            http_max_cards: 100_000,
+            http_card_idle_secs: 31 * 86_400,
             librdkafka: BTreeMap::new(),
         }
     }
@@ -120,6 +149,11 @@ const TYPED_KEYS: &[&str] = &[
     "max_clock_skew_secs",
     "max_clock_skew",
     "max_amount",
+    "partition_stall_secs",
+    "http_max_concurrency",
+    "http_timeout_ms",
+    "http_max_cards",
+    "http_card_idle_secs",
 ];
 
 const KEYS: &[&str] = &[
@@ -137,6 +171,8 @@ const KEYS: &[&str] = &[
     "review_threshold",
     "block_threshold",
     "admin_token",
+    "admin_token_file",
+    "models_dir",
     "shutdown_timeout_secs",
     "max_message_bytes",
     "max_body_bytes",
@@ -149,6 +185,11 @@ const KEYS: &[&str] = &[
     "max_clock_skew_secs",
     "max_clock_skew",
     "max_amount",
+    "partition_stall_secs",
+    "http_max_concurrency",
+    "http_timeout_ms",
+    "http_max_cards",
+    "http_card_idle_secs",
 ];
 
 pub const ENV_PREFIX: &str = "PEREGRINE_";
@@ -238,11 +279,25 @@ impl Settings {
             };
             table.insert(key, parsed);
         }
-        let settings =
+        let mut settings =
             Settings::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Env {
                 var: "PEREGRINE_*".into(),
                 message: e.message().to_string(),
             })?;
+        if let Some(path) = &settings.admin_token_file {
+            if settings.admin_token.is_some() {
+                return Err(ConfigError::Invalid {
+                    key: "admin_token_file",
+                    message: "set admin_token or admin_token_file, not both".into(),
+                });
+            }
+            // Never the file's text in an error: it is a secret.
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
+                key: "admin_token_file",
+                message: format!("cannot read {}: {}", path.display(), e.kind()),
+            })?;
+            settings.admin_token = Some(text.trim().to_string());
+        }
         Ok(settings)
     }
 
@@ -295,6 +350,12 @@ impl Settings {
         if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
             return invalid("admin_token", "must be at least 16 characters");
         }
+        if self.http_max_concurrency == 0 || self.http_timeout_ms == 0 {
+            return invalid("http_max_concurrency", "HTTP limits must be positive");
+        }
+        if self.partition_stall_secs == 0 {
+            return invalid("partition_stall_secs", "must be at least 1");
+        }
         Ok(())
     }
 }
@@ -341,6 +402,8 @@ impl fmt::Debug for Settings {
                 "admin_token",
                 &self.admin_token.as_ref().map(|_| "<redacted>"),
             )
+            .field("admin_token_file", &self.admin_token_file)
+            .field("models_dir", &self.models_dir)
             .field("shutdown_timeout_secs", &self.shutdown_timeout_secs)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("max_body_bytes", &self.max_body_bytes)
@@ -352,6 +415,11 @@ impl fmt::Debug for Settings {
             .field("log_interval_secs", &self.log_interval_secs)
             .field("max_clock_skew_secs", &self.max_clock_skew_secs)
             .field("max_amount", &self.max_amount)
+            .field("partition_stall_secs", &self.partition_stall_secs)
+            .field("http_max_concurrency", &self.http_max_concurrency)
+            .field("http_timeout_ms", &self.http_timeout_ms)
+            .field("http_max_cards", &self.http_max_cards)
+            .field("http_card_idle_secs", &self.http_card_idle_secs)
             .field("librdkafka", &raw)
             .finish()
     }
@@ -452,5 +520,36 @@ mod tests {
                 .contains("admin_token")
         );
         assert!(Settings::default().validate().is_ok());
+    }
+
+    /// The token comes from a file, trimmed; a missing file is named
+    /// without its contents, and both ways at once are refused.
+    #[test]
+    fn admin_token_from_a_file() {
+        let token = write("  s3cret-s3cret-s3cret\n");
+        let f = write(&format!(
+            "admin_token_file = {:?}\n",
+            token.0.display().to_string()
+        ));
+        let s = Settings::load(Some(&f.0), env(&[])).unwrap();
+        assert_eq!(s.admin_token.as_deref(), Some("s3cret-s3cret-s3cret"));
+        assert!(!format!("{s:?}").contains("s3cret"));
+        let e = Settings::load(
+            Some(&f.0),
+            env(&[("PEREGRINE_ADMIN_TOKEN", "another-token-0123")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not both"), "{e}");
+        let e = Settings::load(
+            None,
+            env(&[("PEREGRINE_ADMIN_TOKEN_FILE", "/nonexistent/token")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("admin_token_file") && e.contains("/nonexistent/token"),
+            "{e}"
+        );
     }
 }

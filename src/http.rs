@@ -2,11 +2,13 @@
 //! readiness, metrics and the OpenAPI document. Errors are JSON naming what
 //! was wrong.
 
-use crate::features::Features;
 use crate::ingest::Transaction;
 use crate::ingest::decode::{DeadReason, Limits, now_utc};
-use crate::model::scorer::{Score, Scorer};
+use crate::model::ModelError;
+use crate::model::rules::RuleError;
+use crate::model::scorer::Scorer;
 use crate::serve::ServiceState;
+use crate::serve::state::HttpScore;
 use crate::telemetry::log;
 use axum::Router;
 use axum::body::Bytes;
@@ -18,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::watch;
@@ -128,20 +130,25 @@ fn to_transaction(v: &Value, limits: &Limits) -> Result<Transaction, (String, &'
     Ok(tx)
 }
 
-fn score_body(tx: &Transaction, features: &Features, score: &Score, scorer: &Scorer) -> Value {
+fn score_body(tx: &Transaction, s: &HttpScore) -> Value {
     json!({
         "transaction_id": tx.transaction_id,
-        "score": score.score,
-        "anomaly": score.anomaly,
-        "decision": score.decision,
-        "reasons": score.reasons,
-        "model_version": scorer.model.model_version,
-        "features": features.to_json(),
+        "score": s.score.score,
+        "anomaly": s.score.anomaly,
+        "decision": s.score.decision,
+        "reasons": s.score.reasons,
+        "model_version": s.scorer.model.model_version,
+        "features": s.features.to_json(),
+        "updated": s.updated,
     })
 }
 
-/// The `update` flag and the JSON body of a scoring request.
+/// The `update` flag and the JSON body of a scoring request. Updating
+/// state needs the admin token: anyone who can reach the API could
+/// otherwise write any card's history.
 fn scoring_request(
+    shared: &ServiceState,
+    headers: &HeaderMap,
     query: Result<Query<ScoreQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(bool, Value), Box<Response>> {
@@ -152,16 +159,20 @@ fn scoring_request(
             Some("update"),
         ))
     })?;
+    if q.update {
+        authorize(shared, headers, "updates over HTTP")?;
+    }
     let body = body.map_err(|e| Box::new(body_error(e)))?;
     Ok((q.update, parse_json(&body)?))
 }
 
 async fn score(
     State(shared): State<AppState>,
+    headers: HeaderMap,
     query: Result<Query<ScoreQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let (update, v) = match scoring_request(query, body) {
+    let (update, v) = match scoring_request(&shared, &headers, query, body) {
         Ok(r) => r,
         Err(r) => return *r,
     };
@@ -169,11 +180,7 @@ async fn score(
         Ok(tx) => tx,
         Err((msg, field)) => return error(StatusCode::UNPROCESSABLE_ENTITY, msg, Some(field)),
     };
-    let body = off_the_workers(&shared, move |s| {
-        let (features, score, scorer) = s.score(&tx, update);
-        score_body(&tx, &features, &score, &scorer)
-    })
-    .await;
+    let body = off_the_workers(&shared, move |s| score_body(&tx, &s.score(&tx, update))).await;
     match body {
         Ok(b) => axum::Json(b).into_response(),
         Err(r) => r,
@@ -181,32 +188,57 @@ async fn score(
 }
 
 /// Runs scoring on the blocking pool, a few requests at a time: a flood of
-/// HTTP requests then queues for the scoring slots instead of taking every
+/// HTTP requests then waits for the scoring slots instead of taking every
 /// async worker, which the Kafka partitions' tasks and the probes need.
+/// Admission is bounded twice: past `http_max_concurrency` requests in
+/// progress a request is refused at once, and one that waits for a slot
+/// longer than `http_timeout_ms` is refused then; both get 503 with
+/// `Retry-After`, so an overload is shed instead of queued without end.
 async fn off_the_workers<T: Send + 'static>(
     shared: &AppState,
     work: impl FnOnce(&ServiceState) -> T + Send + 'static,
 ) -> Result<T, Response> {
-    let _slot = shared.http_scoring_slots().acquire().await.map_err(|_| {
-        error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the service is stopping",
-            None,
-        )
-    })?;
+    let Ok(_admitted) = shared.http_admission().try_acquire() else {
+        return Err(shed(shared, "concurrency"));
+    };
+    let wait = std::time::Duration::from_millis(shared.settings.http_timeout_ms);
+    let _slot = match tokio::time::timeout(wait, shared.http_scoring_slots().acquire()).await {
+        Ok(Ok(slot)) => slot,
+        Ok(Err(_)) => {
+            return Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the service is stopping",
+                None,
+            ));
+        }
+        Err(_) => return Err(shed(shared, "timeout")),
+    };
     let state = shared.clone();
     tokio::task::spawn_blocking(move || work(&state))
         .await
         .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None))
 }
 
+fn shed(shared: &ServiceState, reason: &str) -> Response {
+    shared.metrics.http_shed.with_label_values(&[reason]).inc();
+    let mut r = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("overloaded ({reason}); retry later"),
+        None,
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, "1".parse().expect("static header"));
+    r
+}
+
 /// A JSON array of transactions, or `{"transactions": [...]}`; scored in order.
 async fn score_batch(
     State(shared): State<AppState>,
+    headers: HeaderMap,
     query: Result<Query<ScoreQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let (update, v) = match scoring_request(query, body) {
+    let (update, v) = match scoring_request(&shared, &headers, query, body) {
         Ok(r) => r,
         Err(r) => return *r,
     };
@@ -258,10 +290,7 @@ async fn score_batch(
     }
     let results = off_the_workers(&shared, move |s| {
         txs.iter()
-            .map(|tx| {
-                let (f, sc, scorer) = s.score(tx, update);
-                score_body(tx, &f, &sc, &scorer)
-            })
+            .map(|tx| score_body(tx, &s.score(tx, update)))
             .collect::<Vec<Value>>()
     })
     .await;
@@ -300,9 +329,117 @@ struct ReloadRequest {
     rules: Option<PathBuf>,
 }
 
-/// Compares in time independent of where the first difference is.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Whether `given` is the secret, in time that depends on neither where
+/// the first difference is nor the secret's length: every byte given is
+/// compared, against the secret repeated, and the lengths last.
+fn same_secret(given: &[u8], secret: &[u8]) -> bool {
+    if secret.is_empty() {
+        return false;
+    }
+    let mut diff = given.len() ^ secret.len();
+    for (i, g) in given.iter().enumerate() {
+        diff |= usize::from(g ^ secret[i % secret.len()]);
+    }
+    std::hint::black_box(diff) == 0
+}
+
+/// The admin bearer token's check: 401 without valid credentials (with
+/// `WWW-Authenticate`), 403 when no token is configured at all.
+fn authorize(shared: &ServiceState, headers: &HeaderMap, what: &str) -> Result<(), Box<Response>> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "));
+    let Some(token) = shared.settings.admin_token.as_deref() else {
+        if given.is_none() {
+            return Err(Box::new(unauthorized()));
+        }
+        return Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            format!("{what} are disabled: no admin_token is configured"),
+            None,
+        )));
+    };
+    if given.is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes())) {
+        Ok(())
+    } else {
+        Err(Box::new(unauthorized()))
+    }
+}
+
+fn unauthorized() -> Response {
+    let mut r = error(
+        StatusCode::UNAUTHORIZED,
+        "a valid admin bearer token is required",
+        Some("Authorization"),
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        "Bearer".parse().expect("static header"),
+    );
+    r
+}
+
+/// A path given to a reload, inside `models_dir` once resolved: relative
+/// paths are taken from there, and no `..` or link may lead outside it.
+fn in_models_dir(dir: &Path, given: &Path, field: &str) -> Result<PathBuf, Box<Response>> {
+    let refuse = |why: String| Box::new(error(StatusCode::UNPROCESSABLE_ENTITY, why, Some(field)));
+    if given
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(refuse(format!("`{field}` must not contain `..`")));
+    }
+    let root = dir.canonicalize().map_err(|e| {
+        refuse(format!(
+            "models_dir {} cannot be read ({}); reloads of files are off",
+            dir.display(),
+            e.kind()
+        ))
+    })?;
+    let path = root.join(given).canonicalize().map_err(|e| {
+        refuse(format!(
+            "no file {} in models_dir ({})",
+            given.display(),
+            e.kind()
+        ))
+    })?;
+    if !path.starts_with(&root) {
+        return Err(refuse(format!(
+            "{} is outside models_dir {}",
+            given.display(),
+            dir.display()
+        )));
+    }
+    Ok(path)
+}
+
+/// What a client is told of a failed reload: which file and where, never
+/// the file's text (the log has the whole cause for the operator).
+fn reload_failure(e: &anyhow::Error) -> String {
+    for cause in e.chain() {
+        if let Some(r) = cause.downcast_ref::<RuleError>() {
+            return format!(
+                "the rules file is not valid at line {}, column {}",
+                r.line, r.column
+            );
+        }
+        if let Some(m) = cause.downcast_ref::<ModelError>() {
+            return match m {
+                ModelError::Io { path, source } => {
+                    format!("cannot read model {path}: {}", source.kind())
+                }
+                ModelError::Invalid { path, .. } => {
+                    format!("model {path} is not a valid model file")
+                }
+                ModelError::FeatureMismatch { path, .. } => {
+                    format!("model {path} was trained on features that differ from this engine's")
+                }
+            };
+        }
+    }
+    // Our own messages (thresholds, feature configuration): no file text.
+    e.to_string()
 }
 
 async fn reload(
@@ -310,28 +447,8 @@ async fn reload(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let Some(token) = shared.settings.admin_token.as_deref() else {
-        return error(
-            StatusCode::FORBIDDEN,
-            "reloads are disabled: no admin_token is configured",
-            None,
-        );
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "));
-    if !given.is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes())) {
-        let mut r = error(
-            StatusCode::UNAUTHORIZED,
-            "a valid admin bearer token is required",
-            Some("Authorization"),
-        );
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            "Bearer".parse().expect("static header"),
-        );
-        return r;
+    if let Err(r) = authorize(&shared, &headers, "reloads") {
+        return *r;
     }
     let body = match body {
         Ok(b) => b,
@@ -351,12 +468,16 @@ async fn reload(
             }
         }
     };
+    let dir = &shared.settings.models_dir;
+    let resolve =
+        |given: Option<PathBuf>, field| given.map(|p| in_models_dir(dir, &p, field)).transpose();
+    let (model, rules) = match (resolve(req.model, "model"), resolve(req.rules, "rules")) {
+        (Ok(m), Ok(r)) => (m, r),
+        (Err(e), _) | (_, Err(e)) => return *e,
+    };
     let result = {
         let shared = shared.clone();
-        tokio::task::spawn_blocking(move || {
-            shared.reload(req.model.as_deref(), req.rules.as_deref())
-        })
-        .await
+        tokio::task::spawn_blocking(move || shared.reload(model.as_deref(), rules.as_deref())).await
     };
     match result {
         Ok(Ok(scorer)) => {
@@ -366,7 +487,7 @@ async fn reload(
             log("WARN", format_args!("model reload rejected: {e:#}"));
             error(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                format!("{e:#}; the previous model stays live"),
+                format!("{}; the previous model stays live", reload_failure(&e)),
                 None,
             )
         }

@@ -40,8 +40,12 @@ pub struct Metrics {
     pub redelivered: IntCounter,
     pub fields_ignored: IntCounterVec,
     pub key_mismatch: IntCounter,
+    pub duplicates: IntCounter,
+    pub partitions_stalled: IntGauge,
+    pub http_shed: IntCounterVec,
     pub scores_not_finite: IntCounter,
     pub merchant_future_events: IntCounter,
+    pub produce_errors: IntCounterVec,
 }
 
 /// The optional fields of a transaction: a wrong one is left out and counted.
@@ -246,6 +250,19 @@ impl Metrics {
                 "Transactions scored without an optional field that was wrong, by field.",
                 &["field"],
             ),
+            http_shed: counter_vec(
+                "peregrine_http_shed_total",
+                "HTTP scoring requests refused with 503 under overload: over http_max_concurrency (concurrency) or waiting past http_timeout_ms (timeout).",
+                &["reason"],
+            ),
+            partitions_stalled: gauge(
+                "peregrine_partitions_stalled",
+                "Running input partitions holding records read and none finished for partition_stall_secs; each makes /readyz fail.",
+            ),
+            duplicates: counter(
+                "peregrine_duplicates_total",
+                "Transactions whose id was already in their card's state (a second delivery); not scored again and not folded in.",
+            ),
             key_mismatch: counter(
                 "peregrine_key_mismatch_total",
                 "Input messages whose Kafka key is not their card_id: scored, but the card's history may be split across partitions.",
@@ -257,6 +274,11 @@ impl Metrics {
             merchant_future_events: counter(
                 "peregrine_merchant_future_events_total",
                 "Merchant events dated beyond max_clock_skew_secs ahead of the clock; left out of the merchant state.",
+            ),
+            produce_errors: counter_vec(
+                "peregrine_produce_errors_total",
+                "Produce errors other than a full local queue, by librdkafka error code; the message is retried each second.",
+                &["error"],
             ),
             registry: r,
         }
@@ -276,6 +298,9 @@ impl Metrics {
         }
         for r in ["ok", "error"] {
             self.reloads.with_label_values(&[r]);
+        }
+        for r in ["concurrency", "timeout"] {
+            self.http_shed.with_label_values(&[r]);
         }
         for o in [
             "applied",

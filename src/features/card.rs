@@ -18,6 +18,9 @@ pub struct Recent {
     pub merchant: u32,
     pub lat: f32,
     pub lon: f32,
+    /// The transaction id's hash ([`super::store::key_hash`]), 0 when it
+    /// has none: a second delivery of the same transaction is known by it.
+    pub id: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -127,6 +130,13 @@ impl CardState {
             self.recent.as_ptr(),
             self.recent.len() * std::mem::size_of::<Recent>(),
         );
+    }
+
+    /// Whether a transaction with this id hash is among the recent events:
+    /// those of the exact windows' span, the only span in which an event
+    /// is not too late to change the state anyway.
+    pub fn has_seen(&self, id: u64) -> bool {
+        id != 0 && self.recent.iter().any(|r| r.id == id)
     }
 
     /// Sums over the panes of days `[from_30, to]`, and of `[from_7, to]` on the way.
@@ -271,14 +281,16 @@ impl CardState {
     }
 }
 
-/// Version of [`CardState::encode`]'s layout, its first byte.
-const ENCODING: u8 = 1;
+/// Version of [`CardState::encode`]'s layout, its first byte. Version 1,
+/// without the recent events' ids, is still read: a rolling deploy
+/// restores what the previous release wrote.
+const ENCODING: u8 = 2;
 
 impl CardState {
     /// The state as bytes, for the service's changelog: little-endian
     /// fields in declaration order, the recent events last.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.reserve(340 + 20 * self.recent.len());
+        out.reserve(340 + 28 * self.recent.len());
         out.push(ENCODING);
         out.extend_from_slice(&self.newest_day.to_le_bytes());
         for t in self.tally {
@@ -297,6 +309,7 @@ impl CardState {
             out.extend_from_slice(&r.merchant.to_le_bytes());
             out.extend_from_slice(&r.lat.to_le_bytes());
             out.extend_from_slice(&r.lon.to_le_bytes());
+            out.extend_from_slice(&r.id.to_le_bytes());
         }
     }
 
@@ -304,7 +317,8 @@ impl CardState {
     /// have written (another version, or cut short).
     pub fn decode(bytes: &[u8]) -> Option<CardState> {
         let mut r = Reader(bytes);
-        if r.u8()? != ENCODING {
+        let version = r.u8()?;
+        if version != ENCODING && version != 1 {
             return None;
         }
         let mut c = CardState {
@@ -331,6 +345,7 @@ impl CardState {
                 merchant: r.u32()?,
                 lat: r.f32()?,
                 lon: r.f32()?,
+                id: if version == 1 { 0 } else { r.u64()? },
             });
         }
         r.0.is_empty().then_some(c)
@@ -354,6 +369,9 @@ impl Reader<'_> {
     }
     pub fn u32(&mut self) -> Option<u32> {
         self.take().map(u32::from_le_bytes)
+    }
+    pub fn u64(&mut self) -> Option<u64> {
+        self.take().map(u64::from_le_bytes)
     }
     pub fn i64(&mut self) -> Option<i64> {
         self.take().map(i64::from_le_bytes)
@@ -391,6 +409,7 @@ mod tests {
                     40.0 + i as f32
                 },
                 lon: 50.0,
+                id: 1000 + i as u64,
             };
             c.apply(ev, i % 5 == 0, 1_600_000_000 + i as i64 * 3000 - 86_400, 64);
         }
@@ -407,5 +426,32 @@ mod tests {
         let mut other = bytes.clone();
         other[0] = 9;
         assert!(CardState::decode(&other).is_none());
+        assert!(d.has_seen(1039) && !d.has_seen(0) && !d.has_seen(7));
+    }
+
+    /// What the previous release wrote (version 1, no ids) still restores,
+    /// its events without ids.
+    #[test]
+    fn version_1_still_decodes() {
+        use super::*;
+        let mut c = CardState::default();
+        let ev = Recent {
+            ts: 1_600_000_000,
+            amount: 12.0,
+            merchant: 3,
+            lat: 1.0,
+            lon: 2.0,
+            id: 0,
+        };
+        c.apply(ev, false, 1_599_000_000, 64);
+        let mut v2 = Vec::new();
+        c.encode(&mut v2);
+        // Version 1 is version 2 without the trailing id of each event.
+        let mut v1 = v2[..v2.len() - 8].to_vec();
+        v1[0] = 1;
+        let d = CardState::decode(&v1).expect("version 1 decodes");
+        let mut again = Vec::new();
+        d.encode(&mut again);
+        assert_eq!(again, v2);
     }
 }

@@ -131,6 +131,7 @@ impl Default for FeatureConfig {
 pub struct EngineStats {
     pub events: u64,
     pub too_late: u64,
+    pub duplicates: u64,
     pub recent_overflows: u64,
     pub labels_applied: u64,
     pub labels_too_old: u64,
@@ -146,6 +147,17 @@ pub struct EngineStats {
 pub struct TooLate {
     pub event: i64,
     pub watermark: i64,
+}
+
+/// Why an event was left out of the state.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+pub enum Refused {
+    #[error(transparent)]
+    TooLate(#[from] TooLate),
+    /// Its transaction id is already in its card's state: a producer's
+    /// retry or a replayed batch, which must not count twice.
+    #[error("transaction already in its card's state: a duplicate delivery")]
+    Duplicate,
 }
 
 pub struct Engine {
@@ -223,15 +235,29 @@ impl Engine {
         Ok(())
     }
 
-    /// Lets an event in: refused if too late, else event time moves on.
+    /// Lets a card's event in: refused if too late or already in its
+    /// card's state, else event time moves on.
     #[inline]
-    fn admit(&mut self, t: i64) -> Result<(), TooLate> {
+    fn admit_card(&mut self, t: i64, keys: Keys) -> Result<(), Refused> {
         if let Err(e) = self.check_late(t) {
             self.stats.too_late += 1;
-            return Err(e);
+            return Err(e.into());
+        }
+        if self.is_duplicate(keys) {
+            self.stats.duplicates += 1;
+            return Err(Refused::Duplicate);
         }
         self.advance(t);
         Ok(())
+    }
+
+    /// Whether the event's transaction id is already in its card's state.
+    pub fn is_duplicate(&self, keys: Keys) -> bool {
+        keys.transaction != 0
+            && self
+                .cards
+                .get(keys.card)
+                .is_some_and(|c| c.has_seen(keys.transaction))
     }
 
     /// Starts loading the index entries of these keys; see [`store::prefetch`].
@@ -284,21 +310,22 @@ impl Engine {
     }
 
     /// Computes the features of `tx` and folds it into the state. An event
-    /// too far behind the watermark changes nothing and is returned as an error.
-    pub fn process(&mut self, tx: &Transaction) -> Result<Features, TooLate> {
+    /// too far behind the watermark, or already in its card's state, changes
+    /// nothing and is returned as an error.
+    pub fn process(&mut self, tx: &Transaction) -> Result<Features, Refused> {
         self.process_keyed(tx, Keys::of(tx))
     }
 
     /// [`Engine::process`] with the keys already hashed.
-    pub fn process_keyed(&mut self, tx: &Transaction, keys: Keys) -> Result<Features, TooLate> {
+    pub fn process_keyed(&mut self, tx: &Transaction, keys: Keys) -> Result<Features, Refused> {
         self.observe_keyed(tx, keys).map(|o| o.features(tx))
     }
 
     /// [`Engine::process_keyed`] without deriving the features: the state's
     /// part only, for a backtest that derives them on another thread.
-    pub fn observe_keyed(&mut self, tx: &Transaction, keys: Keys) -> Result<Observed, TooLate> {
+    pub fn observe_keyed(&mut self, tx: &Transaction, keys: Keys) -> Result<Observed, Refused> {
         let t = tx.time.utc;
-        self.admit(t)?;
+        self.admit_card(t, keys)?;
         let cfg = self.cfg;
         let oldest_hour = self.oldest_merchant_hour();
         let merchant_key = keys.merchant;
@@ -333,9 +360,9 @@ impl Engine {
         &mut self,
         tx: &Transaction,
         merchant: MerchantView,
-    ) -> Result<Features, TooLate> {
+    ) -> Result<Features, Refused> {
         let keys = Keys::of(tx);
-        self.admit(tx.time.utc)?;
+        self.admit_card(tx.time.utc, keys)?;
         let cfg = self.cfg;
         let card = self.cards.get_or_default(keys.card);
         let observed = observe(Some(&*card), merchant, tx, keys);
@@ -377,6 +404,14 @@ impl Engine {
     /// Every card's state with its key hash.
     pub fn all_cards(&self) -> impl Iterator<Item = (u64, &CardState)> {
         self.cards.iter()
+    }
+
+    /// Drops these cards (keys as [`Engine::all_cards`] gives them) in one
+    /// pass over the store.
+    pub fn remove_cards(&mut self, keys: &std::collections::HashSet<u64>) {
+        if !keys.is_empty() {
+            self.cards.retain(|k, _| !keys.contains(&k));
+        }
     }
 
     /// Puts a card's state back, as read from a changelog.
@@ -472,6 +507,8 @@ impl Engine {
 pub struct Keys {
     pub card: u64,
     pub merchant: u64,
+    /// The transaction id's hash; 0 for none.
+    pub transaction: u64,
 }
 
 impl Keys {
@@ -479,6 +516,11 @@ impl Keys {
         Keys {
             card: key_hash(&tx.card_id),
             merchant: key_hash(&tx.merchant_id),
+            transaction: if tx.transaction_id.is_empty() {
+                0
+            } else {
+                key_hash(&tx.transaction_id).max(1)
+            },
         }
     }
 }
@@ -506,6 +548,7 @@ fn fold_card(
         merchant: (keys.merchant >> 32) as u32,
         lat,
         lon,
+        id: keys.transaction,
     };
     card.apply(ev, large, horizon, max_recent)
 }

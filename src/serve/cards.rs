@@ -19,6 +19,7 @@
 
 use super::changelog::{self, Entry, Writer};
 use super::events::{MerchantEvent, Source};
+use super::health::Progress;
 use super::merchants::table::Frontier;
 use super::output::record_clock;
 use super::output::{Outgoing, Pending, dead_letter, send_all, settle};
@@ -30,7 +31,7 @@ use crate::alerts::{Alert, now_rfc3339};
 use crate::features::card::CardState;
 use crate::features::merchant::MerchantView;
 use crate::features::store::key_hash;
-use crate::features::{Engine, EngineClock};
+use crate::features::{Engine, EngineClock, Keys, Refused};
 use crate::ingest::Transaction;
 use crate::ingest::decode::{DeadReason, Limits, decode};
 use crate::model::scorer::Decision;
@@ -40,7 +41,7 @@ use rdkafka::consumer::CommitMode;
 use rdkafka::message::OwnedMessage;
 use rdkafka::topic_partition_list::Offset;
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -81,6 +82,9 @@ struct Fetched {
     /// Before the committed offset: already scored and alerted by the
     /// partition's previous owner; only folded into the state.
     rebuild_only: bool,
+    /// Its transaction is already in the card's state or earlier in
+    /// `pending`: a second delivery, which changes nothing.
+    duplicate: bool,
     merchant_event: Option<(Outgoing, rdkafka::producer::DeliveryFuture)>,
 }
 
@@ -216,6 +220,10 @@ struct CardTask {
     limits: Limits,
     engine: CardEngine,
     pending: VecDeque<Fetched>,
+    /// (card, transaction id) hashes of the records in `pending` that are
+    /// not duplicates, so a second delivery is known before the first is
+    /// folded in.
+    in_flight: HashSet<(u64, u64)>,
     /// The first records of `pending` whose merchant events are sent (or
     /// that have none to send).
     forwarded: usize,
@@ -243,6 +251,8 @@ struct CardTask {
     checkpointed: i64,
     snapshot_start: Arc<Mutex<Option<i64>>>,
     stopping: Arc<AtomicBool>,
+    /// Offsets read and finished, for readiness.
+    progress: Arc<Progress>,
 }
 
 impl CardTask {
@@ -252,17 +262,19 @@ impl CardTask {
         let (done_tx, done) = watch::channel(folded);
         let (to_acker, batches) = mpsc::channel(IN_FLIGHT);
         let stopping = Arc::new(AtomicBool::new(false));
+        let progress = ctx.state.health().progress(folded);
         let acker = tokio::spawn(acker(
             ctx.clone(),
             partition,
             batches,
-            done_tx,
+            (done_tx, progress.clone()),
             stopping.clone(),
         ));
         CardTask {
             partition,
             engine,
             pending: VecDeque::new(),
+            in_flight: HashSet::new(),
             forwarded: 0,
             rebuild_until: restored.committed.unwrap_or(0),
             folded,
@@ -286,6 +298,7 @@ impl CardTask {
             checkpointed: folded,
             snapshot_start: Arc::new(Mutex::new(None)),
             stopping,
+            progress,
             ctx,
         }
     }
@@ -334,9 +347,11 @@ impl CardTask {
                 && self.pending.front().is_none_or(|f| !f.rebuild_only)
             {
                 phase.set(Phase::Running);
-                self.ctx
-                    .state
-                    .add_partition(self.partition, self.engine.clone());
+                self.ctx.state.add_partition(
+                    self.partition,
+                    self.engine.clone(),
+                    self.progress.clone(),
+                );
                 log(
                     "INFO",
                     format_args!(
@@ -355,6 +370,7 @@ impl CardTask {
             Next::End => self.idle = true,
             Next::Message(msg) => {
                 self.idle = false;
+                self.progress.read(msg.offset());
                 let m = &self.ctx.state.metrics;
                 let mut ignored = Vec::new();
                 let tx = decode(
@@ -373,6 +389,7 @@ impl CardTask {
                         m.key_mismatch.inc();
                     }
                 }
+                let duplicate = tx.as_ref().is_ok_and(|tx| self.is_duplicate(tx));
                 let rebuild_only = msg.offset() < self.rebuild_until;
                 if rebuild_only {
                     self.ctx
@@ -388,17 +405,39 @@ impl CardTask {
                     msg,
                     tx,
                     rebuild_only,
+                    duplicate,
                     merchant_event: None,
                 });
             }
         }
     }
 
+    /// Whether a transaction just read repeats one in the card's state or
+    /// one still pending; if not, it is pending from now.
+    fn is_duplicate(&mut self, tx: &Transaction) -> bool {
+        let keys = Keys::of(tx);
+        if keys.transaction == 0 {
+            return false;
+        }
+        if !self.in_flight.insert((keys.card, keys.transaction)) {
+            return true;
+        }
+        let seen = self
+            .engine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_duplicate(keys);
+        if seen {
+            self.in_flight.remove(&(keys.card, keys.transaction));
+        }
+        seen
+    }
+
     /// Sends the merchant events of the records read, in offset order, up
     /// to [`FORWARD_LEAD`] ahead of the oldest not yet scored.
     async fn forward(&mut self) {
         let topic = &self.ctx.topics.merchant_events;
-        let scorable = |f: &Fetched| !f.rebuild_only && f.tx.is_ok();
+        let scorable = |f: &Fetched| !f.rebuild_only && !f.duplicate && f.tx.is_ok();
         let limit = self
             .pending
             .iter()
@@ -430,7 +469,7 @@ impl CardTask {
         if out.is_empty() {
             return;
         }
-        let sent = send_all(&self.ctx.producer, out).await;
+        let sent = send_all(&self.ctx.state, &self.ctx.producer, out).await;
         for (i, s) in at.into_iter().zip(sent) {
             self.pending[i].merchant_event = Some(s);
         }
@@ -460,7 +499,7 @@ impl CardTask {
             })
             .collect();
         // Not awaited: a lost progress record is superseded by the next.
-        drop(send_all(&self.ctx.producer, out).await);
+        drop(send_all(&self.ctx.state, &self.ctx.producer, out).await);
         self.sent_progress = Some(now);
         self.progress_at = Instant::now();
     }
@@ -472,6 +511,7 @@ impl CardTask {
             Some(Fetched {
                 tx: Ok(tx),
                 rebuild_only: false,
+                duplicate: false,
                 ..
             }) => tx.time.utc.saturating_sub(max_lag),
             _ => {
@@ -531,6 +571,7 @@ impl CardTask {
                     break;
                 }
                 let ready = f.rebuild_only
+                    || f.duplicate
                     || f.tx
                         .as_ref()
                         .map_or(true, |tx| tx.time.utc.saturating_sub(max_lag) <= frontier);
@@ -563,7 +604,7 @@ impl CardTask {
         let views = state.merchants().views(
             &batch
                 .iter()
-                .map(|f| match (&f.tx, f.rebuild_only) {
+                .map(|f| match (&f.tx, f.rebuild_only || f.duplicate) {
                     (Ok(tx), false) => (key_hash(&tx.merchant_id), tx.time.utc),
                     _ => (0, 0),
                 })
@@ -590,15 +631,29 @@ impl CardTask {
                         continue;
                     }
                 };
+                let keys = Keys::of(&tx);
+                if !f.duplicate {
+                    self.in_flight.remove(&(keys.card, keys.transaction));
+                }
                 if f.rebuild_only {
                     // The merchant view does not reach the card's state.
                     let _ = engine.process_card(&tx, MerchantView::default());
                     continue;
                 }
+                if f.duplicate {
+                    // Its first delivery was scored and alerted (with the
+                    // same alert id); counting it again would inflate the card.
+                    m.duplicates.inc();
+                    continue;
+                }
                 let started = Instant::now();
                 let features = match engine.process_card(&tx, view) {
                     Ok(f) => f,
-                    Err(_) => {
+                    Err(Refused::Duplicate) => {
+                        m.duplicates.inc();
+                        continue;
+                    }
+                    Err(Refused::TooLate(_)) => {
                         m.late.inc();
                         engine.peek_card(&tx, view)
                     }
@@ -649,7 +704,7 @@ impl CardTask {
         }
         state.record_scorings(&took);
         self.folded = last;
-        pending.extend(send_all(&self.ctx.producer, out).await);
+        pending.extend(send_all(&self.ctx.state, &self.ctx.producer, out).await);
         if let Some(to_acker) = &self.to_acker
             && to_acker.send((last, pending)).await.is_err()
         {
@@ -796,7 +851,7 @@ async fn acker(
     ctx: Arc<TaskContext>,
     partition: i32,
     mut batches: mpsc::Receiver<(i64, Pending)>,
-    done: watch::Sender<i64>,
+    (done, progress): (watch::Sender<i64>, Arc<Progress>),
     stopping: Arc<AtomicBool>,
 ) {
     let stopped = || stopping.load(Ordering::Acquire);
@@ -810,6 +865,7 @@ async fn acker(
                     break;
                 }
                 done.send_replace(last);
+                progress.done(last);
             }
             _ = tick.tick() => {
                 let d = *done.borrow();

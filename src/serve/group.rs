@@ -185,13 +185,27 @@ impl ClientContext for GroupContext {
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        // The end of a partition comes as an error event too; it is not one.
-        if error.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) {
-            log("WARN", format_args!("librdkafka: {error}: {reason}"));
+        use rdkafka::types::RDKafkaErrorCode;
+        match error.rdkafka_error_code() {
+            // The end of a partition comes as an error event too; it is not one.
+            Some(RDKafkaErrorCode::PartitionEOF) => return,
+            // Until the next statistics say a broker is up again.
+            Some(RDKafkaErrorCode::AllBrokersDown) => {
+                self.state.health().set_brokers_reachable(false)
+            }
+            _ => {}
         }
+        log("WARN", format_args!("librdkafka: {error}: {reason}"));
     }
 
     fn stats(&self, stats: Statistics) {
+        // librdkafka's internal pseudo-broker is never up; any other that
+        // is means the cluster answers.
+        let up = stats
+            .brokers
+            .values()
+            .any(|b| b.source != "internal" && b.state == "UP");
+        self.state.health().set_brokers_reachable(up);
         if let Some(cgrp) = &stats.cgrp
             && cgrp.join_state == "steady"
         {

@@ -166,7 +166,7 @@ impl Forwarder {
         if out.is_empty() && last.is_none() {
             return;
         }
-        let pending = send_all(&ctx.producer, out).await;
+        let pending = send_all(&ctx.state, &ctx.producer, out).await;
         if settle(&ctx.state, &ctx.producer, pending, &|| false).await
             && let Some(last) = last
         {

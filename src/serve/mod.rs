@@ -23,6 +23,8 @@ pub mod cards;
 pub mod changelog;
 pub mod events;
 pub mod group;
+pub mod health;
+pub mod http_cards;
 pub mod kafka;
 pub mod labels;
 pub mod merchants;

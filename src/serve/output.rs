@@ -4,8 +4,10 @@
 
 use super::state::ServiceState;
 use crate::telemetry::log;
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 use std::time::Duration;
 
 /// A message to produce, owned, so it can be sent again after a failure.
@@ -33,15 +35,22 @@ impl Outgoing {
     }
 }
 
-/// A message that cannot be used, for the dead-letter topic: as it came,
-/// with why and where from in its headers.
+/// The most of an unusable message's payload a dead letter carries: under
+/// the default message size limits of librdkafka and of the brokers (about
+/// 1 MB), so that a message the input topic allowed can still be
+/// dead-lettered. Its coordinates in the headers lead to the whole.
+pub const DEAD_LETTER_MAX_PAYLOAD: usize = 512 * 1024;
+
+/// A message that cannot be used, for the dead-letter topic: as it came
+/// (its payload cut at [`DEAD_LETTER_MAX_PAYLOAD`]), with why and where
+/// from in its headers.
 pub fn dead_letter(
     dlq: &str,
     msg: &impl rdkafka::Message,
     reason: &str,
     detail: String,
 ) -> Outgoing {
-    Outgoing {
+    let mut o = Outgoing {
         headers: vec![
             ("peregrine-reason", reason.to_string()),
             ("peregrine-error", detail),
@@ -54,7 +63,70 @@ pub fn dead_letter(
             msg.key().unwrap_or_default(),
             msg.payload().unwrap_or_default().to_vec(),
         )
+    };
+    o.cut_payload(DEAD_LETTER_MAX_PAYLOAD);
+    o
+}
+
+impl Outgoing {
+    fn is_dead_letter(&self) -> bool {
+        self.headers.iter().any(|(k, _)| *k == "peregrine-reason")
     }
+
+    /// Cuts the payload to `limit` bytes, saying so in a header with the
+    /// original size. False if there was nothing left to cut.
+    fn cut_payload(&mut self, limit: usize) -> bool {
+        if self.payload.len() <= limit {
+            return false;
+        }
+        if !self
+            .headers
+            .iter()
+            .any(|(k, _)| *k == "peregrine-original-size")
+        {
+            self.headers
+                .push(("peregrine-original-size", self.payload.len().to_string()));
+        }
+        self.payload.truncate(limit);
+        true
+    }
+
+    /// A dead letter the producer or the broker finds too large goes again
+    /// with half its payload; anything else too large cannot be cut.
+    fn shrink(&mut self) -> bool {
+        self.is_dead_letter() && self.cut_payload(self.payload.len() / 2)
+    }
+}
+
+fn is_too_large(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
+    )
+}
+
+/// Counts and logs a produce error that no retry of the same message can
+/// mend, at most once a second per message so a stuck one stays visible
+/// without flooding the log.
+fn report_produce_error(state: &ServiceState, o: &Outgoing, e: &KafkaError) {
+    let code = e
+        .rdkafka_error_code()
+        .map_or_else(|| "unknown".to_string(), |c| format!("{c:?}"));
+    state
+        .metrics
+        .produce_errors
+        .with_label_values(&[&code])
+        .inc();
+    state
+        .health()
+        .produce_failed(format!("producing to {}: {e}", o.topic));
+    log(
+        "ERROR",
+        format_args!(
+            "cannot produce to {}: {e}; retrying every second (the partition waits)",
+            o.topic
+        ),
+    );
 }
 
 fn send(
@@ -80,18 +152,31 @@ fn send(
 
 pub type Pending = Vec<(Outgoing, DeliveryFuture)>;
 
-/// Hands every message to the producer; waits only while its queue is full.
-pub async fn send_all(producer: &FutureProducer, out: Vec<Outgoing>) -> Pending {
+/// Hands every message to the producer, in order. A full local queue is
+/// waited out; a dead letter too large is cut; any other error is counted,
+/// logged and retried each second, so that nothing is lost silently and a
+/// partition that cannot produce is seen to wait.
+pub async fn send_all(
+    state: &ServiceState,
+    producer: &FutureProducer,
+    out: Vec<Outgoing>,
+) -> Pending {
     let mut pending = Vec::with_capacity(out.len());
-    for o in out {
+    for mut o in out {
         loop {
             match send(producer, &o) {
                 Ok(f) => {
                     pending.push((o, f));
                     break;
                 }
-                // The local queue is full: let deliveries drain it.
-                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                Err(e) if is_too_large(&e) && o.shrink() => {}
+                Err(e) => {
+                    report_produce_error(state, &o, &e);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
         }
     }
@@ -112,12 +197,19 @@ pub async fn settle(
         for (o, f) in pending {
             match f.await {
                 Ok(Ok(_)) => {
+                    state.health().produced();
                     if let Some(ts) = o.alert_of {
                         record_alert_latency(state, ts);
                     }
                 }
                 Ok(Err((e, _))) => {
-                    log("WARN", format_args!("delivery to {} failed: {e}", o.topic));
+                    let mut o = o;
+                    if !(is_too_large(&e) && o.shrink()) {
+                        log("WARN", format_args!("delivery to {} failed: {e}", o.topic));
+                        state
+                            .health()
+                            .produce_failed(format!("delivery to {}: {e}", o.topic));
+                    }
                     failed.push(o);
                 }
                 Err(_) => failed.push(o),
@@ -132,7 +224,7 @@ pub async fn settle(
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
-        pending = send_all(producer, failed).await;
+        pending = send_all(state, producer, failed).await;
     }
 }
 

@@ -16,14 +16,17 @@
 //! - `cards` (the registry): held only to clone or change the map.
 //! - each partition's engine: held for a batch or one HTTP request.
 //! - `http_cards`: held for one HTTP request.
+//! - inside [`Health`]: each held only to copy a value.
 //! - the merchant table's lock (inside [`MerchantTable`]).
 //! - `latency`: held to record or read quantiles.
 
+use super::health::{Health, Progress};
+use super::http_cards::{HttpCards, Outcome};
 use super::merchants::table::MerchantTable;
 use super::partition::Role;
 use crate::config::Settings;
 use crate::features::store::key_hash;
-use crate::features::{Engine, FeatureConfig, Features};
+use crate::features::{Engine, FeatureConfig, Features, Refused};
 use crate::ingest::Transaction;
 use crate::metrics::Metrics;
 use crate::model::Model;
@@ -35,7 +38,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A partition's card engine, shared by its task and the HTTP API.
 pub type CardEngine = Arc<Mutex<Engine>>;
@@ -48,7 +51,8 @@ pub struct ServiceState {
     /// Card state of each running input partition.
     cards: Mutex<BTreeMap<i32, CardEngine>>,
     /// Cards seen only through `POST /v1/score?update=true`.
-    http_cards: Mutex<Engine>,
+    http_cards: Mutex<HttpCards>,
+    health: Health,
     merchants: MerchantTable,
     /// The roles whose group accepted this instance, one bit each.
     joined: AtomicU8,
@@ -57,6 +61,8 @@ pub struct ServiceState {
     latency: Mutex<Latencies>,
     /// HTTP scoring requests run at most this many at a time.
     http_scoring: tokio::sync::Semaphore,
+    /// HTTP scoring requests in progress (waiting or running), at most.
+    http_admission: tokio::sync::Semaphore,
 }
 
 pub struct Latencies {
@@ -87,6 +93,15 @@ pub struct LatencySummary {
     pub scoring_p99_us: f64,
 }
 
+/// An HTTP scoring's result.
+pub struct HttpScore {
+    pub features: Features,
+    pub score: Score,
+    pub scorer: Arc<Scorer>,
+    /// The transaction was folded into the card's state.
+    pub updated: bool,
+}
+
 /// Readiness and the reasons it is not.
 pub struct Readiness {
     pub ready: bool,
@@ -102,13 +117,20 @@ impl ServiceState {
         if !settings.kafka_enabled {
             merchants.set_caught_up();
         }
+        let http_max_concurrency = settings.http_max_concurrency;
+        let http_cards = HttpCards::new(
+            feature_config,
+            settings.http_max_cards,
+            Duration::from_secs(settings.http_card_idle_secs),
+        );
         Arc::new(ServiceState {
             settings,
             metrics,
             feature_config,
             scorer: RwLock::new(Arc::new(scorer)),
             cards: Mutex::new(BTreeMap::new()),
-            http_cards: Mutex::new(Engine::new(feature_config)),
+            http_cards: Mutex::new(http_cards),
+            health: Health::new(),
             merchants,
             joined: AtomicU8::new(0),
             failed: Mutex::new(None),
@@ -118,11 +140,20 @@ impl ServiceState {
             http_scoring: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
             ),
+            http_admission: tokio::sync::Semaphore::new(http_max_concurrency),
         })
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
     }
 
     pub fn http_scoring_slots(&self) -> &tokio::sync::Semaphore {
         &self.http_scoring
+    }
+
+    pub fn http_admission(&self) -> &tokio::sync::Semaphore {
+        &self.http_admission
     }
 
     /// The live scorer. A batch keeps the one it started with, so a reload
@@ -150,13 +181,15 @@ impl ServiceState {
     }
 
     /// Makes a partition's cards visible to the HTTP API.
-    pub fn add_partition(&self, partition: i32, engine: CardEngine) {
+    pub fn add_partition(&self, partition: i32, engine: CardEngine, progress: Arc<Progress>) {
         self.lock_cards().insert(partition, engine);
+        self.health.add_partition(partition, progress);
     }
 
     /// The partition's cards are no longer this instance's.
     pub fn remove_partition(&self, partition: i32) {
         self.lock_cards().remove(&partition);
+        self.health.remove_partition(partition);
     }
 
     fn lock_cards(&self) -> std::sync::MutexGuard<'_, BTreeMap<i32, CardEngine>> {
@@ -211,6 +244,21 @@ impl ServiceState {
             if restoring > 0 {
                 waiting_for.push(format!("{restoring} partitions restoring"));
             }
+            if self.health.brokers_down() {
+                waiting_for.push("no Kafka broker reachable".into());
+            }
+            if let Some(e) = self.health.produce_error() {
+                waiting_for.push(format!("the producer cannot deliver: {e}"));
+            }
+            let limit = Duration::from_secs(self.settings.partition_stall_secs);
+            let stalled = self.health.stalled(limit);
+            self.metrics.partitions_stalled.set(stalled.len() as i64);
+            for (p, d) in stalled {
+                waiting_for.push(format!(
+                    "input partition {p}: records read and none finished for {}s",
+                    d.as_secs()
+                ));
+            }
         }
         let ready = waiting_for.is_empty();
         self.metrics.ready.set(i64::from(ready));
@@ -218,8 +266,11 @@ impl ServiceState {
     }
 
     /// Scores one transaction for the HTTP API, reading the card's state
-    /// or, with `update`, folding the transaction into it.
-    pub fn score(&self, tx: &Transaction, update: bool) -> (Features, Score, Arc<Scorer>) {
+    /// or, with `update`, folding the transaction into it. A card a Kafka
+    /// partition of this instance holds is only read: its state changes
+    /// from its partition alone, or a replay of the input would not give
+    /// the same state. Any other card is folded into the bounded HTTP store.
+    pub fn score(&self, tx: &Transaction, update: bool) -> HttpScore {
         let started = Instant::now();
         let scorer = self.scorer();
         // The merchant's view first, its lock released before a card's is taken.
@@ -229,22 +280,31 @@ impl ServiceState {
                 .unwrap_or_else(|e| e.into_inner())
                 .has_card(&tx.card_id)
         });
-        let fold = |engine: &mut Engine| {
-            if update {
-                match engine.process_card(tx, merchant) {
-                    Ok(f) => f,
-                    Err(_) => {
-                        self.metrics.late.inc();
-                        engine.peek_card(tx, merchant)
+        let (features, updated) = match owner {
+            Some(e) => (
+                e.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .peek_card(tx, merchant),
+                false,
+            ),
+            None => {
+                let outcome = self
+                    .http_cards
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .score(tx, merchant, update);
+                match outcome {
+                    Outcome::Folded(f) => (f, true),
+                    Outcome::Read(f) => (f, false),
+                    Outcome::Refused(e, f) => {
+                        match e {
+                            Refused::TooLate(_) => self.metrics.late.inc(),
+                            Refused::Duplicate => self.metrics.duplicates.inc(),
+                        }
+                        (f, false)
                     }
                 }
-            } else {
-                engine.peek_card(tx, merchant)
             }
-        };
-        let features = match owner {
-            Some(e) => fold(&mut e.lock().unwrap_or_else(|e| e.into_inner())),
-            None => fold(&mut self.http_cards.lock().unwrap_or_else(|e| e.into_inner())),
         };
         let score = scorer.score(&features, true);
         if !score.score.is_finite() {
@@ -255,7 +315,12 @@ impl ServiceState {
             .observe(started.elapsed().as_secs_f64());
         self.metrics.score.observe(score.score);
         self.metrics.scored.inc();
-        (features, score, scorer)
+        HttpScore {
+            features,
+            score,
+            scorer,
+            updated,
+        }
     }
 
     pub fn record_scoring(&self, took: std::time::Duration) {
@@ -340,7 +405,7 @@ impl ServiceState {
             .http_cards
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .cards();
+            .len();
         self.metrics.cards.set((cards + http) as i64);
         self.metrics
             .merchants

@@ -7,9 +7,11 @@ use super::*;
 
 /// One row of the simulated CSV, as far as the poisons need it.
 struct Row {
+    id: String,
     timestamp: String,
     card: String,
     merchant: String,
+    amount: String,
 }
 
 fn row(data: &Path, index: usize) -> Row {
@@ -17,9 +19,11 @@ fn row(data: &Path, index: usize) -> Row {
     let line = text.lines().nth(index + 1).expect("row in the file");
     let cols: Vec<&str> = line.split(',').collect();
     Row {
+        id: cols[0].into(),
         timestamp: cols[1].into(),
         card: cols[2].into(),
         merchant: cols[3].into(),
+        amount: cols[4].into(),
     }
 }
 
@@ -34,6 +38,8 @@ fn send_keyed(topic: &str, key: &str, payload: &str) {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     let p: BaseProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", broker())
+        // The input topic allows 2 MB messages, more than the service takes.
+        .set("message.max.bytes", "2000000")
         .create()
         .unwrap();
     p.send(BaseRecord::to(topic).key(key).payload(payload))
@@ -42,11 +48,15 @@ fn send_keyed(topic: &str, key: &str, payload: &str) {
     p.flush(Duration::from_secs(10)).unwrap();
 }
 
+/// Size of the oversized poison: near the 1 MB most brokers allow.
+const BIG: usize = 1_040_000;
+
 /// The poisons of one round, sent in the middle of the stream. Those that
 /// are scored (the 1970 one, a wrong channel, a wrong key) are on cards and
 /// merchants of their own, or late, so that the stream's alerts must not
-/// change; the rest are on a card and a merchant the stream uses.
-fn send_poisons(dir: &Path, n: &Names, round: u32, at: &Row) {
+/// change; the rest are on a card and a merchant the stream uses, and the
+/// duplicate is a second delivery of `before`, a transaction already read.
+fn send_poisons(dir: &Path, n: &Names, round: u32, at: &Row, before: &Row) {
     let p = |what: &str| format!("poison-{what}-{round}");
     let lines = [
         tx(
@@ -99,6 +109,28 @@ fn send_poisons(dir: &Path, n: &Names, round: u32, at: &Row) {
             "",
         ),
     );
+    send_keyed(
+        &n.input,
+        &before.card,
+        &tx(
+            &before.id,
+            &before.timestamp,
+            &before.card,
+            &before.merchant,
+            &before.amount,
+            "",
+        ),
+    );
+    let pad = format!(r#","pad":"{}""#, "x".repeat(BIG));
+    let big = tx(
+        &p("big"),
+        &at.timestamp,
+        &at.card,
+        &at.merchant,
+        "1.5",
+        &pad,
+    );
+    send_keyed(&n.input, &at.card, &big[..BIG]);
 }
 
 /// Poisons scored rather than dead-lettered, per round.
@@ -116,6 +148,7 @@ fn poisons_change_no_alert_and_each_is_accounted_for() {
     let ids = transaction_ids(&data);
     let split = ids.len() / 2;
     let at = row(&data, split);
+    let before = row(&data, split - 2);
     let n = names("hostile");
     topics(&n, 6);
     let half = |first: bool| {
@@ -129,7 +162,7 @@ fn poisons_change_no_alert_and_each_is_accounted_for() {
     };
 
     half(true);
-    send_poisons(&dir, &n, 1, &at);
+    send_poisons(&dir, &n, 1, &at, &before);
     let first = Service::start(&n, "first", &[], &[]);
     let scored = scored_ids(&n, split + SCORED_POISONS);
     assert!(scored.len() >= split + SCORED_POISONS, "first half scored");
@@ -143,8 +176,10 @@ fn poisons_change_no_alert_and_each_is_accounted_for() {
             r#"peregrine_dead_letters_total{reason="amount_over_limit"}"#,
             1.0,
         ),
+        (r#"peregrine_dead_letters_total{reason="oversize"}"#, 1.0),
         (r#"peregrine_fields_ignored_total{field="channel"}"#, 1.0),
         ("peregrine_key_mismatch_total", 1.0),
+        ("peregrine_duplicates_total", 1.0),
     ] {
         assert_eq!(first.series(series), want, "{series}");
     }
@@ -153,7 +188,7 @@ fn poisons_change_no_alert_and_each_is_accounted_for() {
 
     let second = Service::start(&n, "second", &[], &[]);
     second.wait_ready(Duration::from_secs(60));
-    send_poisons(&dir, &n, 2, &at);
+    send_poisons(&dir, &n, 2, &at, &before);
     half(false);
     let scored = scored_ids(&n, ids.len() + 2 * SCORED_POISONS);
     let missing: Vec<_> = ids.difference(&scored).take(5).collect();
@@ -164,6 +199,11 @@ fn poisons_change_no_alert_and_each_is_accounted_for() {
         1.0
     );
     assert_eq!(second.metric("peregrine_key_mismatch_total"), 1.0);
+    assert_eq!(second.metric("peregrine_duplicates_total"), 1.0);
+    assert_eq!(
+        second.series(r#"peregrine_dead_letters_total{reason="oversize"}"#),
+        1.0
+    );
 
     let msgs = read_topic(&n.alerts, want.len(), Duration::from_secs(30));
     let clean: Vec<Value> = msgs
@@ -177,7 +217,7 @@ fn poisons_change_no_alert_and_each_is_accounted_for() {
     let (got, _) = alerts_by_id(&clean);
     assert_same_alerts(&got, &want);
 
-    let dead = read_topic_until(&n.dlq, Duration::from_secs(30), |m| m.len() >= 4);
+    let dead = read_topic_until(&n.dlq, Duration::from_secs(30), |m| m.len() >= 6);
     let mut reasons: Vec<&str> = dead
         .iter()
         .map(|d| d["headers"]["peregrine-reason"].as_str().unwrap())
@@ -189,11 +229,19 @@ fn poisons_change_no_alert_and_each_is_accounted_for() {
             "amount_over_limit",
             "amount_over_limit",
             "future_timestamp",
-            "future_timestamp"
+            "future_timestamp",
+            "oversize",
+            "oversize"
         ]
     );
     for d in &dead {
         let err = d["headers"]["peregrine-error"].as_str().unwrap();
+        if d["headers"]["peregrine-reason"] == "oversize" {
+            // Cut to fit the dead-letter topic, with the size it had.
+            assert_eq!(d["headers"]["peregrine-original-size"], BIG.to_string());
+            assert_eq!(d["payload"].as_str().unwrap().len(), 512 * 1024);
+            continue;
+        }
         assert!(
             err.contains("max_clock_skew_secs") || err.contains("max_amount"),
             "{err}"

@@ -2,6 +2,7 @@
 //! (tansu, started by `scripts/kafka-up`), each on topics of its own; the
 //! service's state across restarts and rebalances in [`state`].
 
+mod faults;
 mod hostile;
 mod state;
 
@@ -214,10 +215,19 @@ fn read_topic_until(
     deadline: Duration,
     done: impl Fn(&[Value]) -> bool,
 ) -> Vec<Value> {
+    read_topic_until_on(broker(), topic, deadline, done)
+}
+
+fn read_topic_until_on(
+    brokers: &str,
+    topic: &str,
+    deadline: Duration,
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
     let started = Instant::now();
     loop {
         let out = Command::new(BIN)
-            .args(["consume", "--brokers", broker(), "--topic", topic])
+            .args(["consume", "--brokers", brokers, "--topic", topic])
             .args(["--idle-ms", "1500"])
             .output()
             .unwrap();
@@ -315,7 +325,15 @@ impl Service {
     }
 
     fn post(&self, path: &str, body: &str) -> (u16, Value) {
-        let (status, text) = self.request("POST", path, &[], body.as_bytes());
+        self.post_as(None, path, body)
+    }
+
+    /// A POST with the bearer token given, if any.
+    fn post_as(&self, token: Option<&str>, path: &str, body: &str) -> (u16, Value) {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+        let (status, text) = self.request("POST", path, &headers, body.as_bytes());
         (
             status,
             serde_json::from_str(&text).unwrap_or(Value::String(text)),
@@ -684,6 +702,7 @@ fn http_api() {
         &[
             ("PEREGRINE_ADMIN_TOKEN", TOKEN),
             ("PEREGRINE_MAX_BODY_BYTES", "65536"),
+            ("PEREGRINE_MODELS_DIR", dir.to_str().unwrap()),
         ],
     );
     assert_eq!(
@@ -711,11 +730,27 @@ fn http_api() {
         &tx_json("h2", "card-a", 42.0, "2018-04-01T10:05:00Z"),
     );
     assert_eq!(count(&again), 1.0);
-    let (_, upd) = svc.post(
+    // Updating state needs the admin token.
+    let h3 = tx_json("h3", "card-a", 42.0, "2018-04-01T10:06:00Z");
+    let (status, err) = svc.post("/v1/score?update=true", &h3);
+    assert_eq!(status, 401, "{err}");
+    let (status, _) = svc.post_as(
+        Some("wrong-token-wrong-token"),
         "/v1/score?update=true",
-        &tx_json("h3", "card-a", 42.0, "2018-04-01T10:06:00Z"),
+        &h3,
     );
+    assert_eq!(status, 401);
+    assert_eq!(
+        count(&svc.post("/v1/score", &h3).1),
+        1.0,
+        "a refused update changed nothing"
+    );
+    let (_, upd) = svc.post_as(Some(TOKEN), "/v1/score?update=true", &h3);
     assert_eq!(count(&upd), 1.0);
+    assert_eq!(upd["updated"], true, "{upd}");
+    // The same transaction again is a duplicate: scored, not folded in.
+    let (_, again) = svc.post_as(Some(TOKEN), "/v1/score?update=true", &h3);
+    assert_eq!(again["updated"], false, "{again}");
     let (_, after) = svc.post(
         "/v1/score",
         &tx_json("h4", "card-a", 42.0, "2018-04-01T10:07:00Z"),
@@ -733,7 +768,8 @@ fn http_api() {
         tx_json("b1", "card-b", 10.0, "2018-04-01T11:00:00Z"),
         tx_json("b2", "card-b", 900.0, "2018-04-01T11:01:00Z")
     );
-    let (status, res) = svc.post("/v1/score/batch?update=true", &batch);
+    assert_eq!(svc.post("/v1/score/batch?update=true", &batch).0, 401);
+    let (status, res) = svc.post_as(Some(TOKEN), "/v1/score/batch?update=true", &batch);
     assert_eq!(status, 200, "{res}");
     let results = res["results"].as_array().unwrap();
     assert_eq!(results.len(), 2);
@@ -743,7 +779,7 @@ fn http_api() {
         r#"{{"transactions":[{},{{"transaction_id":"x"}}]}}"#,
         tx_json("b3", "card-c", 10.0, "2018-04-01T11:00:00Z")
     );
-    let (status, err) = svc.post("/v1/score/batch?update=true", &bad_batch);
+    let (status, err) = svc.post_as(Some(TOKEN), "/v1/score/batch?update=true", &bad_batch);
     assert_eq!(status, 422);
     assert_eq!(err["index"], 1);
     assert_eq!(err["field"], "timestamp");
@@ -822,14 +858,32 @@ fn http_api() {
         err["error"].as_str().unwrap().contains("broken.json"),
         "{err}"
     );
+    // A rules file's error says where, never what the file holds.
     let bad_rules = dir.join("bad.rules");
     std::fs::write(&bad_rules, "oops high: amount >\n").unwrap();
-    let (status, err) = reload(
-        Some(TOKEN),
-        &format!(r#"{{"rules":"{}"}}"#, bad_rules.display()),
-    );
+    let (status, err) = reload(Some(TOKEN), r#"{"rules":"bad.rules"}"#);
     assert_eq!(status, 422, "{err}");
-    assert!(err["error"].as_str().unwrap().contains("oops"), "{err}");
+    let said = err["error"].as_str().unwrap();
+    assert!(said.contains("line 1") && !said.contains("oops"), "{err}");
+    // Files load only from models_dir.
+    for (body, says) in [
+        (r#"{"model":"../default.json"}"#, ".."),
+        (r#"{"rules":"/etc/passwd"}"#, "outside models_dir"),
+        (r#"{"model":"missing.json"}"#, "no file"),
+    ] {
+        let (status, err) = reload(Some(TOKEN), body);
+        assert_eq!(status, 422, "{body}: {err}");
+        assert!(
+            err["error"].as_str().unwrap().contains(says),
+            "{body}: {err}"
+        );
+        assert!(!err["error"].as_str().unwrap().contains("root:"), "{err}");
+    }
+    std::fs::copy(
+        format!("{ROOT}/models/default.json"),
+        dir.join("default.json"),
+    )
+    .unwrap();
     let (_, still) = svc.get("/v1/model");
     assert!(still.contains(&version));
     // A valid reload: another model file with a rule of our own.
@@ -838,7 +892,7 @@ fn http_api() {
     let (status, ok_body) = reload(
         Some(TOKEN),
         &format!(
-            r#"{{"model":"{ROOT}/models/default.json","rules":"{}"}}"#,
+            r#"{{"model":"default.json","rules":"{}"}}"#,
             rules.display()
         ),
     );

@@ -319,7 +319,7 @@ fn http_scoring_beside_the_stream_never_stalls_it() {
     let ids = transaction_ids(&data);
     let n = names("no-deadlock");
     topics(&n, 6);
-    let svc = Service::start(&n, "only", &[], &[]);
+    let svc = Service::start(&n, "only", &[], &[("PEREGRINE_ADMIN_TOKEN", TOKEN)]);
     svc.wait_ready(Duration::from_secs(60));
     let rows: Vec<String> = std::fs::read_to_string(&data)
         .unwrap()
@@ -360,7 +360,9 @@ fn http_scoring_beside_the_stream_never_stalls_it() {
                         f[1], f[2], f[3], f[4]
                     );
                     let update = if i % 4 == 0 { "?update=true" } else { "" };
-                    match http(&addr, "POST", &format!("/v1/score{update}"), &[], body.as_bytes()).0 {
+                    let auth = format!("Bearer {TOKEN}");
+                    let headers = [("Authorization", auth.as_str())];
+                    match http(&addr, "POST", &format!("/v1/score{update}"), &headers, body.as_bytes()).0 {
                         200 => ok += 1,
                         _ => other += 1,
                     }
