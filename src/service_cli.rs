@@ -129,10 +129,16 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let settings = a.settings()?;
-    runtime()?.block_on(peregrine::serve::run(
+    let runtime = runtime()?;
+    let result = runtime.block_on(peregrine::serve::run(
         settings,
         peregrine::serve::termination(),
-    ))
+    ));
+    // A thread still inside librdkafka (a consumer's close waiting for a
+    // broker that is gone) must not hold the exit past the drain deadline,
+    // which has passed by now: dropping the runtime would wait for it.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 #[derive(Args)]

@@ -104,6 +104,21 @@ pub async fn run_with(
     }
     let _ = stop_tx.send(true);
     let deadline = Duration::from_secs(settings.shutdown_timeout_secs);
+    // The drain is bounded below, but a librdkafka call that blocks (a
+    // synchronous commit or a close with the brokers gone) can hold the
+    // threads that would notice: past the deadline and a margin, exit
+    // regardless. Nothing is lost; uncommitted input is read again.
+    let _ = std::thread::Builder::new()
+        .name("shutdown-watchdog".into())
+        .spawn(move || {
+            std::thread::sleep(deadline + Duration::from_secs(5));
+            log(
+                "ERROR",
+                "still stopping 5 s past shutdown_timeout_secs: exiting now; \
+                 uncommitted transactions will be read again on restart",
+            );
+            std::process::exit(1);
+        });
     let drained = tokio::time::timeout(deadline, async {
         if let Some(k) = kafka {
             match k.await {

@@ -414,10 +414,12 @@ fn a_partition_restoring_holds_up_no_other() {
     let n = names("isolation");
     topics(&n, 6);
     // A large changelog for partition 0 only: records of a group never
-    // committed, which a restore reads through and drops.
+    // committed, which a restore reads through and drops. Large enough that
+    // the restore outlasts the others' start on a loaded two-core machine
+    // (with 4M records one CI run saw it end before they committed at all).
     let changelog = format!("{}-cards-changelog", n.group);
     create_topics(broker(), &[&changelog], 6);
-    fill_partition(&changelog, 0, 4_000_000);
+    fill_partition(&changelog, 0, 8_000_000);
     let producer = {
         let (data, input, labels) = (data.clone(), n.input.clone(), n.labels.clone());
         std::thread::spawn(move || {
