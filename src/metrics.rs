@@ -302,6 +302,15 @@ impl Metrics {
         for r in ["concurrency", "timeout"] {
             self.http_shed.with_label_values(&[r]);
         }
+        // The codes an operator acts on (see the runbook); others appear
+        // when they happen.
+        for e in [
+            "MessageSizeTooLarge",
+            "UnknownTopicOrPartition",
+            "TopicAuthorizationFailed",
+        ] {
+            self.produce_errors.with_label_values(&[e]);
+        }
         for o in [
             "applied",
             "too_old",
