@@ -11,19 +11,18 @@ pub const LARGE_RATIO: f64 = 2.5;
 /// History a card needs before one of its amounts can count as large.
 pub const LARGE_MIN_HISTORY: u32 = 3;
 
-/// Packed to 4 bytes so that the 64-bit id adds 8 bytes, not 12: every
-/// card holds a day of these.
 #[derive(Debug, Clone, Copy, Default)]
-#[repr(C, packed(4))]
 pub struct Recent {
     pub ts: u32,
     pub amount: f32,
     pub merchant: u32,
     pub lat: f32,
     pub lon: f32,
-    /// The transaction id's hash ([`super::store::key_hash`]), 0 when it
-    /// has none: a second delivery of the same transaction is known by it.
-    pub id: u64,
+    /// 32 bits of the transaction id's hash, 0 when it has none: a second
+    /// delivery of the same transaction is known by it and its time, so
+    /// that a false match needs two ids of one card in the same second
+    /// and the same 32 bits, while every card holds a day of these.
+    pub id: u32,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -138,8 +137,8 @@ impl CardState {
     /// Whether a transaction with this id hash is among the recent events:
     /// those of the exact windows' span, the only span in which an event
     /// is not too late to change the state anyway.
-    pub fn has_seen(&self, id: u64) -> bool {
-        id != 0 && self.recent.iter().any(|r| { r.id } == id)
+    pub fn has_seen(&self, id: u32, ts: u32) -> bool {
+        id != 0 && self.recent.iter().any(|r| r.id == id && r.ts == ts)
     }
 
     /// Sums over the panes of days `[from_30, to]`, and of `[from_7, to]` on the way.
@@ -293,7 +292,7 @@ impl CardState {
     /// The state as bytes, for the service's changelog: little-endian
     /// fields in declaration order, the recent events last.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.reserve(340 + 28 * self.recent.len());
+        out.reserve(340 + 24 * self.recent.len());
         out.push(ENCODING);
         out.extend_from_slice(&self.newest_day.to_le_bytes());
         for t in self.tally {
@@ -348,7 +347,7 @@ impl CardState {
                 merchant: r.u32()?,
                 lat: r.f32()?,
                 lon: r.f32()?,
-                id: if version == 1 { 0 } else { r.u64()? },
+                id: if version == 1 { 0 } else { r.u32()? },
             });
         }
         r.0.is_empty().then_some(c)
@@ -373,9 +372,6 @@ impl Reader<'_> {
     pub fn u32(&mut self) -> Option<u32> {
         self.take().map(u32::from_le_bytes)
     }
-    pub fn u64(&mut self) -> Option<u64> {
-        self.take().map(u64::from_le_bytes)
-    }
     pub fn i64(&mut self) -> Option<i64> {
         self.take().map(i64::from_le_bytes)
     }
@@ -393,11 +389,7 @@ mod tests {
             std::mem::size_of::<super::CardState>()
         );
         assert!(std::mem::size_of::<super::CardState>() <= 368);
-        assert_eq!(
-            std::mem::size_of::<super::Recent>(),
-            28,
-            "packed to 4 bytes"
-        );
+        assert_eq!(std::mem::size_of::<super::Recent>(), 24);
     }
 
     /// A card's state survives the changelog's encoding bit for bit, and
@@ -417,7 +409,7 @@ mod tests {
                     40.0 + i as f32
                 },
                 lon: 50.0,
-                id: 1000 + i as u64,
+                id: 1000 + i,
             };
             c.apply(ev, i % 5 == 0, 1_600_000_000 + i as i64 * 3000 - 86_400, 64);
         }
@@ -434,7 +426,9 @@ mod tests {
         let mut other = bytes.clone();
         other[0] = 9;
         assert!(CardState::decode(&other).is_none());
-        assert!(d.has_seen(1039) && !d.has_seen(0) && !d.has_seen(7));
+        let last = 1_600_000_000 + 39 * 3000;
+        assert!(d.has_seen(1039, last) && !d.has_seen(1039, last - 1));
+        assert!(!d.has_seen(0, last) && !d.has_seen(7, last));
     }
 
     /// What the previous release wrote (version 1, no ids) still restores,
@@ -455,7 +449,7 @@ mod tests {
         let mut v2 = Vec::new();
         c.encode(&mut v2);
         // Version 1 is version 2 without the trailing id of each event.
-        let mut v1 = v2[..v2.len() - 8].to_vec();
+        let mut v1 = v2[..v2.len() - 4].to_vec();
         v1[0] = 1;
         let d = CardState::decode(&v1).expect("version 1 decodes");
         let mut again = Vec::new();

@@ -243,7 +243,7 @@ impl Engine {
             self.stats.too_late += 1;
             return Err(e.into());
         }
-        if self.is_duplicate(keys) {
+        if self.is_duplicate(keys, t) {
             self.stats.duplicates += 1;
             return Err(Refused::Duplicate);
         }
@@ -251,13 +251,14 @@ impl Engine {
         Ok(())
     }
 
-    /// Whether the event's transaction id is already in its card's state.
-    pub fn is_duplicate(&self, keys: Keys) -> bool {
+    /// Whether the event's transaction (its id at time `t`) is already in
+    /// its card's state.
+    pub fn is_duplicate(&self, keys: Keys, t: i64) -> bool {
         keys.transaction != 0
             && self
                 .cards
                 .get(keys.card)
-                .is_some_and(|c| c.has_seen(keys.transaction))
+                .is_some_and(|c| c.has_seen(keys.short_id(), t as u32))
     }
 
     /// Starts loading the index entries of these keys; see [`store::prefetch`].
@@ -512,6 +513,15 @@ pub struct Keys {
 }
 
 impl Keys {
+    /// The 32 bits of the transaction's hash a card keeps; 0 for none.
+    pub fn short_id(&self) -> u32 {
+        if self.transaction == 0 {
+            0
+        } else {
+            (self.transaction as u32).max(1)
+        }
+    }
+
     pub fn of(tx: &Transaction) -> Keys {
         Keys {
             card: key_hash(&tx.card_id),
@@ -548,7 +558,7 @@ fn fold_card(
         merchant: (keys.merchant >> 32) as u32,
         lat,
         lon,
-        id: keys.transaction,
+        id: keys.short_id(),
     };
     card.apply(ev, large, horizon, max_recent)
 }

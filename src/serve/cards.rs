@@ -426,7 +426,7 @@ impl CardTask {
             .engine
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .is_duplicate(keys);
+            .is_duplicate(keys, tx.time.utc);
         if seen {
             self.in_flight.remove(&(keys.card, keys.transaction));
         }
