@@ -85,6 +85,9 @@ struct Fetched {
     /// Its transaction is already in the card's state or earlier in
     /// `pending`: a second delivery, which changes nothing.
     duplicate: bool,
+    /// Its (card, transaction id) hashes while it holds them in
+    /// `CardTask::in_flight`, to release once it is folded in.
+    in_flight: Option<(u64, u64)>,
     merchant_event: Option<(Outgoing, rdkafka::producer::DeliveryFuture)>,
 }
 
@@ -389,7 +392,10 @@ impl CardTask {
                         m.key_mismatch.inc();
                     }
                 }
-                let duplicate = tx.as_ref().is_ok_and(|tx| self.is_duplicate(tx));
+                let (duplicate, in_flight) = match &tx {
+                    Ok(tx) => self.admit_id(tx),
+                    Err(_) => (false, None),
+                };
                 let rebuild_only = msg.offset() < self.rebuild_until;
                 if rebuild_only {
                     self.ctx
@@ -406,6 +412,7 @@ impl CardTask {
                     tx,
                     rebuild_only,
                     duplicate,
+                    in_flight,
                     merchant_event: None,
                 });
             }
@@ -413,14 +420,16 @@ impl CardTask {
     }
 
     /// Whether a transaction just read repeats one in the card's state or
-    /// one still pending; if not, it is pending from now.
-    fn is_duplicate(&mut self, tx: &Transaction) -> bool {
+    /// one still pending; if not, its id is held in `in_flight` from now,
+    /// under the key returned.
+    fn admit_id(&mut self, tx: &Transaction) -> (bool, Option<(u64, u64)>) {
         let keys = Keys::of(tx);
         if keys.transaction == 0 {
-            return false;
+            return (false, None);
         }
-        if !self.in_flight.insert((keys.card, keys.transaction)) {
-            return true;
+        let id = (keys.card, keys.transaction);
+        if !self.in_flight.insert(id) {
+            return (true, None);
         }
         let seen = self
             .engine
@@ -428,9 +437,10 @@ impl CardTask {
             .unwrap_or_else(|e| e.into_inner())
             .is_duplicate(keys, tx.time.utc);
         if seen {
-            self.in_flight.remove(&(keys.card, keys.transaction));
+            self.in_flight.remove(&id);
+            return (true, None);
         }
-        seen
+        (false, Some(id))
     }
 
     /// Sends the merchant events of the records read, in offset order, up
@@ -631,9 +641,8 @@ impl CardTask {
                         continue;
                     }
                 };
-                let keys = Keys::of(&tx);
-                if !f.duplicate {
-                    self.in_flight.remove(&(keys.card, keys.transaction));
+                if let Some(id) = f.in_flight {
+                    self.in_flight.remove(&id);
                 }
                 if f.rebuild_only {
                     // The merchant view does not reach the card's state.

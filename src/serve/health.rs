@@ -50,7 +50,11 @@ impl Health {
     }
 
     pub fn produced(&self) {
-        if self.producing_failed.swap(false, Ordering::AcqRel) {
+        // Called for every delivery: a read, so that ackers on many cores
+        // do not write the same cache line while all is well.
+        if self.producing_failed.load(Ordering::Acquire)
+            && self.producing_failed.swap(false, Ordering::AcqRel)
+        {
             *self.produce_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
     }

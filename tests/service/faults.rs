@@ -60,23 +60,8 @@ fn broker_stopped_for_30s_mid_stream() {
     broker.up(&topics);
     let brokers = format!("127.0.0.1:{}", broker.port);
     let produce_half = |first: bool| {
-        let mut args = vec![
-            "produce",
-            "--brokers",
-            &brokers,
-            "--data",
-            data.to_str().unwrap(),
-            "--topic",
-            &n.input,
-            "--label-topic",
-            &n.labels,
-        ];
-        args.extend(if first {
-            ["--limit", split.as_str()]
-        } else {
-            ["--skip", split.as_str()]
-        });
-        ok(&args);
+        let flag = if first { "--limit" } else { "--skip" };
+        produce_on(&brokers, &data, &n, &[flag, &split]);
     };
     produce_half(true);
     let svc = Service::start_on(&brokers, &n, "only", &[], &[]);
@@ -134,15 +119,7 @@ fn readiness_reports_a_broker_outage() {
     };
     broker.up(&[&n.input, &n.alerts, &n.labels, &n.dlq, &n.scores]);
     let brokers = format!("127.0.0.1:{}", broker.port);
-    ok(&[
-        "produce",
-        "--brokers",
-        &brokers,
-        "--data",
-        data.to_str().unwrap(),
-        "--topic",
-        &n.input,
-    ]);
+    produce_on(&brokers, &data, &n, &[]);
     let svc = Service::start_on(&brokers, &n, "only", &[], &[]);
     svc.wait_for(Duration::from_secs(90), "ready and scoring", |s| {
         s.get("/readyz").0 == 200

@@ -169,10 +169,15 @@ fn transaction_ids(data: &Path) -> BTreeSet<String> {
 }
 
 fn produce(data: &Path, n: &Names, extra: &[&str]) {
+    produce_on(broker(), data, n, extra);
+}
+
+/// [`produce`] to a broker of the test's own.
+fn produce_on(brokers: &str, data: &Path, n: &Names, extra: &[&str]) {
     let mut args = vec![
         "produce",
         "--brokers",
-        broker(),
+        brokers,
         "--data",
         data.to_str().unwrap(),
         "--topic",
