@@ -3,7 +3,7 @@
 //! was wrong.
 
 use crate::ingest::Transaction;
-use crate::ingest::decode::{DeadReason, Limits, now_utc};
+use crate::ingest::decode::{Limits, now_utc};
 use crate::model::ModelError;
 use crate::model::rules::RuleError;
 use crate::model::scorer::Scorer;
@@ -116,18 +116,76 @@ fn parse_json(body: &[u8]) -> Result<Value, Box<Response>> {
     })
 }
 
-/// A transaction from a request: the schema, then the live input's limits
-/// (the clock's skew, the amount), each refusal naming its field.
-fn to_transaction(v: &Value, limits: &Limits) -> Result<Transaction, (String, &'static str)> {
+/// A transaction from a request: the schema, then the amount limit, each
+/// refusal naming its field. A time past the clock's allowed skew is not
+/// refused, as scoring reads state and changes nothing; it only keeps an
+/// update out of the state (the second value says why), as on Kafka.
+fn to_transaction(
+    v: &Value,
+    limits: &Limits,
+) -> Result<(Transaction, Option<String>), (String, &'static str)> {
+    check_json_types(v)?;
     let tx = Transaction::from_json(v).map_err(|e| (e.to_string(), e.field))?;
-    limits.check(&tx, now_utc()).map_err(|(reason, detail)| {
-        let field = match reason {
-            DeadReason::FutureTimestamp => "timestamp",
-            _ => "amount",
+    let clock = limits.check_time("timestamp", tx.time.utc, now_utc()).err();
+    limits
+        .check_amount(&tx)
+        .map_err(|(_, detail)| (detail, "amount"))?;
+    Ok((tx, clock.map(|(_, detail)| detail)))
+}
+
+/// The JSON type of a field the schema in openapi.json names.
+#[derive(Clone, Copy)]
+enum JsonType {
+    /// A string or an integer: ids.
+    Id,
+    String,
+    Number,
+    Boolean,
+}
+
+/// The known fields' JSON types, as openapi.json gives them. The decoder
+/// shared with Kafka also takes a number in a string and the like, as
+/// producers vary; an API client is held to the published schema instead.
+/// `null` stands for an absent field.
+const FIELD_TYPES: [(&str, JsonType); 12] = [
+    ("transaction_id", JsonType::Id),
+    ("card_id", JsonType::Id),
+    ("merchant_id", JsonType::Id),
+    ("timestamp", JsonType::String),
+    ("amount", JsonType::Number),
+    ("currency", JsonType::String),
+    ("country", JsonType::String),
+    ("mcc", JsonType::String),
+    ("channel", JsonType::String),
+    ("lat", JsonType::Number),
+    ("lon", JsonType::Number),
+    ("is_fraud", JsonType::Boolean),
+];
+
+fn check_json_types(v: &Value) -> Result<(), (String, &'static str)> {
+    let Some(object) = v.as_object() else {
+        return Err(("expected a JSON object".to_string(), "transaction"));
+    };
+    for (field, expected) in FIELD_TYPES {
+        let ok = match (object.get(field), expected) {
+            (None | Some(Value::Null), _) => true,
+            (Some(Value::String(_)), JsonType::Id | JsonType::String) => true,
+            (Some(Value::Number(n)), JsonType::Id) => n.is_i64() || n.is_u64(),
+            (Some(Value::Number(_)), JsonType::Number) => true,
+            (Some(Value::Bool(_)), JsonType::Boolean) => true,
+            _ => false,
         };
-        (detail, field)
-    })?;
-    Ok(tx)
+        if !ok {
+            let what = match expected {
+                JsonType::Id => "a string or an integer",
+                JsonType::String => "a string",
+                JsonType::Number => "a number",
+                JsonType::Boolean => "true or false",
+            };
+            return Err((format!("field `{field}`: expected {what}"), field));
+        }
+    }
+    Ok(())
 }
 
 fn score_body(tx: &Transaction, s: &HttpScore) -> Value {
@@ -140,6 +198,7 @@ fn score_body(tx: &Transaction, s: &HttpScore) -> Value {
         "model_version": s.scorer.model.model_version,
         "features": s.features.to_json(),
         "updated": s.updated,
+        "update_refused": s.update_refused,
     })
 }
 
@@ -176,15 +235,27 @@ async fn score(
         Ok(r) => r,
         Err(r) => return *r,
     };
-    let tx = match to_transaction(&v, &Limits::of(&shared.settings)) {
-        Ok(tx) => tx,
+    let (tx, clock) = match to_transaction(&v, &Limits::of(&shared.settings)) {
+        Ok(t) => t,
         Err((msg, field)) => return error(StatusCode::UNPROCESSABLE_ENTITY, msg, Some(field)),
     };
-    let body = off_the_workers(&shared, move |s| score_body(&tx, &s.score(&tx, update))).await;
+    let body = off_the_workers(&shared, move |s| {
+        score_body(&tx, &scored(s, &tx, update, clock))
+    })
+    .await;
     match body {
         Ok(b) => axum::Json(b).into_response(),
         Err(r) => r,
     }
+}
+
+/// Scores `tx`, updating state only if asked and the clock allows.
+fn scored(s: &ServiceState, tx: &Transaction, update: bool, clock: Option<String>) -> HttpScore {
+    let mut r = s.score(tx, update && clock.is_none());
+    if update && clock.is_some() {
+        r.update_refused = clock;
+    }
+    r
 }
 
 /// Runs scoring on the blocking pool, a few requests at a time: a flood of
@@ -277,7 +348,7 @@ async fn score_batch(
     let limits = Limits::of(&shared.settings);
     for (i, item) in items.iter().enumerate() {
         match to_transaction(item, &limits) {
-            Ok(tx) => txs.push(tx),
+            Ok(t) => txs.push(t),
             Err((msg, field)) => {
                 let r = json!({
                     "error": format!("transaction {i}: {msg}"),
@@ -289,8 +360,8 @@ async fn score_batch(
         }
     }
     let results = off_the_workers(&shared, move |s| {
-        txs.iter()
-            .map(|tx| score_body(tx, &s.score(tx, update)))
+        txs.into_iter()
+            .map(|(tx, clock)| score_body(&tx, &scored(s, &tx, update, clock)))
             .collect::<Vec<Value>>()
     })
     .await;
@@ -382,34 +453,40 @@ fn unauthorized() -> Response {
 
 /// A path given to a reload, inside `models_dir` once resolved: relative
 /// paths are taken from there, and no `..` or link may lead outside it.
+/// A file that is not there, or not inside, is not found (404), so the
+/// answer tells nothing of the rest of the disk.
 fn in_models_dir(dir: &Path, given: &Path, field: &str) -> Result<PathBuf, Box<Response>> {
-    let refuse = |why: String| Box::new(error(StatusCode::UNPROCESSABLE_ENTITY, why, Some(field)));
     if given
         .components()
         .any(|c| matches!(c, std::path::Component::ParentDir))
     {
-        return Err(refuse(format!("`{field}` must not contain `..`")));
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("`{field}` must not contain `..`"),
+            Some(field),
+        )));
     }
     let root = dir.canonicalize().map_err(|e| {
-        refuse(format!(
-            "models_dir {} cannot be read ({}); reloads of files are off",
-            dir.display(),
-            e.kind()
+        Box::new(error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "models_dir {} cannot be read ({}); reloads of files are off",
+                dir.display(),
+                e.kind()
+            ),
+            Some(field),
         ))
     })?;
-    let path = root.join(given).canonicalize().map_err(|e| {
-        refuse(format!(
-            "no file {} in models_dir ({})",
-            given.display(),
-            e.kind()
+    let not_found = || {
+        Box::new(error(
+            StatusCode::NOT_FOUND,
+            format!("no file {} in models_dir", given.display()),
+            Some(field),
         ))
-    })?;
-    if !path.starts_with(&root) {
-        return Err(refuse(format!(
-            "{} is outside models_dir {}",
-            given.display(),
-            dir.display()
-        )));
+    };
+    let path = root.join(given).canonicalize().map_err(|_| not_found())?;
+    if !path.starts_with(&root) || !path.is_file() {
+        return Err(not_found());
     }
     Ok(path)
 }
@@ -457,7 +534,9 @@ async fn reload(
     let req: ReloadRequest = if body.iter().all(u8::is_ascii_whitespace) {
         ReloadRequest::default()
     } else {
-        match serde_json::from_slice(&body) {
+        // Through a map: serde would also take a struct from an array.
+        let object = serde_json::from_slice::<serde_json::Map<String, Value>>(&body);
+        match object.and_then(|o| serde_json::from_value(Value::Object(o))) {
             Ok(r) => r,
             Err(e) => {
                 return error(
@@ -529,8 +608,13 @@ async fn metrics(State(shared): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+/// The API's description, with this server's limits in the schema, so
+/// that a client (or a contract test) knows what it accepts.
+async fn openapi(State(shared): State<AppState>) -> Response {
+    let mut doc: Value = serde_json::from_str(OPENAPI).expect("the embedded OpenAPI is JSON");
+    doc["components"]["schemas"]["Transaction"]["properties"]["amount"]["maximum"] =
+        json!(shared.settings.max_amount);
+    axum::Json(doc).into_response()
 }
 
 async fn not_found() -> Response {

@@ -609,7 +609,15 @@ impl Observed {
 
         let mean_prev_30 = cv.prev_30d.mean();
         let mean_prev_7 = cv.prev_7d.mean();
-        let ratio = |mean: f64| if mean > 0.0 { amount / mean } else { 1.0 };
+        // The floor (a cent, as for the spread below) keeps a card whose mean is
+        // a trace of an amount from a ratio past f32's range.
+        let ratio = |mean: f64| {
+            if mean > 0.0 {
+                amount / mean.max(0.01)
+            } else {
+                1.0
+            }
+        };
         let zscore = if cv.prev_30d.count >= 2 {
             let n = cv.prev_30d.count as f64;
             let var = (cv.prev_30d.sumsq / n - mean_prev_30 * mean_prev_30).max(0.0);
@@ -686,7 +694,13 @@ mod tests {
             merchant_id: "m".into(),
             ..Transaction::default()
         };
-        for (i, amount) in [5.0, 1e39, f64::MAX, 7.0, 9.0].into_iter().enumerate() {
+        let amounts = [5.0, 1e39, f64::MAX, 7.0, 9.0];
+        // On another card, traces of an amount then the most allowed.
+        let traces = [1e-40, 1e-300, 1e-40, 1e9, 1e15];
+        for (i, amount) in amounts.into_iter().chain(traces).enumerate() {
+            if i == amounts.len() {
+                tx.card_id = "d".into();
+            }
             tx.transaction_id = i.to_string();
             tx.time.utc = 1_522_540_800 + 60 * i as i64;
             tx.amount = amount;

@@ -76,6 +76,11 @@ impl Limits {
     /// Refuses a transaction from the future or over the amount limit.
     pub fn check(&self, tx: &Transaction, now: i64) -> Result<(), (DeadReason, String)> {
         self.check_time("timestamp", tx.time.utc, now)?;
+        self.check_amount(tx)
+    }
+
+    /// Refuses an amount over the limit.
+    pub fn check_amount(&self, tx: &Transaction) -> Result<(), (DeadReason, String)> {
         if tx.amount > self.max_amount {
             return Err((
                 DeadReason::AmountOverLimit,

@@ -154,11 +154,15 @@ impl Transaction {
         self.mcc = if raw.is_empty() {
             None
         } else {
+            // Digits only: u16's parser would also take a sign and any
+            // number of leading zeros.
+            let digits = (1..=4).contains(&raw.len()) && raw.iter().all(u8::is_ascii_digit);
             match std::str::from_utf8(raw)
                 .ok()
+                .filter(|_| digits)
                 .and_then(|s| s.parse::<u16>().ok())
             {
-                Some(v) if v <= 9999 => Some(v),
+                Some(v) => Some(v),
                 _ => {
                     return Err(FieldError::new(
                         "mcc",
@@ -427,7 +431,10 @@ fn set_required_str(dst: &mut String, field: &'static str, raw: &[u8]) -> Result
     } else {
         std::str::from_utf8(raw).map_err(|_| FieldError::new(field, "not valid UTF-8"))?
     };
-    let s = s.trim();
+    // ASCII spaces only, as the API's schema says (`[^\t\n\f\r ]`): what
+    // counts as a Unicode space differs between languages, and a client
+    // must be able to tell from the schema which ids are blank.
+    let s = s.trim_ascii();
     if s.is_empty() {
         return Err(FieldError::missing(field));
     }

@@ -100,6 +100,8 @@ pub struct HttpScore {
     pub scorer: Arc<Scorer>,
     /// The transaction was folded into the card's state.
     pub updated: bool,
+    /// Why an update asked for was not made.
+    pub update_refused: Option<String>,
 }
 
 /// Readiness and the reasons it is not.
@@ -280,12 +282,13 @@ impl ServiceState {
                 .unwrap_or_else(|e| e.into_inner())
                 .has_card(&tx.card_id)
         });
-        let (features, updated) = match owner {
+        let (features, update_refused) = match owner {
             Some(e) => (
                 e.lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .peek_card(tx, merchant),
-                false,
+                update
+                    .then(|| "the card is held by a Kafka partition of this instance".to_string()),
             ),
             None => {
                 let outcome = self
@@ -294,14 +297,13 @@ impl ServiceState {
                     .unwrap_or_else(|e| e.into_inner())
                     .score(tx, merchant, update);
                 match outcome {
-                    Outcome::Folded(f) => (f, true),
-                    Outcome::Read(f) => (f, false),
+                    Outcome::Folded(f) | Outcome::Read(f) => (f, None),
                     Outcome::Refused(e, f) => {
                         match e {
                             Refused::TooLate(_) => self.metrics.late.inc(),
                             Refused::Duplicate => self.metrics.duplicates.inc(),
                         }
-                        (f, false)
+                        (f, Some(e.to_string()))
                     }
                 }
             }
@@ -319,7 +321,8 @@ impl ServiceState {
             features,
             score,
             scorer,
-            updated,
+            updated: update && update_refused.is_none(),
+            update_refused,
         }
     }
 
