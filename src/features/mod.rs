@@ -91,6 +91,18 @@ pub const NO_PREVIOUS_SECS: i64 = 30 * DAY;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Features(pub [f32; N_FEATURES]);
 
+/// As [`Features::to_json`] gives them, without building the map first.
+impl Serialize for Features {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(N_FEATURES))?;
+        for (name, v) in NAMES.iter().zip(self.0) {
+            map.serialize_entry(name, &f64::from(v))?;
+        }
+        map.end()
+    }
+}
+
 impl Features {
     pub fn get(&self, name: &str) -> Option<f32> {
         NAMES.iter().position(|n| *n == name).map(|i| self.0[i])
