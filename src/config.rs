@@ -82,15 +82,6 @@ pub struct Settings {
     /// Milliseconds an HTTP scoring request may take, its wait for a
     /// scoring slot included, before it is answered 503.
     pub http_timeout_ms: u64,
-    /// Threads of the HTTP API's own runtime; 0 picks: every core without
-    /// Kafka, half of them (at least one) beside it, so that HTTP traffic
-    /// can never take more than that from the Kafka path.
-    pub http_threads: usize,
-    /// Milliseconds late the HTTP runtime may run a task before scoring
-    /// requests are refused with 503 (`reason="lag"`): past it, a request
-    /// waits that long for a thread before it is even read, and a client
-    /// is better answered at once, to retry elsewhere. 0: off.
-    pub http_max_lag_ms: u64,
     /// Cards kept for `update=true` scoring of cards no Kafka partition
     /// holds: at most this many, the least recently used dropped first.
     pub http_max_cards: usize,
@@ -134,8 +125,6 @@ impl Default for Settings {
             partition_stall_secs: 60,
             http_max_concurrency: 256,
             http_timeout_ms: 2000,
-            http_threads: 0,
-            http_max_lag_ms: 50,
             http_max_cards: 100_000,
             http_card_idle_secs: 31 * 86_400,
             librdkafka: BTreeMap::new(),
@@ -163,8 +152,6 @@ const TYPED_KEYS: &[&str] = &[
     "partition_stall_secs",
     "http_max_concurrency",
     "http_timeout_ms",
-    "http_threads",
-    "http_max_lag_ms",
     "http_max_cards",
     "http_card_idle_secs",
 ];
@@ -201,8 +188,6 @@ const KEYS: &[&str] = &[
     "partition_stall_secs",
     "http_max_concurrency",
     "http_timeout_ms",
-    "http_threads",
-    "http_max_lag_ms",
     "http_max_cards",
     "http_card_idle_secs",
 ];
@@ -433,8 +418,6 @@ impl fmt::Debug for Settings {
             .field("partition_stall_secs", &self.partition_stall_secs)
             .field("http_max_concurrency", &self.http_max_concurrency)
             .field("http_timeout_ms", &self.http_timeout_ms)
-            .field("http_threads", &self.http_threads)
-            .field("http_max_lag_ms", &self.http_max_lag_ms)
             .field("http_max_cards", &self.http_max_cards)
             .field("http_card_idle_secs", &self.http_card_idle_secs)
             .field("librdkafka", &raw)

@@ -54,7 +54,6 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     mut stop: watch::Receiver<bool>,
 ) {
-    tokio::spawn(watch_lag(shared.clone(), stop.clone()));
     let app = router(shared);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -63,20 +62,6 @@ pub async fn serve(
         .await;
     if let Err(e) = result {
         log("ERROR", format_args!("HTTP server: {e}"));
-    }
-}
-
-/// Measures how late the HTTP runtime runs a task that asked to wake in
-/// 10 ms: how long a request that arrives now waits for a thread.
-async fn watch_lag(shared: AppState, mut stop: watch::Receiver<bool>) {
-    const TICK: std::time::Duration = std::time::Duration::from_millis(10);
-    loop {
-        let asked = Instant::now();
-        tokio::select! {
-            _ = stop.changed() => return,
-            () = tokio::time::sleep(TICK) => {}
-        }
-        shared.set_http_lag(asked.elapsed().saturating_sub(TICK));
     }
 }
 
@@ -299,12 +284,10 @@ enum Run {
     Blocking,
 }
 
-/// Admits a scoring request, then runs it. Admission is bounded three
-/// times: while the HTTP runtime runs tasks more than `http_max_lag_ms`
-/// late (requests queue for a thread, where no count sees them) and past
-/// `http_max_concurrency` requests in progress a request is refused at
-/// once, and one that waits for a scoring slot longer than
-/// `http_timeout_ms` is refused then; all get 503 with `Retry-After`, so
+/// Admits a scoring request, then runs it. Admission is bounded twice:
+/// past `http_max_concurrency` requests in progress a request is refused
+/// at once, and one that waits for a scoring slot longer than
+/// `http_timeout_ms` is refused then; both get 503 with `Retry-After`, so
 /// an overload is shed instead of queued without end. The slots (half the
 /// cores) keep HTTP scoring from taking every core from the Kafka
 /// partitions' tasks and the probes.
@@ -313,10 +296,6 @@ async fn admitted<T: Send + 'static>(
     run: Run,
     work: impl FnOnce(&ServiceState) -> T + Send + 'static,
 ) -> Result<T, Response> {
-    let max_lag = std::time::Duration::from_millis(shared.settings.http_max_lag_ms);
-    if !max_lag.is_zero() && shared.http_lag() > max_lag {
-        return Err(shed(shared, "lag"));
-    }
     let Ok(_admitted) = shared.http_admission().try_acquire() else {
         return Err(shed(shared, "concurrency"));
     };
@@ -693,32 +672,4 @@ async fn not_found() -> Response {
         "no such route; see /openapi.json",
         None,
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Settings;
-    use std::time::Duration;
-
-    /// A runtime that runs tasks late has requests queued where no count
-    /// sees them: scoring is refused at once, with `Retry-After`.
-    #[tokio::test]
-    async fn a_runtime_running_late_sheds_at_once() {
-        let settings = Settings {
-            kafka_enabled: false,
-            ..Settings::default()
-        };
-        let scorer = crate::serve::load_scorer(&settings, None, None).unwrap();
-        let state = ServiceState::new(settings, scorer);
-        assert!(admitted(&state, Run::Here, |_| ()).await.is_ok());
-        state.set_http_lag(Duration::from_millis(51));
-        let refused = admitted(&state, Run::Here, |_| ()).await.unwrap_err();
-        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert!(refused.headers().contains_key(header::RETRY_AFTER));
-        let shed = state.metrics.http_shed.with_label_values(&["lag"]).get();
-        assert_eq!(shed, 1);
-        state.set_http_lag(Duration::from_millis(5));
-        assert!(admitted(&state, Run::Here, |_| ()).await.is_ok());
-    }
 }

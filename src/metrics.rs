@@ -299,7 +299,7 @@ impl Metrics {
         for r in ["ok", "error"] {
             self.reloads.with_label_values(&[r]);
         }
-        for r in ["concurrency", "timeout", "lag"] {
+        for r in ["concurrency", "timeout"] {
             self.http_shed.with_label_values(&[r]);
         }
         // The codes an operator acts on (see the runbook); others appear

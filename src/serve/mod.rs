@@ -79,36 +79,14 @@ pub async fn run_with(
         kafka::check_config(settings)?;
     }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let listener = std::net::TcpListener::bind(&settings.http_addr)
+    let listener = tokio::net::TcpListener::bind(&settings.http_addr)
+        .await
         .with_context(|| format!("cannot listen on {}", settings.http_addr))?;
-    listener.set_nonblocking(true)?;
     log(
         "INFO",
         format_args!("HTTP API on http://{}", listener.local_addr()?),
     );
-    // The HTTP API runs on threads of its own. The partition tasks work
-    // through a backlog in long runs between awaits; on the same workers,
-    // probes and scoring requests waited behind them for seconds (16 s in
-    // the overload benchmark). With threads of their own, the kernel's
-    // scheduler shares the cores instead, and admission control bounds
-    // what HTTP can take.
-    let http_runtime = HttpRuntime(Some(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(http_threads(settings))
-            .thread_name("http")
-            .enable_all()
-            .build()
-            .context("cannot start the HTTP API's runtime")?,
-    ));
-    let http = http_runtime.spawn({
-        let (state, stop) = (state.clone(), stop_rx.clone());
-        async move {
-            match tokio::net::TcpListener::from_std(listener) {
-                Ok(listener) => crate::http::serve(state, listener, stop).await,
-                Err(e) => log("ERROR", format_args!("HTTP API: {e}")),
-            }
-        }
-    });
+    let http = tokio::spawn(crate::http::serve(state.clone(), listener, stop_rx.clone()));
     let mut kafka = settings
         .kafka_enabled
         .then(|| tokio::spawn(pipeline(state.clone(), stop_rx.clone())));
@@ -166,46 +144,6 @@ pub async fn run_with(
              uncommitted transactions will be read again on restart",
             settings.shutdown_timeout_secs
         ),
-    }
-}
-
-/// `http_threads`, or when 0: every core without Kafka, half of them (at
-/// least one) beside it.
-fn http_threads(settings: &Settings) -> usize {
-    if settings.http_threads > 0 {
-        return settings.http_threads;
-    }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if settings.kafka_enabled {
-        (cores / 2).max(1)
-    } else {
-        cores
-    }
-}
-
-/// The HTTP API's runtime, shut down without waiting when dropped: a
-/// runtime cannot be dropped, which blocks, inside the async code that
-/// holds it, and the server has stopped by then anyway.
-struct HttpRuntime(Option<tokio::runtime::Runtime>);
-
-impl HttpRuntime {
-    fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
-    where
-        F: std::future::Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
-        self.0
-            .as_ref()
-            .expect("the runtime lives until dropped")
-            .spawn(future)
-    }
-}
-
-impl Drop for HttpRuntime {
-    fn drop(&mut self) {
-        if let Some(r) = self.0.take() {
-            r.shutdown_background();
-        }
     }
 }
 

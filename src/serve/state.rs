@@ -63,8 +63,6 @@ pub struct ServiceState {
     http_scoring: tokio::sync::Semaphore,
     /// HTTP scoring requests in progress (waiting or running), at most.
     http_admission: tokio::sync::Semaphore,
-    /// Microseconds late the HTTP runtime last ran a timed task.
-    http_lag_us: std::sync::atomic::AtomicU64,
 }
 
 pub struct Latencies {
@@ -145,7 +143,6 @@ impl ServiceState {
                 std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
             ),
             http_admission: tokio::sync::Semaphore::new(http_max_concurrency),
-            http_lag_us: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -159,16 +156,6 @@ impl ServiceState {
 
     pub fn http_admission(&self) -> &tokio::sync::Semaphore {
         &self.http_admission
-    }
-
-    /// How late the HTTP runtime last ran a timed task.
-    pub fn http_lag(&self) -> std::time::Duration {
-        std::time::Duration::from_micros(self.http_lag_us.load(Ordering::Relaxed))
-    }
-
-    pub fn set_http_lag(&self, lag: std::time::Duration) {
-        let us = u64::try_from(lag.as_micros()).unwrap_or(u64::MAX);
-        self.http_lag_us.store(us, Ordering::Relaxed);
     }
 
     /// The live scorer. A batch keeps the one it started with, so a reload
