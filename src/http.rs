@@ -42,7 +42,7 @@ pub fn router(shared: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/openapi.json", get(openapi))
+        .route("/openapi.json", get(openapi(&shared.settings)))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(shared.clone(), track))
@@ -658,12 +658,18 @@ async fn metrics(State(shared): State<AppState>) -> Response {
 }
 
 /// The API's description, with this server's limits in the schema, so
-/// that a client (or a contract test) knows what it accepts.
-async fn openapi(State(shared): State<AppState>) -> Response {
+/// that a client (or a contract test) knows what it accepts; rendered once.
+fn openapi(
+    settings: &crate::config::Settings,
+) -> impl Fn() -> std::future::Ready<Response> + Clone + use<> {
     let mut doc: Value = serde_json::from_str(OPENAPI).expect("the embedded OpenAPI is JSON");
     doc["components"]["schemas"]["Transaction"]["properties"]["amount"]["maximum"] =
-        json!(shared.settings.max_amount);
-    axum::Json(doc).into_response()
+        json!(settings.max_amount);
+    let body = axum::body::Bytes::from(doc.to_string());
+    move || {
+        let headers = [(header::CONTENT_TYPE, "application/json")];
+        std::future::ready((headers, body.clone()).into_response())
+    }
 }
 
 async fn not_found() -> Response {

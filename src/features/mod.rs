@@ -91,7 +91,7 @@ pub const NO_PREVIOUS_SECS: i64 = 30 * DAY;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Features(pub [f32; N_FEATURES]);
 
-/// As [`Features::to_json`] gives them, without building the map first.
+/// A map of each feature's name to its value.
 impl Serialize for Features {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
@@ -109,12 +109,7 @@ impl Features {
     }
 
     pub fn to_json(&self) -> serde_json::Value {
-        NAMES
-            .iter()
-            .zip(self.0)
-            .map(|(n, v)| (n.to_string(), serde_json::Value::from(v as f64)))
-            .collect::<serde_json::Map<_, _>>()
-            .into()
+        serde_json::to_value(self).expect("a map of names to numbers is JSON")
     }
 }
 
