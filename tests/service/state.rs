@@ -471,7 +471,12 @@ fn a_partition_restoring_holds_up_no_other() {
             break;
         }
         if restoring > 0.0 {
-            seen.push(committed(0));
+            // A sample counts only if the restore still ran after it was
+            // read: offsets committed once it ended prove nothing.
+            let sum = committed(0);
+            if svc.metric("peregrine_partitions_restoring") > 0.0 {
+                seen.push(sum);
+            }
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -479,8 +484,11 @@ fn a_partition_restoring_holds_up_no_other() {
     eprintln!(
         "while partition 0 restored, the others' committed offsets were {seen:?} ({advances} advances)"
     );
+    // One advance between two samples taken while the restore ran is the
+    // proof; how many fit in depends on the commit interval and the
+    // machine's speed, not on the isolation.
     assert!(
-        advances >= 2,
+        advances >= 1,
         "the other partitions' offsets advanced while partition 0 restored: {seen:?}"
     );
     producer.join().unwrap();
