@@ -157,7 +157,9 @@ pub struct ProduceArgs {
     /// Also send a label message for each fraud of the file to this topic.
     #[arg(long)]
     label_topic: Option<String>,
-    /// Days after the transaction its label reports (`reported_at`).
+    /// Days after the transaction its label reports (`reported_at`). With
+    /// `--live` a label is reported when it is sent: a report days ahead
+    /// of the clock would be refused as a future timestamp.
     #[arg(long, default_value_t = 7)]
     label_delay_days: i64,
     /// Transactions per second; 0 sends as fast as the broker takes them.
@@ -229,7 +231,11 @@ pub fn produce(a: ProduceArgs) -> anyhow::Result<()> {
                 card_id: tx.card_id.clone(),
                 merchant_id: tx.merchant_id.clone(),
                 is_fraud: true,
-                reported_at: tx.time.utc + a.label_delay_days * 86_400,
+                reported_at: if a.live {
+                    tx.time.utc
+                } else {
+                    tx.time.utc + a.label_delay_days * 86_400
+                },
                 transaction_time: Some(tx.time.utc),
             };
             send(

@@ -80,6 +80,16 @@ pub async fn run(ctx: Arc<TaskContext>, mut input: PartitionInput, mut control: 
     forwarder.commit(CommitMode::Sync);
 }
 
+/// Whether a label source tells the merchant stage it has caught up, after
+/// a round that read to its end (`at_end`) or not. A round whose labels
+/// were all refused (`inert`: no event forwarded, no watermark moved) leaves
+/// a source that had caught up caught up: reported busy at its old
+/// watermark (at first: none), it would hold every card task until its end
+/// of partition had gone round the merchant stage, in live traffic too.
+fn reported_idle(was_idle: bool, at_end: bool, inert: bool) -> bool {
+    at_end || (inert && was_idle)
+}
+
 struct Forwarder {
     ctx: Arc<TaskContext>,
     partition: i32,
@@ -97,11 +107,12 @@ struct Forwarder {
 
 impl Forwarder {
     async fn forward(&mut self, batch: Vec<rdkafka::message::OwnedMessage>, idle: bool) {
-        self.idle = idle;
+        let (was_idle, newest_before, read) = (self.idle, self.newest, !batch.is_empty());
         let ctx = &self.ctx;
         let m = &ctx.state.metrics;
         let delay = ctx.state.feature_config().label_delay_secs;
         let mut out = Vec::new();
+        let mut events = 0;
         let last = batch.last().map(|msg| msg.offset());
         for msg in &batch {
             let checked = Label::parse(msg.payload().unwrap_or_default())
@@ -135,6 +146,7 @@ impl Forwarder {
                 m.labels.with_label_values(&["genuine"]).inc();
                 continue;
             }
+            events += 1;
             let event = MerchantEvent::Fraud {
                 source: Source::Labels(self.partition),
                 offset: msg.offset(),
@@ -146,6 +158,12 @@ impl Forwarder {
                 event.encode(),
             ));
         }
+        let idle = reported_idle(
+            was_idle,
+            idle,
+            read && self.newest == newest_before && events == 0,
+        );
+        self.idle = idle;
         let now = (self.newest, idle);
         if self.sent != Some(now) || self.sent_at.elapsed() >= super::cards::HEARTBEAT {
             self.sent_at = Instant::now();
@@ -186,5 +204,18 @@ impl Forwarder {
                 mode,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reported_idle;
+
+    #[test]
+    fn refused_labels_leave_a_caught_up_source_caught_up() {
+        assert!(reported_idle(true, false, true), "refused labels only");
+        assert!(!reported_idle(true, false, false), "a label forwarded");
+        assert!(!reported_idle(false, false, true), "not caught up before");
+        assert!(reported_idle(false, true, false), "read to its end");
     }
 }
