@@ -107,7 +107,7 @@ struct Forwarder {
 
 impl Forwarder {
     async fn forward(&mut self, batch: Vec<rdkafka::message::OwnedMessage>, idle: bool) {
-        let (was_idle, newest_before, read) = (self.idle, self.newest, !batch.is_empty());
+        let (was_idle, newest_before) = (self.idle, self.newest);
         let ctx = &self.ctx;
         let m = &ctx.state.metrics;
         let delay = ctx.state.feature_config().label_delay_secs;
@@ -158,11 +158,7 @@ impl Forwarder {
                 event.encode(),
             ));
         }
-        let idle = reported_idle(
-            was_idle,
-            idle,
-            read && self.newest == newest_before && events == 0,
-        );
+        let idle = reported_idle(was_idle, idle, self.newest == newest_before && events == 0);
         self.idle = idle;
         let now = (self.newest, idle);
         if self.sent != Some(now) || self.sent_at.elapsed() >= super::cards::HEARTBEAT {
