@@ -267,6 +267,7 @@ pub fn train(req: &TrainRequest) -> anyhow::Result<Model> {
             rows: y.len(),
             frauds,
             seconds: 0.0,
+            imported_from: None,
         },
         metrics: serde_json::Map::new(),
         thresholds: Model::default_thresholds(req.algo),

@@ -7,7 +7,7 @@ use peregrine::features::FeatureConfig;
 use peregrine::ingest::time::parse_date;
 use peregrine::model::rules::{RuleSet, parse_rules};
 use peregrine::model::scorer::Scorer;
-use peregrine::model::{Algo, Model, TrainParams};
+use peregrine::model::{Algo, Body, Model, TrainParams};
 use peregrine::sim::{SimConfig, Simulation};
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -46,6 +46,8 @@ enum Command {
     Replay(ReplayArgs),
     /// Export the engine's features of a time window as CSV, to explore or train elsewhere.
     Features(FeaturesArgs),
+    /// Turn an XGBoost or LightGBM model, trained on `features`' export, into a Peregrine model.
+    Import(ImportArgs),
     /// Run the service: Kafka in, alerts out, HTTP scoring API and metrics.
     Serve(service_cli::ServeArgs),
     /// Send a transactions file to a Kafka topic as JSON, keyed by card_id.
@@ -170,6 +172,25 @@ struct FeaturesArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["xgboost", "lightgbm"])))]
+struct ImportArgs {
+    /// An XGBoost model saved as JSON (`Booster.save_model("model.json")`),
+    /// objective binary:logistic, trained on columns of `peregrine features`.
+    #[arg(long)]
+    xgboost: Option<PathBuf>,
+    /// A LightGBM model saved as text (`Booster.save_model("model.txt")`),
+    /// objective binary, trained on columns of `peregrine features`.
+    #[arg(long)]
+    lightgbm: Option<PathBuf>,
+    /// Where to write the Peregrine model (JSON).
+    #[arg(long)]
+    out: PathBuf,
+    /// The feature settings the exported features were computed with.
+    #[command(flatten)]
+    features: FeatureArgs,
+}
+
+#[derive(Args)]
 struct ReplayArgs {
     #[arg(long)]
     data: PathBuf,
@@ -222,6 +243,7 @@ fn run(command: Command, progress: bool) -> anyhow::Result<()> {
         Command::Eval(a) => eval(a, progress),
         Command::Replay(a) => replay(a, progress),
         Command::Features(a) => export_features(a, progress),
+        Command::Import(a) => import(a),
         Command::Serve(a) => service_cli::serve(a),
         Command::Produce(a) => service_cli::produce(a),
         Command::Consume(a) => service_cli::consume(a),
@@ -398,6 +420,39 @@ fn eval(a: EvalArgs, progress: bool) -> anyhow::Result<()> {
     }
     let report = backtest::evaluate(&Scorer::new(model, RuleSet::default()), &req)?;
     println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn import(a: ImportArgs) -> anyhow::Result<()> {
+    use peregrine::model::import::{from_lightgbm, from_xgboost};
+    let (library, path) = match (&a.xgboost, &a.lightgbm) {
+        (Some(p), None) => ("xgboost", p),
+        (None, Some(p)) => ("lightgbm", p),
+        _ => bail!("give one of --xgboost and --lightgbm"),
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let body = match library {
+        "xgboost" => from_xgboost(&text),
+        _ => from_lightgbm(&text),
+    }
+    .with_context(|| format!("cannot import {}", path.display()))?;
+    let file = path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let model = Model::imported(body, library, &file, feature_config(&a.features)?);
+    model.save(&a.out)?;
+    let Body::Gbt(gbt) = &model.body else {
+        unreachable!("an import is gradient-boosted trees")
+    };
+    eprintln!(
+        "imported {library} model {} ({} trees, {} nodes) → {} [{}]",
+        path.display(),
+        gbt.trees.len(),
+        gbt.trees.iter().map(|t| t.len()).sum::<usize>(),
+        a.out.display(),
+        model.model_version
+    );
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 
 pub mod builtin;
 pub mod iforest;
+pub mod import;
 pub mod logistic;
 pub mod rules;
 pub mod scorer;
@@ -70,6 +71,10 @@ pub struct Training {
     pub rows: usize,
     pub frauds: usize,
     pub seconds: f64,
+    /// The library and file a model was imported from (`peregrine import`);
+    /// the window fields are then empty, as Peregrine did not see the data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported_from: Option<String>,
 }
 
 /// A stored model: what it needs to score, and what a reader needs to trust it.
@@ -149,6 +154,36 @@ impl Model {
             Algo::Iforest => return Ok((Body::Iforest(anomaly), None)),
         };
         Ok((body, Some(anomaly)))
+    }
+
+    /// Wraps gradient-boosted trees trained by another library on the
+    /// features of `feature_config` (see [`import`]). It has no anomaly
+    /// score, which needs the data, and the default thresholds.
+    pub fn imported(body: Gbt, library: &str, file: &str, feature_config: FeatureConfig) -> Model {
+        let digest =
+            crate::features::store::key_hash(&serde_json::to_string(&body).unwrap_or_default());
+        Model {
+            format: FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            model_version: format!("{library}-{:08x}", digest >> 32),
+            algo: Algo::Gbt,
+            created_at: crate::alerts::now_rfc3339(),
+            features: NAMES.iter().map(|s| s.to_string()).collect(),
+            feature_config,
+            training: Training {
+                data: String::new(),
+                from: String::new(),
+                to: String::new(),
+                rows: 0,
+                frauds: 0,
+                seconds: 0.0,
+                imported_from: Some(format!("{library} {file}")),
+            },
+            metrics: serde_json::Map::new(),
+            thresholds: Model::default_thresholds(Algo::Gbt),
+            body: Body::Gbt(body),
+            anomaly: None,
+        }
     }
 
     pub fn default_thresholds(algo: Algo) -> Thresholds {
