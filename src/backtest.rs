@@ -11,6 +11,8 @@ use crate::features::{
 use crate::ingest::time::format_date;
 use crate::ingest::{Transaction, TransactionReader};
 use crate::model::scorer::{Decision, Scorer};
+use crate::model::trees::GbtParams;
+use crate::model::tune::{Grid, TuneReport, tune};
 use crate::model::{Algo, FORMAT, FORMAT_VERSION, Model, TrainParams, Training};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -223,6 +225,8 @@ pub struct TrainRequest<'a> {
     pub algo: Algo,
     pub features: FeatureConfig,
     pub params: TrainParams,
+    /// Search the gradient-boosted trees' parameters first (`--tune`).
+    pub tune: Option<Grid>,
     pub progress: bool,
 }
 
@@ -231,11 +235,13 @@ pub fn train(req: &TrainRequest) -> anyhow::Result<Model> {
     let started = Instant::now();
     let mut x: Vec<f32> = Vec::new();
     let mut y: Vec<u8> = Vec::new();
+    let mut times: Vec<i64> = Vec::new();
     stream(req.data, req.features, req.progress, |tx, f| {
         let t = tx.time.utc;
         if t >= req.from && t < req.to {
             y.push(label_of(tx)?);
             x.extend_from_slice(&f.0);
+            times.push(t);
         }
         Ok(())
     })?;
@@ -247,7 +253,16 @@ pub fn train(req: &TrainRequest) -> anyhow::Result<Model> {
             req.data.display()
         );
     }
-    let (body, anomaly) = Model::fit(req.algo, &x, &y, &req.params)?;
+    let mut params = req.params;
+    let tuning = match &req.tune {
+        Some(grid) => {
+            let (chosen, report) = tune_split(req, &x, &y, &times, grid)?;
+            params.gbt = chosen;
+            Some(report)
+        }
+        None => None,
+    };
+    let (body, anomaly) = Model::fit(req.algo, &x, &y, &params)?;
     let frauds = y.iter().filter(|&&v| v == 1).count();
     let mut model = Model {
         format: FORMAT.into(),
@@ -290,6 +305,11 @@ pub fn train(req: &TrainRequest) -> anyhow::Result<Model> {
             "average_precision": evaluate::average_precision(&scores, &y),
         }),
     );
+    if let Some(report) = tuning {
+        model
+            .metrics
+            .insert("tune".into(), serde_json::to_value(report)?);
+    }
     model.training.seconds = (started.elapsed().as_secs_f64() * 10.0).round() / 10.0;
     let digest = key_hash(&serde_json::to_string(&model.body)?);
     model.model_version = format!(
@@ -299,6 +319,52 @@ pub fn train(req: &TrainRequest) -> anyhow::Result<Model> {
         digest >> 32
     );
     Ok(model)
+}
+
+/// Splits the training window in time: the last quarter (at least a day)
+/// validates, and the fitting period ends a label delay before it, so that
+/// no label the model learns from would be unknown on the first validation
+/// day. Then searches `grid` (see [`tune`]).
+fn tune_split(
+    req: &TrainRequest,
+    x: &[f32],
+    y: &[u8],
+    times: &[i64],
+    grid: &Grid,
+) -> anyhow::Result<(GbtParams, TuneReport)> {
+    let validate_from = (req.to - ((req.to - req.from) / 4).max(DAY)).div_euclid(DAY) * DAY;
+    let fit_to = validate_from - req.features.label_delay_secs;
+    let (mut xf, mut yf, mut xv, mut yv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for ((&t, &label), row) in times.iter().zip(y).zip(x.chunks_exact(N_FEATURES)) {
+        if t < fit_to {
+            xf.extend_from_slice(row);
+            yf.push(label);
+        } else if t >= validate_from {
+            xv.extend_from_slice(row);
+            yv.push(label);
+        }
+    }
+    let frauds = |v: &[u8]| v.iter().filter(|&&l| l == 1).count();
+    if frauds(&yf) == 0 || frauds(&yv) == 0 {
+        anyhow::bail!(
+            "--tune: the training window {}..{} is too short to tune on: it validates on {}..{} \
+             and fits on what ends a label delay earlier ({} frauds fitted, {} validated); \
+             give a window of at least four label delays",
+            format_date(req.from),
+            format_date(req.to),
+            format_date(validate_from),
+            format_date(req.to),
+            frauds(&yf),
+            frauds(&yv)
+        );
+    }
+    Ok(tune(
+        (&xf, &yf),
+        (&xv, &yv),
+        N_FEATURES,
+        &req.params.gbt,
+        grid,
+    ))
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -7,6 +7,7 @@ use peregrine::features::FeatureConfig;
 use peregrine::ingest::time::parse_date;
 use peregrine::model::rules::{RuleSet, parse_rules};
 use peregrine::model::scorer::Scorer;
+use peregrine::model::tune::Grid;
 use peregrine::model::{Algo, Body, Model, TrainParams};
 use peregrine::sim::{SimConfig, Simulation};
 use std::io::{BufWriter, IsTerminal, Write};
@@ -122,16 +123,22 @@ struct TrainArgs {
     #[arg(long)]
     max_depth: Option<usize>,
     /// Shrinkage of each boosting round (gbt).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     learning_rate: Option<f64>,
     /// L2 penalty on leaf values (gbt) or on weights (logistic).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     lambda: Option<f64>,
     /// Least hessian (gbt) or bootstrap weight (forest) in a leaf.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     min_child_weight: Option<f64>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// gbt: choose rounds (25..300), depth (4, 6) and learning rate (0.05,
+    /// 0.15) by validation AP on the window's last quarter, fitted on what
+    /// ends a label delay before it; then train on the whole window. A flag
+    /// among --trees, --max-depth, --learning-rate fixes its dimension.
+    #[arg(long)]
+    tune: bool,
 }
 
 #[derive(Args)]
@@ -333,6 +340,10 @@ fn train(a: TrainArgs, progress: bool) -> anyhow::Result<()> {
         params.gbt.tree.max_depth = d;
         params.forest.tree.max_depth = d;
     }
+    params.validate()?;
+    if a.tune && a.algo != Algo::Gbt {
+        bail!("--tune searches the gradient-boosted trees' parameters: use it with --algo gbt");
+    }
     let req = TrainRequest {
         data: &a.data,
         from,
@@ -340,6 +351,9 @@ fn train(a: TrainArgs, progress: bool) -> anyhow::Result<()> {
         algo: a.algo,
         features,
         params,
+        tune: a
+            .tune
+            .then(|| Grid::new(a.max_depth, a.learning_rate, a.trees)),
         progress,
     };
     let model = backtest::train(&req)?;

@@ -341,6 +341,67 @@ fn clear_errors_for_bad_arguments_models_and_rules() {
     }
 }
 
+/// Out-of-range training parameters are refused naming the flag, before any
+/// data is read; `--tune` records its search in the model and trains with
+/// the parameters it chose.
+#[test]
+fn training_parameters_are_checked_and_tuned() {
+    let dir = workdir("tune");
+    let data = simulate(&dir, "d.csv", "4");
+    let model = dir.join("m.json");
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--data",
+            s(&data),
+            "--train-from",
+            "2018-04-10",
+            "--train-to",
+            "2018-05-31",
+            "--out",
+            s(&model),
+        ];
+        args.extend_from_slice(extra);
+        args.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+    let refuse = |extra: &[&str], flag: &str| {
+        let args = train(extra);
+        let err = fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(err.contains(flag), "{extra:?}: {err}");
+        assert!(!model.exists(), "{extra:?} wrote a model");
+    };
+    refuse(&["--trees", "0"], "--trees");
+    refuse(&["--learning-rate", "-0.1"], "--learning-rate");
+    refuse(&["--learning-rate", "NaN"], "--learning-rate");
+    refuse(&["--max-depth", "0"], "--max-depth");
+    refuse(&["--lambda", "-1"], "--lambda");
+    refuse(&["--min-child-weight", "inf"], "--min-child-weight");
+    refuse(&["--algo", "forest", "--tune"], "--tune");
+
+    let args = train(&["--tune", "--max-depth", "3"]);
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&model).unwrap()).unwrap();
+    let tune = &m["metrics"]["tune"];
+    let trials = tune["trials"].as_array().unwrap();
+    // Depth fixed at 3: two learning rates times twelve round counts.
+    assert_eq!(trials.len(), 24, "{tune}");
+    assert!(trials.iter().all(|t| t["max_depth"] == 3), "{tune}");
+    let best = &tune["best"];
+    let top = trials
+        .iter()
+        .map(|t| t["average_precision"].as_f64().unwrap())
+        .fold(f64::NEG_INFINITY, f64::max);
+    assert_eq!(best["average_precision"].as_f64().unwrap(), top, "{tune}");
+    let rounds = best["rounds"].as_u64().unwrap() as usize;
+    assert_eq!(
+        m["body"]["trees"].as_array().unwrap().len(),
+        rounds,
+        "{tune}"
+    );
+    assert!(tune["validation_frauds"].as_u64().unwrap() > 0, "{tune}");
+}
+
 #[test]
 fn demo_runs_the_pipeline_on_the_mock_cluster() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

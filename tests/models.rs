@@ -40,6 +40,7 @@ fn train_small(data: &Path, algo: Algo) -> Model {
         algo,
         features: FeatureConfig::default(),
         params: quick_params(),
+        tune: None,
         progress: false,
     })
     .unwrap()

@@ -7,6 +7,7 @@ pub mod logistic;
 pub mod rules;
 pub mod scorer;
 pub mod trees;
+pub mod tune;
 
 use crate::features::{FeatureConfig, N_FEATURES, NAMES, idx};
 use iforest::{IsolationForest, IsolationParams};
@@ -135,6 +136,57 @@ pub struct TrainParams {
     pub forest: ForestParams,
     pub gbt: GbtParams,
     pub iforest: IsolationParams,
+}
+
+/// A training parameter out of its range, named as `train`'s flag is.
+#[derive(Debug, thiserror::Error)]
+#[error("--{flag}: {reason}")]
+pub struct ParamError {
+    pub flag: &'static str,
+    pub reason: String,
+}
+
+impl TrainParams {
+    /// Checks every parameter up front, so that a typo trains nothing
+    /// rather than a constant or diverging model.
+    pub fn validate(&self) -> Result<(), ParamError> {
+        let fail = |flag, reason: String| Err(ParamError { flag, reason });
+        let g = &self.gbt;
+        for (flag, n) in [
+            ("trees", g.rounds),
+            ("trees", self.forest.trees),
+            ("trees", self.iforest.trees),
+        ] {
+            if n == 0 || n > 100_000 {
+                return fail(flag, format!("must be between 1 and 100000, got {n}"));
+            }
+        }
+        for d in [g.tree.max_depth, self.forest.tree.max_depth] {
+            if d == 0 || d > 32 {
+                return fail("max-depth", format!("must be between 1 and 32, got {d}"));
+            }
+        }
+        if !(g.learning_rate > 0.0 && g.learning_rate <= 1.0) {
+            return fail(
+                "learning-rate",
+                format!("must be above 0 and at most 1, got {}", g.learning_rate),
+            );
+        }
+        for (flag, v) in [
+            ("lambda", g.tree.lambda),
+            ("lambda", self.logistic.alpha),
+            ("min-child-weight", g.tree.min_child_weight),
+            ("min-child-weight", self.forest.tree.min_child_weight),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return fail(
+                    flag,
+                    format!("must be a finite number of at least 0, got {v}"),
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Model {
