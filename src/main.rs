@@ -72,7 +72,9 @@ struct SimulateArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Fraud scenarios to inject: 1 amount > 220, 2 compromised terminals,
-    /// 3 compromised cards, 4 card testing, 5 account takeover.
+    /// 3 compromised cards, 4 card testing, 5 account takeover, 6 category
+    /// and hour (genuine hours by merchant category; night purchases of
+    /// electronics on compromised cards; not in the default set).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5")]
     scenarios: Vec<u8>,
 }
@@ -277,8 +279,8 @@ pub fn write_simulation(sim: &Simulation, out: &Path) -> anyhow::Result<()> {
 }
 
 fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
-    if let Some(bad) = a.scenarios.iter().find(|s| !(1..=5).contains(*s)) {
-        bail!("--scenarios: {bad} is not a scenario (1 to 5)");
+    if let Some(bad) = a.scenarios.iter().find(|s| !(1..=6).contains(*s)) {
+        bail!("--scenarios: {bad} is not a scenario (1 to 6)");
     }
     if a.size.customers == 0 || a.size.terminals == 0 || a.size.days == 0 {
         bail!("--customers, --terminals and --days must be at least 1");

@@ -13,6 +13,16 @@
 //!    payments at one web merchant within minutes, then a cash-out purchase;
 //! 5. account takeover (ours): each day one card pays, within two hours of
 //!    a genuine payment, at terminals at least 40 km from its home.
+//! 6. category and hour (ours; off by default): genuine traffic follows each
+//!    merchant category's hours of the day (restaurants at lunch and dinner,
+//!    hotels in the evening and into the night, commuting at rush hours),
+//!    and a fifth of the customers live six hours later than the rest. Each
+//!    day three cards are compromised: over the next week the fraudster
+//!    buys electronics and miscellaneous goods (MCC 5732, 5999) at the
+//!    card's own nearby terminals, between midnight and five in the
+//!    morning, for amounts like the card's own, at the card's usual pace.
+//!    Nothing but the category, the hour and the card's own habits in both
+//!    tells these frauds apart.
 
 use crate::ingest::time::format_utc;
 use crate::ingest::{Channel, EventTime, Transaction};
@@ -28,7 +38,7 @@ pub struct SimConfig {
     pub start: i64,
     pub seed: u64,
     pub radius: f64,
-    /// Which of the scenarios 1..=5 to inject.
+    /// Which of the scenarios 1..=6 to inject.
     pub scenarios: Vec<u8>,
 }
 
@@ -175,8 +185,11 @@ impl Simulation {
             terminals,
             transactions: txs,
         };
-        sim.sort();
         let s = sim.cfg.scenarios.clone();
+        if s.contains(&6) {
+            sim.hours_by_category();
+        }
+        sim.sort();
         if s.contains(&1) {
             sim.scenario_amount();
         }
@@ -191,6 +204,9 @@ impl Simulation {
         }
         if s.contains(&5) {
             sim.scenario_takeover();
+        }
+        if s.contains(&6) {
+            sim.scenario_category_hour();
         }
         sim.sort();
         sim
@@ -332,6 +348,64 @@ impl Simulation {
         }
     }
 
+    /// Scenario 6's genuine side: each genuine transaction's time of day is
+    /// drawn again from its merchant category's hours; night owls' hours are
+    /// six hours later. The day and everything else stay.
+    fn hours_by_category(&mut self) {
+        let mut owls = Rng::derive(self.cfg.seed, 8, 0);
+        let owl: Vec<bool> = (0..self.customers.len())
+            .map(|_| owls.f64() < 0.2)
+            .collect();
+        for (i, t) in self.transactions.iter_mut().enumerate() {
+            let mut rng = Rng::derive(self.cfg.seed, 9, i as u64);
+            let mcc = self.terminals[t.terminal as usize].mcc;
+            let h = category_hour(mcc, &mut rng) + if owl[t.customer as usize] { 6.0 } else { 0.0 };
+            let secs = (h.rem_euclid(24.0) * 3600.0) as i64;
+            t.ts = t.ts.div_euclid(DAY) * DAY + secs.clamp(1, DAY - 1);
+        }
+    }
+
+    /// Scenario 6's frauds: see the module's documentation.
+    fn scenario_category_hour(&mut self) {
+        const RISKY: [u16; 2] = [5732, 5999];
+        let horizon = self.cfg.days as i64 * DAY;
+        for day in 0..self.cfg.days as i64 {
+            let mut rng = Rng::derive(self.cfg.seed, 10, day as u64);
+            for c in rng.sample(self.customers.len(), 3) {
+                let cust = &self.customers[c];
+                let risky: Vec<u32> = cust
+                    .terminals
+                    .iter()
+                    .copied()
+                    .filter(|&i| RISKY.contains(&self.terminals[i as usize].mcc))
+                    .collect();
+                if risky.is_empty() {
+                    continue;
+                }
+                let (mean, sd) = (cust.mean_amount, cust.std_amount);
+                let frauds = rng.poisson(cust.mean_tx_per_day.max(0.5) * 2.0).max(1);
+                for _ in 0..frauds {
+                    let ts =
+                        (day + rng.below(7) as i64) * DAY + rng.uniform(60.0, 5.0 * 3600.0) as i64;
+                    if ts >= horizon {
+                        continue;
+                    }
+                    let mut amount = rng.normal(mean, sd);
+                    if amount < 0.0 {
+                        amount = rng.uniform(0.0, 2.0 * mean);
+                    }
+                    self.transactions.push(SimTx {
+                        ts,
+                        customer: c as u32,
+                        terminal: risky[rng.below(risky.len())],
+                        amount: round2(amount),
+                        scenario: 6,
+                    });
+                }
+            }
+        }
+    }
+
     /// Fills `tx` with transaction `i`, as the CSV file would give it.
     pub fn fill(&self, i: usize, tx: &mut Transaction) {
         let t = &self.transactions[i];
@@ -398,6 +472,30 @@ impl Simulation {
             out.write_all(line.as_bytes())?;
         }
         Ok(())
+    }
+}
+
+/// An hour of the day (UTC, fractional, may fall outside 0..24 and wraps)
+/// at which genuine customers pay in category `mcc`.
+fn category_hour(mcc: u16, rng: &mut Rng) -> f64 {
+    let pick = rng.f64();
+    match mcc {
+        // Restaurants: lunch and dinner.
+        5812 if pick < 0.45 => rng.normal(12.75, 1.0),
+        5812 => rng.normal(20.0, 1.5),
+        // Commuting: two rush hours.
+        4111 if pick < 0.5 => rng.normal(8.0, 1.0),
+        4111 => rng.normal(18.0, 1.0),
+        // Hotels: evening check-ins, some after midnight.
+        7011 => rng.normal(21.0, 2.5),
+        // Fuel and cash: all day, and a little at night.
+        5541 | 6011 if pick < 0.05 => rng.uniform(0.0, 6.0),
+        5541 | 6011 => rng.uniform(6.0, 23.0),
+        // Electronics: shop hours, with a few genuine night orders.
+        5732 if pick < 0.02 => rng.uniform(0.0, 5.0),
+        5732 => rng.normal(15.0, 2.5),
+        // Groceries, department stores and the rest: shop hours.
+        _ => rng.normal(14.5, 3.0),
     }
 }
 
@@ -468,6 +566,55 @@ mod tests {
         };
         assert_eq!(key(&a), key(&b));
         assert_ne!(key(&a), key(&c));
+    }
+
+    /// Scenario 6 leaves the default data alone, puts genuine traffic on its
+    /// category's hours, and its frauds at night in the risky categories,
+    /// at amounts like the card's own.
+    #[test]
+    fn category_and_hour_scenario() {
+        let with = |scenarios: Vec<u8>| {
+            Simulation::run(SimConfig {
+                customers: 300,
+                terminals: 600,
+                days: 30,
+                seed: 5,
+                scenarios,
+                ..SimConfig::default()
+            })
+        };
+        let base = with(vec![1, 2, 3, 4, 5]);
+        assert!(base.transactions.iter().all(|t| t.scenario != 6));
+        let s = with(vec![1, 2, 3, 4, 5, 6]);
+        let hour = |t: &SimTx| t.ts.rem_euclid(DAY) / 3600;
+        let mcc = |t: &SimTx| s.terminals[t.terminal as usize].mcc;
+        let frauds: Vec<&SimTx> = s.transactions.iter().filter(|t| t.scenario == 6).collect();
+        assert!(frauds.len() > 50, "{}", frauds.len());
+        assert!(
+            frauds
+                .iter()
+                .all(|t| hour(t) < 5 && [5732, 5999].contains(&mcc(t)))
+        );
+        let genuine: Vec<&SimTx> = s.transactions.iter().filter(|t| t.scenario == 0).collect();
+        let share = |f: &dyn Fn(&&SimTx) -> bool| {
+            genuine.iter().filter(|t| f(t)).count() as f64 / genuine.len() as f64
+        };
+        // Night is rare for genuine traffic, but not empty: hour alone is no proof.
+        let night = share(&|t| hour(t) < 5);
+        assert!(night > 0.02 && night < 0.2, "{night}");
+        // Restaurants peak at lunch and dinner, not mid-afternoon.
+        let at = |h: i64| share(&|t| mcc(t) == 5812 && hour(t) == h);
+        assert!(
+            at(12) > 2.0 * at(16) && at(20) > 2.0 * at(16),
+            "{} {} {}",
+            at(12),
+            at(16),
+            at(20)
+        );
+        // Frauds cost what the card usually spends: amount alone is no proof.
+        let mean = |v: &[&SimTx]| v.iter().map(|t| t.amount).sum::<f64>() / v.len() as f64;
+        let ratio = mean(&frauds) / mean(&genuine);
+        assert!(ratio > 0.7 && ratio < 1.4, "{ratio}");
     }
 
     #[test]
