@@ -81,10 +81,8 @@ fn reference(events: &[Ev], cfg: FeatureConfig) -> Vec<Option<[f64; N_FEATURES]>
             .filter(|(j, _)| events[*j].card == e.card)
             .map(|&(j, l)| (&events[j], l))
             .collect();
-        let in_days = |c: &Ev, w: i64| {
-            let d = c.ts.div_euclid(DAY);
-            d >= (t - w * DAY).div_euclid(DAY) && d <= day
-        };
+        // Exact to the second: (t − w days, t], as pandas' rolling windows.
+        let in_days = |c: &Ev, w: i64| c.ts > t - w * DAY && c.ts <= t;
         let agg = |w: i64| {
             let v: Vec<&(&Ev, bool)> = card.iter().filter(|(c, _)| in_days(c, w)).collect();
             let n = v.len() as f64;

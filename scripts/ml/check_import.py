@@ -13,24 +13,17 @@ Prints `check NAME ... ok|FAILED` per check, with the reason under a failure.
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
 import xgboost as xgb
+from checks import report, run
 
 TOLERANCE = 1e-6
 TRAIN = ("2018-05-01", "2018-06-01")
 TEST = ("2018-06-08", "2018-06-22")
-
-
-def run(*args):
-    done = subprocess.run(args, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, args))} failed:\n{done.stderr}")
-    return done
 
 
 def features(bin, data, window, out):
@@ -83,8 +76,6 @@ def main():
     _, x_train, y_train = features(bin, data, TRAIN, work / "train.csv")
     ids, x_test, _ = features(bin, data, TEST, work / "test.csv")
 
-    checks = []
-
     def xgboost_check():
         booster = xgb.train(
             {"objective": "binary:logistic", "max_depth": 5, "eta": 0.2, "seed": 1},
@@ -120,26 +111,12 @@ def main():
         booster.save_model(path)
         return refused(bin, "--xgboost", path, work / "regression.peregrine.json", "reg:squarederror")
 
-    checks = [
+    report([
         ("import-xgboost-scores-as-xgboost", xgboost_check),
         ("import-lightgbm-scores-as-lightgbm", lightgbm_check),
         ("import-refuses-foreign-columns", foreign_columns_check),
         ("import-refuses-other-objectives", objective_check),
-    ]
-    passed = failed = 0
-    started = time.time()
-    for name, check in checks:
-        try:
-            detail = check()
-            print(f"check {name} ... ok ({detail})")
-            passed += 1
-        except Exception as e:  # a check's failure is reported, the rest still run
-            print(f"check {name} ... FAILED\n    {e}")
-            failed += 1
-    verdict = "ok" if failed == 0 else "FAILED"
-    print(f"test result: {verdict}. {passed} passed; {failed} failed; 0 ignored; 0 measured; "
-          f"0 filtered out; finished in {time.time() - started:.2f}s")
-    sys.exit(1 if failed else 0)
+    ])
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
-//! Per-card window state: daily panes for the 7- and 30-day windows, and
-//! the card's recent raw events for the exact 1-hour and 1-day windows.
+//! Per-card window state: the card's events of the last 30 days, as time
+//! and amount, for the 7- and 30-day windows, exact to the second; and its
+//! recent raw events, with merchant and place, for the 1-hour and 1-day
+//! windows.
 
 use super::geo::haversine_km;
 
 pub const DAY: i64 = 86_400;
-/// Daily panes kept: the 30-day window reaches back into a 31st day.
-pub const PANES: usize = 32;
 /// Amount at least this many times the card's 30-day mean counts as large.
 pub const LARGE_RATIO: f64 = 2.5;
 /// History a card needs before one of its amounts can count as large.
 pub const LARGE_MIN_HISTORY: u32 = 3;
+/// The longest window over the logged events.
+const LOG_SPAN: i64 = 30 * DAY;
+/// Events a card's log holds at most (16 kB): a card past it, more than 68
+/// payments a day for 30 days, loses its oldest first, and its 7- and
+/// 30-day windows undercount (counted as `window_overflows`).
+pub const MAX_LOGGED: usize = 2048;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Recent {
@@ -25,6 +31,30 @@ pub struct Recent {
     pub id: u32,
 }
 
+/// An event of the card's last 30 days: its time, and its amount (at most
+/// `AMOUNT_CEILING`, so never negative) with the sign bit set when the
+/// amount counted as large for the card. Eight bytes: a card with 60
+/// payments a month holds 480 bytes of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Logged {
+    ts: u32,
+    signed_amount: f32,
+}
+
+impl Logged {
+    fn new(ts: u32, amount: f32, large: bool) -> Logged {
+        let a = amount.abs();
+        Logged {
+            ts,
+            signed_amount: if large { -a } else { a },
+        }
+    }
+
+    fn amount(self) -> f32 {
+        self.signed_amount.abs()
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Prev {
     ts: u32,
@@ -32,17 +62,13 @@ struct Prev {
     lon: f32,
 }
 
-const COUNT_BITS: u16 = 0x0fff;
-const LARGE_ONE: u16 = 0x1000;
-
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct CardState {
-    newest_day: u32,
-    /// Per day: the count in the low 12 bits, large amounts in the high 4
-    /// (each saturating), so a pane costs 10 bytes with its two sums.
-    tally: [u16; PANES],
-    sums: [f32; PANES],
-    sumsq: [f32; PANES],
+    /// The newest event time applied, for idle expiry.
+    newest_ts: u32,
+    /// Events within the 30-day window of the newest event time minus the
+    /// allowed lateness, oldest first; at most [`MAX_LOGGED`].
+    log: Vec<Logged>,
     /// Raw events within the last day plus the allowed lateness, oldest first.
     recent: Vec<Recent>,
     /// The newest event evicted from `recent`, for "time since previous"
@@ -50,20 +76,7 @@ pub struct CardState {
     before: Prev,
 }
 
-impl Default for CardState {
-    fn default() -> Self {
-        CardState {
-            newest_day: 0,
-            tally: [0; PANES],
-            sums: [0.0; PANES],
-            sumsq: [0.0; PANES],
-            recent: Vec::new(),
-            before: Prev::default(),
-        }
-    }
-}
-
-/// Aggregates over a range of daily panes.
+/// Aggregates over a window of the card's events.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PaneSum {
     pub count: u32,
@@ -80,6 +93,34 @@ impl PaneSum {
             self.sum / self.count as f64
         }
     }
+
+    /// Sums a run of logged events, four at a time without a branch: the
+    /// windows' one loop over a card's month.
+    fn of(events: &[Logged]) -> PaneSum {
+        let (mut sum, mut sumsq, mut large) = ([0f64; 4], [0f64; 4], 0u32);
+        let chunks = events.chunks_exact(4);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for k in 0..4 {
+                let a = c[k].amount() as f64;
+                sum[k] += a;
+                sumsq[k] += a * a;
+                large += c[k].signed_amount.to_bits() >> 31;
+            }
+        }
+        for (k, e) in rest.iter().enumerate() {
+            let a = e.amount() as f64;
+            sum[k] += a;
+            sumsq[k] += a * a;
+            large += e.signed_amount.to_bits() >> 31;
+        }
+        PaneSum {
+            count: events.len() as u32,
+            sum: (sum[0] + sum[1]) + (sum[2] + sum[3]),
+            sumsq: (sumsq[0] + sumsq[1]) + (sumsq[2] + sumsq[3]),
+            large,
+        }
+    }
 }
 
 /// Everything the card contributes to one event's features.
@@ -89,7 +130,8 @@ pub struct CardView {
     pub count_1d: u32,
     pub sum_1d: f64,
     pub distinct_merchants_1d: u32,
-    /// Previous panes (excluding the event itself) for 7 and 30 days.
+    /// The card's earlier events (excluding the event itself) in the last
+    /// 7 and 30 days: times in `(t − 7 d, t]` and `(t − 30 d, t]`.
     pub prev_7d: PaneSum,
     pub prev_30d: PaneSum,
     pub secs_since_prev: Option<i64>,
@@ -122,15 +164,29 @@ impl CardView {
     }
 }
 
+/// What folding one event into a card's state had to give up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The recent events' bound forced an early eviction.
+    pub recent_overflow: bool,
+    /// The log's bound dropped an event still inside the 30-day window.
+    pub window_overflow: bool,
+}
+
 impl CardState {
     pub fn newest_day(&self) -> u32 {
-        self.newest_day
+        (self.newest_ts as i64).div_euclid(DAY) as u32
     }
 
     pub fn prefetch_history(&self) {
         super::store::prefetch(
             self.recent.as_ptr(),
             self.recent.len() * std::mem::size_of::<Recent>(),
+        );
+        // The windows read the whole log: a card's month is a few lines.
+        super::store::prefetch(
+            self.log.as_ptr(),
+            self.log.len() * std::mem::size_of::<Logged>(),
         );
     }
 
@@ -141,53 +197,41 @@ impl CardState {
         id != 0 && self.recent.iter().any(|r| r.id == id && r.ts == ts)
     }
 
-    /// Sums over the panes of days `[from_30, to]`, and of `[from_7, to]` on the way.
-    fn panes(&self, from_30: i64, from_7: i64, to_day: i64) -> (PaneSum, PaneSum) {
-        let newest = self.newest_day as i64;
-        let hi = to_day.min(newest);
-        let lo = from_30.max(newest - PANES as i64 + 1);
-        // The days before the 7-day window, then the window, which counts
-        // in both sums.
-        let early = self.pane_sum(lo, hi.min(from_7 - 1));
-        let s7 = self.pane_sum(lo.max(from_7), hi);
-        let s30 = PaneSum {
-            count: early.count + s7.count,
-            sum: early.sum + s7.sum,
-            sumsq: early.sumsq + s7.sumsq,
-            large: early.large + s7.large,
-        };
-        (s30, s7)
-    }
-
-    /// Sums over the panes of days `[from, to]`, all within the kept panes.
-    fn pane_sum(&self, from: i64, to: i64) -> PaneSum {
-        let mut s = PaneSum::default();
-        for d in from..to + 1 {
-            let i = d as usize % PANES;
-            let tally = self.tally[i];
-            s.count += (tally & COUNT_BITS) as u32;
-            s.large += (tally >> 12) as u32;
-            s.sum += self.sums[i] as f64;
-            s.sumsq += self.sumsq[i] as f64;
-        }
-        s
-    }
-
     /// The card's contribution to the features of an event at `t`, before
-    /// the event is applied. Late events see only what came at or before them
-    /// in the exact windows, and whole days in the pane windows.
+    /// the event is applied. A late event sees only what came at or before
+    /// it.
     pub fn view(&self, t: i64, merchant: u32) -> CardView {
         let mut v = CardView {
             prev_lat: f32::NAN,
             prev_lon: f32::NAN,
             ..CardView::default()
         };
-        let day = t.div_euclid(DAY);
-        (v.prev_30d, v.prev_7d) = self.panes(
-            (t - 30 * DAY).div_euclid(DAY),
-            (t - 7 * DAY).div_euclid(DAY),
-            day,
-        );
+        // Both windows end at t (the whole log but for a late event); the
+        // 30-day one starts after t − 30 d, and the 7-day one within it.
+        // The edges are found by short walks, not binary searches: the log
+        // ends at or just after t, only a few expired events precede the
+        // 30-day window, and a week is the last quarter of the month.
+        let log = &self.log[..];
+        let mut end = log.len();
+        while end > 0 && log[end - 1].ts as i64 > t {
+            end -= 1;
+        }
+        let mut from_7 = end;
+        while from_7 > 0 && log[from_7 - 1].ts as i64 > t - 7 * DAY {
+            from_7 -= 1;
+        }
+        let mut from_30 = 0;
+        while from_30 < from_7 && log[from_30].ts as i64 <= t - LOG_SPAN {
+            from_30 += 1;
+        }
+        v.prev_7d = PaneSum::of(&log[from_7..end]);
+        let early = PaneSum::of(&log[from_30..from_7]);
+        v.prev_30d = PaneSum {
+            count: early.count + v.prev_7d.count,
+            sum: early.sum + v.prev_7d.sum,
+            sumsq: early.sumsq + v.prev_7d.sumsq,
+            large: early.large + v.prev_7d.large,
+        };
 
         let mut merchants = [0u32; 64];
         let mut distinct = 0usize;
@@ -228,30 +272,37 @@ impl CardState {
         v
     }
 
-    /// Adds an event. `horizon` is the oldest timestamp the exact windows can
-    /// still be asked about; `max_recent` bounds the raw events kept.
-    /// Returns true when the bound forced an early eviction.
-    pub fn apply(&mut self, ev: Recent, large: bool, horizon: i64, max_recent: usize) -> bool {
-        let day = (ev.ts as i64).div_euclid(DAY) as u32;
-        if day > self.newest_day {
-            let gap = (day - self.newest_day) as usize;
-            for k in 1..=gap.min(PANES) {
-                let i = (self.newest_day as usize + k) % PANES;
-                self.tally[i] = 0;
-                self.sums[i] = 0.0;
-                self.sumsq[i] = 0.0;
-            }
-            self.newest_day = day;
+    /// Adds an event. `settled` is the newest event time minus the allowed
+    /// lateness: no later event can be asked about an earlier time, so the
+    /// exact windows need nothing older than it minus their length.
+    /// `max_recent` bounds the raw events kept.
+    pub fn apply(&mut self, ev: Recent, large: bool, settled: i64, max_recent: usize) -> Applied {
+        self.newest_ts = self.newest_ts.max(ev.ts);
+        let mut applied = Applied::default();
+
+        let logged = Logged::new(ev.ts, ev.amount, large);
+        if self.log.last().is_none_or(|e| e.ts <= ev.ts) {
+            self.log.push(logged);
+        } else {
+            let pos = self.log.partition_point(|e| e.ts <= ev.ts);
+            self.log.insert(pos, logged);
         }
-        if self.newest_day - day < PANES as u32 {
-            let i = day as usize % PANES;
-            let a = ev.amount;
-            let t = self.tally[i];
-            let count = if t & COUNT_BITS < COUNT_BITS { 1 } else { 0 };
-            let large = if large && t >> 12 < 15 { LARGE_ONE } else { 0 };
-            self.tally[i] = t + count + large;
-            self.sums[i] += a;
-            self.sumsq[i] += a * a;
+        // Expired events go a few at a time (the windows skip them), so
+        // that the log is not shifted for every event.
+        let expired = if self.log[0].ts as i64 <= settled - LOG_SPAN {
+            self.log
+                .partition_point(|e| (e.ts as i64) <= settled - LOG_SPAN)
+        } else {
+            0
+        };
+        let overflow = self.log.len().saturating_sub(MAX_LOGGED);
+        if expired >= 4 || overflow > 0 || (expired > 0 && self.log.len() == self.log.capacity()) {
+            self.log.drain(..expired.max(overflow));
+            applied.window_overflow = overflow > expired;
+            // A card that slowed down gives back what its busier month took.
+            if self.log.capacity() >= 2 * self.log.len() + 8 {
+                self.log.shrink_to(self.log.len() + self.log.len() / 4 + 2);
+            }
         }
 
         if self.recent.last().is_none_or(|r| r.ts <= ev.ts) {
@@ -260,6 +311,7 @@ impl CardState {
             let pos = self.recent.partition_point(|r| r.ts <= ev.ts);
             self.recent.insert(pos, ev);
         }
+        let horizon = settled - DAY;
         let expired = self.recent.partition_point(|r| (r.ts as i64) < horizon);
         let overflow = self.recent.len().saturating_sub(max_recent);
         let cut = expired.max(overflow);
@@ -279,27 +331,30 @@ impl CardState {
         if self.recent.capacity() >= 2 * self.recent.len() + 2 {
             self.recent.shrink_to(self.recent.len() + 1);
         }
-        overflow > expired
+        applied.recent_overflow = overflow > expired;
+        applied
     }
 }
 
-/// Version of [`CardState::encode`]'s layout, its first byte. Version 1,
-/// without the recent events' ids, is still read: a rolling deploy
-/// restores what the previous release wrote.
-const ENCODING: u8 = 2;
+/// Version of [`CardState::encode`]'s layout, its first byte. Versions 1
+/// and 2 held whole-day panes instead of the log; they are still read (see
+/// [`CardState::decode`]), so a rolling deploy restores what the previous
+/// release wrote.
+const ENCODING: u8 = 3;
+/// The daily panes of versions 1 and 2.
+const OLD_PANES: usize = 32;
 
 impl CardState {
     /// The state as bytes, for the service's changelog: little-endian
-    /// fields in declaration order, the recent events last.
+    /// fields in declaration order, each list after its length.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.reserve(340 + 24 * self.recent.len());
+        out.reserve(23 + 8 * self.log.len() + 24 * self.recent.len());
         out.push(ENCODING);
-        out.extend_from_slice(&self.newest_day.to_le_bytes());
-        for t in self.tally {
-            out.extend_from_slice(&t.to_le_bytes());
-        }
-        for v in self.sums.iter().chain(&self.sumsq) {
-            out.extend_from_slice(&v.to_le_bytes());
+        out.extend_from_slice(&self.newest_ts.to_le_bytes());
+        out.extend_from_slice(&(self.log.len() as u16).to_le_bytes());
+        for e in &self.log {
+            out.extend_from_slice(&e.ts.to_le_bytes());
+            out.extend_from_slice(&e.signed_amount.to_le_bytes());
         }
         out.extend_from_slice(&self.before.ts.to_le_bytes());
         out.extend_from_slice(&self.before.lat.to_le_bytes());
@@ -317,21 +372,49 @@ impl CardState {
 
     /// The state [`CardState::encode`] wrote, or `None` for bytes it cannot
     /// have written (another version, or cut short).
+    ///
+    /// Versions 1 and 2 kept a count, sum and large count per UTC day, not
+    /// the events: each day's events then come back at the first second of
+    /// their day, each with the day's mean amount (the recent events as
+    /// they were). Counts and sums stay whole; a window's edge and spread
+    /// are approximate until those days leave the 30-day window.
     pub fn decode(bytes: &[u8]) -> Option<CardState> {
         let mut r = Reader(bytes);
         let version = r.u8()?;
-        if version != ENCODING && version != 1 {
-            return None;
-        }
-        let mut c = CardState {
-            newest_day: r.u32()?,
-            ..CardState::default()
-        };
-        for t in &mut c.tally {
-            *t = r.u16()?;
-        }
-        for v in c.sums.iter_mut().chain(c.sumsq.iter_mut()) {
-            *v = r.f32()?;
+        let mut c = CardState::default();
+        let mut panes = None;
+        match version {
+            ENCODING => {
+                c.newest_ts = r.u32()?;
+                let n = r.u16()? as usize;
+                c.log.reserve_exact(n);
+                for _ in 0..n {
+                    let e = Logged {
+                        ts: r.u32()?,
+                        signed_amount: r.f32()?,
+                    };
+                    if c.log.last().is_some_and(|last| last.ts > e.ts) {
+                        return None; // the windows' walks need time order
+                    }
+                    c.log.push(e);
+                }
+            }
+            1 | 2 => {
+                let newest_day = r.u32()?;
+                let mut tally = [0u16; OLD_PANES];
+                let mut sums = [0f32; OLD_PANES];
+                for t in &mut tally {
+                    *t = r.u16()?;
+                }
+                for v in &mut sums {
+                    *v = r.f32()?;
+                }
+                for _ in 0..OLD_PANES {
+                    r.f32()?; // sums of squares: the log recomputes them
+                }
+                panes = Some((newest_day, tally, sums));
+            }
+            _ => return None,
         }
         c.before = Prev {
             ts: r.u32()?,
@@ -350,8 +433,61 @@ impl CardState {
                 id: if version == 1 { 0 } else { r.u32()? },
             });
         }
-        r.0.is_empty().then_some(c)
+        if !r.0.is_empty() {
+            return None;
+        }
+        if let Some((newest_day, tally, sums)) = panes {
+            c.log = log_from_panes(newest_day, &tally, &sums, &c.recent);
+            c.newest_ts = c
+                .log
+                .last()
+                .map_or(newest_day.saturating_mul(DAY as u32), |e| e.ts);
+        }
+        Some(c)
     }
+}
+
+/// The events versions 1 and 2 stand for: per day, its recent events as
+/// they were and the rest at the day's first second with the mean amount
+/// of what the recent events leave of the day's sum.
+fn log_from_panes(
+    newest_day: u32,
+    tally: &[u16; OLD_PANES],
+    sums: &[f32; OLD_PANES],
+    recent: &[Recent],
+) -> Vec<Logged> {
+    const COUNT_BITS: u16 = 0x0fff;
+    let mut log = Vec::new();
+    let first = newest_day.saturating_sub(OLD_PANES as u32 - 1);
+    for day in first..=newest_day {
+        let i = day as usize % OLD_PANES;
+        let count = (tally[i] & COUNT_BITS) as usize;
+        let mut large = (tally[i] >> 12) as usize;
+        let known: Vec<&Recent> = recent
+            .iter()
+            .filter(|r| r.ts as i64 / DAY == day as i64)
+            .take(count)
+            .collect();
+        let rest = count - known.len();
+        let known_sum: f64 = known.iter().map(|r| r.amount as f64).sum();
+        let mean = if rest > 0 {
+            ((sums[i] as f64 - known_sum) / rest as f64).max(0.0) as f32
+        } else {
+            0.0
+        };
+        let start = (day as i64 * DAY) as u32;
+        for _ in 0..rest {
+            log.push(Logged::new(start, mean, large > 0));
+            large = large.saturating_sub(1);
+        }
+        for r in known {
+            log.push(Logged::new(r.ts, r.amount, large > 0));
+            large = large.saturating_sub(1);
+        }
+    }
+    let over = log.len().saturating_sub(MAX_LOGGED);
+    log.drain(..over);
+    log
 }
 
 /// Little-endian fields off the front of a byte slice.
@@ -388,7 +524,8 @@ mod tests {
             "CardState {} bytes",
             std::mem::size_of::<super::CardState>()
         );
-        assert!(std::mem::size_of::<super::CardState>() <= 368);
+        assert!(std::mem::size_of::<super::CardState>() <= 72);
+        assert_eq!(std::mem::size_of::<super::Logged>(), 8);
         assert_eq!(std::mem::size_of::<super::Recent>(), 24);
     }
 
@@ -411,7 +548,7 @@ mod tests {
                 lon: 50.0,
                 id: 1000 + i,
             };
-            c.apply(ev, i % 5 == 0, 1_600_000_000 + i as i64 * 3000 - 86_400, 64);
+            c.apply(ev, i % 5 == 0, 1_600_000_000 + i as i64 * 3000, 64);
         }
         let mut bytes = Vec::new();
         c.encode(&mut bytes);
@@ -431,29 +568,119 @@ mod tests {
         assert!(!d.has_seen(0, last) && !d.has_seen(7, last));
     }
 
-    /// What the previous release wrote (version 1, no ids) still restores,
-    /// its events without ids.
+    /// What earlier releases wrote (daily panes; version 1 without ids)
+    /// still restores: counts and sums whole, recent events as they were.
     #[test]
-    fn version_1_still_decodes() {
+    fn versions_1_and_2_still_decode() {
         use super::*;
-        let mut c = CardState::default();
-        let ev = Recent {
-            ts: 1_600_000_000,
+        let day = 18_500u32;
+        let at = |d: u32, s: u32| d * DAY as u32 + s;
+        // Three days with events: 20 days ago (4 events, one large, 100 in
+        // all), yesterday (2, 30 in all) and today (1 recent event of 12).
+        let mut tally = [0u16; OLD_PANES];
+        let mut sums = [0f32; OLD_PANES];
+        for (d, count, large, sum) in [
+            (day - 20, 4u16, 1u16, 100f32),
+            (day - 1, 2, 0, 30.0),
+            (day, 1, 0, 12.0),
+        ] {
+            tally[d as usize % OLD_PANES] = count | large << 12;
+            sums[d as usize % OLD_PANES] = sum;
+        }
+        let recent = Recent {
+            ts: at(day, 3600),
             amount: 12.0,
             merchant: 3,
             lat: 1.0,
             lon: 2.0,
-            id: 0,
+            id: 77,
         };
-        c.apply(ev, false, 1_599_000_000, 64);
-        let mut v2 = Vec::new();
-        c.encode(&mut v2);
-        // Version 1 is version 2 without the trailing id of each event.
-        let mut v1 = v2[..v2.len() - 4].to_vec();
-        v1[0] = 1;
-        let d = CardState::decode(&v1).expect("version 1 decodes");
-        let mut again = Vec::new();
-        d.encode(&mut again);
-        assert_eq!(again, v2);
+        for version in [1u8, 2] {
+            let mut b = vec![version];
+            b.extend_from_slice(&day.to_le_bytes());
+            tally
+                .iter()
+                .for_each(|t| b.extend_from_slice(&t.to_le_bytes()));
+            sums.iter()
+                .for_each(|v| b.extend_from_slice(&v.to_le_bytes()));
+            sums.iter()
+                .for_each(|v| b.extend_from_slice(&(v * v).to_le_bytes()));
+            for v in [at(day - 1, 100), 0, 0] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+            b.extend_from_slice(&1u16.to_le_bytes());
+            for v in [
+                recent.ts,
+                12f32.to_bits(),
+                3,
+                1f32.to_bits(),
+                2f32.to_bits(),
+            ] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+            if version == 2 {
+                b.extend_from_slice(&77u32.to_le_bytes());
+            }
+            let c = CardState::decode(&b).expect("an old version decodes");
+            let v = c.view(at(day, 7200) as i64, 3);
+            assert_eq!(
+                (v.prev_30d.count, v.prev_30d.large),
+                (7, 1),
+                "version {version}"
+            );
+            assert!(
+                (v.prev_30d.sum - 142.0).abs() < 1e-3,
+                "version {version}: {v:?}"
+            );
+            assert_eq!(v.prev_7d.count, 3, "version {version}");
+            assert_eq!(c.newest_day(), day);
+            assert_eq!(c.has_seen(77, recent.ts), version == 2);
+            // Re-encoded, it is version 3 and stays what it is.
+            let mut again = Vec::new();
+            c.encode(&mut again);
+            assert_eq!(again[0], ENCODING);
+            let d = CardState::decode(&again).unwrap();
+            assert_eq!(
+                format!("{:?}", d.view(at(day, 7200) as i64, 3)),
+                format!("{v:?}")
+            );
+        }
+    }
+
+    /// The 7- and 30-day windows end at the event and start just after its
+    /// time minus the window, to the second; a card past the log's bound
+    /// keeps its newest events and says so.
+    #[test]
+    fn windows_are_exact_to_the_second() {
+        use super::*;
+        let t0 = 1_600_000_000u32;
+        let mut c = CardState::default();
+        let ev = |ts: u32, amount: f32| Recent {
+            ts,
+            amount,
+            ..Recent::default()
+        };
+        c.apply(ev(t0, 10.0), false, t0 as i64, 64);
+        c.apply(ev(t0 + 1, 20.0), true, t0 as i64 + 1, 64);
+        let at = |c: &CardState, t: i64| {
+            let v = c.view(t, 0);
+            (v.prev_7d.count, v.prev_30d.count, v.prev_30d.large)
+        };
+        let week = 7 * DAY;
+        assert_eq!(at(&c, t0 as i64 + week - 1), (2, 2, 1));
+        assert_eq!(at(&c, t0 as i64 + week), (1, 2, 1));
+        assert_eq!(at(&c, t0 as i64 + week + 1), (0, 2, 1));
+        assert_eq!(at(&c, t0 as i64 + LOG_SPAN), (0, 1, 1));
+        assert_eq!(at(&c, t0 as i64 + LOG_SPAN + 1), (0, 0, 0));
+        // A late event sees nothing after itself.
+        assert_eq!(at(&c, t0 as i64), (1, 1, 0));
+        let mut heavy = CardState::default();
+        let mut overflows = 0;
+        for i in 0..MAX_LOGGED as u32 + 10 {
+            let a = heavy.apply(ev(t0 + i * 60, 1.0), false, (t0 + i * 60) as i64, 64);
+            overflows += u32::from(a.window_overflow);
+        }
+        assert_eq!(overflows, 10);
+        assert_eq!(heavy.log.len(), MAX_LOGGED);
     }
 }

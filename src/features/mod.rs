@@ -10,7 +10,7 @@ pub mod merchant;
 pub mod store;
 
 use crate::ingest::{Channel, Transaction};
-use card::{CardState, CardView, DAY, LARGE_MIN_HISTORY, LARGE_RATIO, Recent};
+use card::{Applied, CardState, CardView, DAY, LARGE_MIN_HISTORY, LARGE_RATIO, Recent};
 use merchant::{HOUR, MerchantState, MerchantView};
 use serde::Serialize;
 use std::cmp::Reverse;
@@ -140,6 +140,8 @@ pub struct EngineStats {
     pub too_late: u64,
     pub duplicates: u64,
     pub recent_overflows: u64,
+    /// Events a card's log had to drop while still in its 30-day window.
+    pub window_overflows: u64,
     pub labels_applied: u64,
     pub labels_too_old: u64,
     pub cards_expired: u64,
@@ -345,10 +347,10 @@ impl Engine {
             tx,
             keys,
         );
-        let horizon = self.watermark - cfg.allowed_lateness_secs - DAY;
-        if fold_card(card, tx, keys, observed.large, horizon, cfg.max_recent) {
-            self.stats.recent_overflows += 1;
-        }
+        let settled = self.watermark - cfg.allowed_lateness_secs;
+        let applied = fold_card(card, tx, keys, observed.large, settled, cfg.max_recent);
+        self.stats.recent_overflows += u64::from(applied.recent_overflow);
+        self.stats.window_overflows += u64::from(applied.window_overflow);
         merchant.add_transaction(t);
         merchant.expire(oldest_hour);
         self.stats.events += 1;
@@ -374,10 +376,10 @@ impl Engine {
         let cfg = self.cfg;
         let card = self.cards.get_or_default(keys.card);
         let observed = observe(Some(&*card), merchant, tx, keys);
-        let horizon = self.watermark - cfg.allowed_lateness_secs - DAY;
-        if fold_card(card, tx, keys, observed.large, horizon, cfg.max_recent) {
-            self.stats.recent_overflows += 1;
-        }
+        let settled = self.watermark - cfg.allowed_lateness_secs;
+        let applied = fold_card(card, tx, keys, observed.large, settled, cfg.max_recent);
+        self.stats.recent_overflows += u64::from(applied.recent_overflow);
+        self.stats.window_overflows += u64::from(applied.window_overflow);
         if let Some(c) = &mut self.changes {
             c.changed.insert(keys.card.max(1));
         }
@@ -549,15 +551,15 @@ fn coord(lat: Option<f64>, lon: Option<f64>) -> (f32, f32) {
     }
 }
 
-/// Folds an event into its card's state; true if the recent events overflowed.
+/// Folds an event into its card's state.
 fn fold_card(
     card: &mut CardState,
     tx: &Transaction,
     keys: Keys,
     large: bool,
-    horizon: i64,
+    settled: i64,
     max_recent: usize,
-) -> bool {
+) -> Applied {
     let (lat, lon) = coord(tx.lat, tx.lon);
     let ev = Recent {
         ts: tx.time.utc as u32,
@@ -567,7 +569,7 @@ fn fold_card(
         lon,
         id: keys.short_id(),
     };
-    card.apply(ev, large, horizon, max_recent)
+    card.apply(ev, large, settled, max_recent)
 }
 
 /// What the state says about an event before the event is folded in:

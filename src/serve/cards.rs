@@ -177,13 +177,26 @@ async fn restore(ctx: &Arc<TaskContext>, p: i32, control: &Control) -> anyhow::R
         let restored =
             changelog::restore::<CardCheckpoint>(&reader, &c.topics.cards_changelog, p, &stopped)?;
         let mut state_bytes = 0u64;
+        let mut unreadable = 0u64;
         for (key, value) in &restored.values {
             let (Ok(key), Some(card)) = (<[u8; 8]>::try_from(&key[..]), CardState::decode(value))
             else {
+                unreadable += 1;
                 continue;
             };
             state_bytes += value.len() as u64 + 8;
             engine.insert_card(u64::from_le_bytes(key), card);
+        }
+        if unreadable > 0 {
+            // A layout this build cannot read (a newer release's, after a
+            // downgrade) loses those cards' history: say so.
+            log(
+                "WARN",
+                format_args!(
+                    "input partition {p}: {unreadable} card records in {} this build cannot decode; those cards start empty",
+                    c.topics.cards_changelog
+                ),
+            );
         }
         if let Some(m) = &restored.marker {
             engine.set_clock(m.state.clock);
