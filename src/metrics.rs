@@ -40,6 +40,7 @@ pub struct Metrics {
     pub redelivered: IntCounter,
     pub fields_ignored: IntCounterVec,
     pub key_mismatch: IntCounter,
+    pub card_window_overflows: IntCounter,
     pub duplicates: IntCounter,
     pub partitions_stalled: IntGauge,
     pub http_shed: IntCounterVec,
@@ -266,6 +267,10 @@ impl Metrics {
             key_mismatch: counter(
                 "peregrine_key_mismatch_total",
                 "Input messages whose Kafka key is not their card_id: scored, but the card's history may be split across partitions.",
+            ),
+            card_window_overflows: counter(
+                "peregrine_card_window_overflows_total",
+                "Events a card's 30-day log dropped while still in its window (a card past 2,048 events in 30 days): its 7- and 30-day windows undercount.",
             ),
             scores_not_finite: counter(
                 "peregrine_scores_not_finite_total",

@@ -657,6 +657,7 @@ impl CardTask {
         loop {
             {
                 let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+                let overflows_before = engine.stats().window_overflows;
                 for (f, view) in items.by_ref().take(SLICE) {
                     if let Some(sent) = f.merchant_event {
                         pending.push(sent);
@@ -740,6 +741,8 @@ impl CardTask {
                         ));
                     }
                 }
+                m.card_window_overflows
+                    .inc_by(engine.stats().window_overflows - overflows_before);
             }
             if items.peek().is_none() {
                 break;
