@@ -392,6 +392,7 @@ impl CardTask {
         match next {
             Next::End => self.idle = true,
             Next::Message(msg) => {
+                self.idle = false;
                 self.progress.read(msg.offset());
                 let m = &self.ctx.state.metrics;
                 let mut ignored = Vec::new();
@@ -416,14 +417,6 @@ impl CardTask {
                     Err(_) => (false, None),
                 };
                 let rebuild_only = msg.offset() < self.rebuild_until;
-                // Only a record with a merchant event to forward makes the
-                // partition busy for the merchant stage: one that is
-                // dead-lettered or a duplicate forwards nothing, and turning
-                // busy at the old watermark would hold back every card task
-                // waiting on the merchant table until the partition's end.
-                if tx.is_ok() && !duplicate && !rebuild_only {
-                    self.idle = false;
-                }
                 if rebuild_only {
                     self.ctx
                         .state
