@@ -8,7 +8,7 @@ use peregrine::ingest::time::parse_date;
 use peregrine::model::rules::{RuleSet, parse_rules};
 use peregrine::model::scorer::Scorer;
 use peregrine::model::tune::Grid;
-use peregrine::model::{Algo, Body, Model, TrainParams};
+use peregrine::model::{Algo, Model, TrainParams};
 use peregrine::sim::{SimConfig, Simulation};
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -456,16 +456,15 @@ fn import(a: ImportArgs) -> anyhow::Result<()> {
     let file = path
         .file_name()
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let (trees, nodes) = (
+        body.trees.len(),
+        body.trees.iter().map(|t| t.len()).sum::<usize>(),
+    );
     let model = Model::imported(body, library, &file, feature_config(&a.features)?);
     model.save(&a.out)?;
-    let Body::Gbt(gbt) = &model.body else {
-        unreachable!("an import is gradient-boosted trees")
-    };
     eprintln!(
-        "imported {library} model {} ({} trees, {} nodes) → {} [{}]",
+        "imported {library} model {} ({trees} trees, {nodes} nodes) → {} [{}]",
         path.display(),
-        gbt.trees.len(),
-        gbt.trees.iter().map(|t| t.len()).sum::<usize>(),
         a.out.display(),
         model.model_version
     );

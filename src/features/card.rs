@@ -64,10 +64,9 @@ struct Prev {
 
 #[derive(Debug, Clone, Default)]
 pub struct CardState {
-    /// The newest event time applied, for idle expiry.
-    newest_ts: u32,
     /// Events within the 30-day window of the newest event time minus the
-    /// allowed lateness, oldest first; at most [`MAX_LOGGED`].
+    /// allowed lateness, oldest first; at most [`MAX_LOGGED`]. Its last is
+    /// the newest event applied: eviction takes only the oldest.
     log: Vec<Logged>,
     /// Raw events within the last day plus the allowed lateness, oldest first.
     recent: Vec<Recent>,
@@ -175,7 +174,9 @@ pub struct Applied {
 
 impl CardState {
     pub fn newest_day(&self) -> u32 {
-        (self.newest_ts as i64).div_euclid(DAY) as u32
+        self.log
+            .last()
+            .map_or(0, |e| (e.ts as i64).div_euclid(DAY) as u32)
     }
 
     pub fn prefetch_history(&self) {
@@ -277,7 +278,6 @@ impl CardState {
     /// exact windows need nothing older than it minus their length.
     /// `max_recent` bounds the raw events kept.
     pub fn apply(&mut self, ev: Recent, large: bool, settled: i64, max_recent: usize) -> Applied {
-        self.newest_ts = self.newest_ts.max(ev.ts);
         let mut applied = Applied::default();
 
         let logged = Logged::new(ev.ts, ev.amount, large);
@@ -354,9 +354,8 @@ impl CardState {
     /// The state as bytes, for the service's changelog: little-endian
     /// fields in declaration order, each list after its length.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.reserve(23 + 8 * self.log.len() + 24 * self.recent.len());
+        out.reserve(19 + 8 * self.log.len() + 24 * self.recent.len());
         out.push(ENCODING);
-        out.extend_from_slice(&self.newest_ts.to_le_bytes());
         out.extend_from_slice(&(self.log.len() as u16).to_le_bytes());
         for e in &self.log {
             out.extend_from_slice(&e.ts.to_le_bytes());
@@ -391,7 +390,6 @@ impl CardState {
         let mut panes = None;
         match version {
             ENCODING => {
-                c.newest_ts = r.u32()?;
                 let n = r.u16()? as usize;
                 c.log.reserve_exact(n);
                 for _ in 0..n {
@@ -444,10 +442,6 @@ impl CardState {
         }
         if let Some((newest_day, tally, sums)) = panes {
             c.log = log_from_panes(newest_day, &tally, &sums, &c.recent);
-            c.newest_ts = c
-                .log
-                .last()
-                .map_or(newest_day.saturating_mul(DAY as u32), |e| e.ts);
         }
         Some(c)
     }
