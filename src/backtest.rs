@@ -4,10 +4,9 @@
 
 use crate::alerts::{Alert, now_rfc3339};
 use crate::evaluate::{self, Scored};
+use crate::features::file::Plan;
 use crate::features::store::key_hash;
-use crate::features::{
-    Engine, EngineStats, FeatureConfig, Features, Keys, N_FEATURES, NAMES, Observed,
-};
+use crate::features::{Engine, EngineStats, FeatureConfig, Features, Keys, Observed};
 use crate::ingest::time::format_date;
 use crate::ingest::{Transaction, TransactionReader};
 use crate::model::scorer::{Decision, Scorer};
@@ -73,7 +72,7 @@ impl Batch {
             txs: vec![Transaction::default(); BATCH],
             keys: vec![Keys::default(); BATCH],
             observed: vec![Observed::default(); BATCH],
-            features: vec![Features([0.0; N_FEATURES]); BATCH],
+            features: vec![Features::default(); BATCH],
             len: 0,
         }
     }
@@ -109,13 +108,14 @@ impl Default for Batch {
 pub fn stream_batches(
     path: &Path,
     cfg: FeatureConfig,
+    plan: &Plan,
     show_progress: bool,
     mut sink: impl FnMut(Batch) -> anyhow::Result<Batch>,
 ) -> anyhow::Result<StreamSummary> {
     let started = Instant::now();
     let mut reader =
         TransactionReader::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut engine = Engine::new(cfg);
+    let mut engine = Engine::with_plan(cfg, plan);
     let bar = progress(show_progress);
     let (mut rows, mut late) = (0u64, 0u64);
     // Parsing runs on its own thread, a batch ahead of the features.
@@ -197,10 +197,11 @@ pub fn stream_batches(
 pub fn stream(
     path: &Path,
     cfg: FeatureConfig,
+    plan: &Plan,
     show_progress: bool,
     mut each: impl FnMut(&Transaction, &Features) -> anyhow::Result<()>,
 ) -> anyhow::Result<StreamSummary> {
-    stream_batches(path, cfg, show_progress, |mut batch| {
+    stream_batches(path, cfg, plan, show_progress, |mut batch| {
         batch.derive();
         for (tx, f) in batch.iter() {
             each(tx, f)?;
@@ -224,6 +225,8 @@ pub struct TrainRequest<'a> {
     pub to: i64,
     pub algo: Algo,
     pub features: FeatureConfig,
+    /// The features file's columns.
+    pub plan: &'a Plan,
     pub params: TrainParams,
     /// Search the gradient-boosted trees' parameters first (`--tune`).
     pub tune: Option<Grid>,
@@ -236,11 +239,12 @@ pub fn train(req: &TrainRequest) -> anyhow::Result<Model> {
     let mut x: Vec<f32> = Vec::new();
     let mut y: Vec<u8> = Vec::new();
     let mut times: Vec<i64> = Vec::new();
-    stream(req.data, req.features, req.progress, |tx, f| {
+    let slots = &req.plan.slots;
+    stream(req.data, req.features, req.plan, req.progress, |tx, f| {
         let t = tx.time.utc;
         if t >= req.from && t < req.to {
             y.push(label_of(tx)?);
-            x.extend_from_slice(&f.0);
+            x.extend(slots.iter().map(|&s| f.0[s]));
             times.push(t);
         }
         Ok(())
@@ -262,7 +266,7 @@ pub fn train(req: &TrainRequest) -> anyhow::Result<Model> {
         }
         None => None,
     };
-    let (body, anomaly) = Model::fit(req.algo, &x, &y, &params)?;
+    let (body, anomaly) = Model::fit(req.algo, req.plan, &x, &y, &params)?;
     let frauds = y.iter().filter(|&&v| v == 1).count();
     let mut model = Model {
         format: FORMAT.into(),
@@ -270,7 +274,8 @@ pub fn train(req: &TrainRequest) -> anyhow::Result<Model> {
         model_version: String::new(),
         algo: req.algo,
         created_at: now_rfc3339(),
-        features: NAMES.iter().map(|s| s.to_string()).collect(),
+        features: req.plan.names.clone(),
+        features_file: Model::file_of(req.plan),
         feature_config: req.features,
         training: Training {
             data: req
@@ -291,11 +296,13 @@ pub fn train(req: &TrainRequest) -> anyhow::Result<Model> {
     };
     let scorer = Scorer::new(model.clone(), Default::default());
     let scores: Vec<f64> = x
-        .chunks_exact(N_FEATURES)
+        .chunks_exact(slots.len())
         .map(|r| {
-            let mut a = [0f32; N_FEATURES];
-            a.copy_from_slice(r);
-            scorer.raw_score(&Features(a))
+            let mut f = Features::default();
+            for (v, &s) in r.iter().zip(slots) {
+                f.0[s] = *v;
+            }
+            scorer.raw_score(&f)
         })
         .collect();
     model.metrics.insert(
@@ -335,7 +342,7 @@ fn tune_split(
     let validate_from = (req.to - ((req.to - req.from) / 4).max(DAY)).div_euclid(DAY) * DAY;
     let fit_to = validate_from - req.features.label_delay_secs;
     let (mut xf, mut yf, mut xv, mut yv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for ((&t, &label), row) in times.iter().zip(y).zip(x.chunks_exact(N_FEATURES)) {
+    for ((&t, &label), row) in times.iter().zip(y).zip(x.chunks_exact(req.plan.width())) {
         if t < fit_to {
             xf.extend_from_slice(row);
             yf.push(label);
@@ -361,7 +368,7 @@ fn tune_split(
     Ok(tune(
         (&xf, &yf),
         (&xv, &yv),
-        N_FEATURES,
+        req.plan.width(),
         &req.params.gbt,
         grid,
     ))
@@ -403,6 +410,7 @@ pub fn evaluate(scorer: &Scorer, req: &EvalRequest) -> anyhow::Result<EvalReport
     stream(
         req.data,
         scorer.model.feature_config,
+        scorer.plan(),
         req.progress,
         |tx, f| {
             let t = tx.time.utc;
@@ -528,12 +536,19 @@ pub fn replay(
             out.flush()?;
             Ok([alerts, review, block, rule_alerts])
         });
-        let streamed = stream_batches(data, scorer.model.feature_config, show_progress, |batch| {
-            to_scorer
-                .send(batch)
-                .map_err(|_| anyhow::anyhow!("the scoring thread stopped"))?;
-            Ok(recycled.try_recv().unwrap_or_default())
-        });
+        let plan = scorer.plan();
+        let streamed = stream_batches(
+            data,
+            scorer.model.feature_config,
+            plan,
+            show_progress,
+            |batch| {
+                to_scorer
+                    .send(batch)
+                    .map_err(|_| anyhow::anyhow!("the scoring thread stopped"))?;
+                Ok(recycled.try_recv().unwrap_or_default())
+            },
+        );
         drop(to_scorer);
         let counts = worker
             .join()

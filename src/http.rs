@@ -2,7 +2,6 @@
 //! readiness, metrics and the OpenAPI document. Errors are JSON naming what
 //! was wrong.
 
-use crate::features::Features;
 use crate::ingest::Transaction;
 use crate::ingest::decode::{Limits, now_utc};
 use crate::model::ModelError;
@@ -199,7 +198,8 @@ struct ScoreBody {
     decision: Decision,
     reasons: Reasons,
     model_version: String,
-    features: Features,
+    /// The model's columns, by name.
+    features: serde_json::Map<String, Value>,
     updated: bool,
     update_refused: Option<String>,
 }
@@ -212,7 +212,7 @@ fn score_body(tx: Transaction, s: HttpScore) -> ScoreBody {
         decision: s.score.decision,
         reasons: s.score.reasons,
         model_version: s.scorer.model.model_version.clone(),
-        features: s.features,
+        features: s.scorer.named_features(&s.features),
         updated: s.updated,
         update_refused: s.update_refused,
     }

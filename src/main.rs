@@ -4,6 +4,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use peregrine::backtest::{self, EvalRequest, TrainRequest};
 use peregrine::features::FeatureConfig;
+use peregrine::features::file::Plan;
 use peregrine::ingest::time::parse_date;
 use peregrine::model::rules::{RuleSet, parse_rules};
 use peregrine::model::scorer::Scorer;
@@ -92,6 +93,10 @@ pub struct SimSize {
 
 #[derive(Args)]
 struct FeatureArgs {
+    /// A features file (TOML) declaring the model's columns; default: the
+    /// built-in one (models/features-default.toml).
+    #[arg(long = "features", value_name = "FILE")]
+    features_file: Option<PathBuf>,
     /// Days between a transaction and the moment its fraud label is known.
     #[arg(long, default_value_t = 7)]
     label_delay_days: i64,
@@ -318,6 +323,7 @@ fn train(a: TrainArgs, progress: bool) -> anyhow::Result<()> {
         bail!("--train-to must be after --train-from");
     }
     let features = feature_config(&a.features)?;
+    let plan = plan(&a.features)?;
     let mut params = TrainParams::default();
     params.gbt.seed = a.seed;
     params.forest.seed = a.seed;
@@ -352,6 +358,7 @@ fn train(a: TrainArgs, progress: bool) -> anyhow::Result<()> {
         to,
         algo: a.algo,
         features,
+        plan: &plan,
         params,
         tune: a
             .tune
@@ -372,6 +379,15 @@ fn train(a: TrainArgs, progress: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn plan(a: &FeatureArgs) -> anyhow::Result<Plan> {
+    let Some(path) = &a.features_file else {
+        return Ok(Plan::default_plan().clone());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the features file {}", path.display()))?;
+    Plan::compile(&text).with_context(|| format!("in {}", path.display()))
+}
+
 fn feature_config(a: &FeatureArgs) -> anyhow::Result<FeatureConfig> {
     if a.label_delay_days < 0 || a.allowed_lateness < 0 {
         bail!("--label-delay-days and --allowed-lateness must not be negative");
@@ -389,17 +405,15 @@ fn export_features(a: FeaturesArgs, progress: bool) -> anyhow::Result<()> {
         std::fs::File::create(&a.out)
             .with_context(|| format!("cannot create {}", a.out.display()))?,
     );
-    writeln!(
-        w,
-        "transaction_id,{},is_fraud",
-        peregrine::features::NAMES.join(",")
-    )?;
+    let plan = plan(&a.features)?;
+    writeln!(w, "transaction_id,{},is_fraud", plan.names.join(","))?;
     let mut rows = 0u64;
-    backtest::stream(&a.data, feature_config(&a.features)?, progress, |tx, f| {
+    let cfg = feature_config(&a.features)?;
+    backtest::stream(&a.data, cfg, &plan, progress, |tx, f| {
         if tx.time.utc >= from && tx.time.utc < to {
             write!(w, "{}", tx.transaction_id)?;
-            for v in f.0 {
-                write!(w, ",{v}")?;
+            for &s in &plan.slots {
+                write!(w, ",{}", f.0[s])?;
             }
             match tx.is_fraud {
                 Some(l) => writeln!(w, ",{}", u8::from(l))?,
@@ -448,9 +462,10 @@ fn import(a: ImportArgs) -> anyhow::Result<()> {
     };
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let plan = plan(&a.features)?;
     let body = match library {
-        "xgboost" => from_xgboost(&text),
-        _ => from_lightgbm(&text),
+        "xgboost" => from_xgboost(&text, &plan.names),
+        _ => from_lightgbm(&text, &plan.names),
     }
     .with_context(|| format!("cannot import {}", path.display()))?;
     let file = path
@@ -460,7 +475,7 @@ fn import(a: ImportArgs) -> anyhow::Result<()> {
         body.trees.len(),
         body.trees.iter().map(|t| t.len()).sum::<usize>(),
     );
-    let model = Model::imported(body, library, &file, feature_config(&a.features)?);
+    let model = Model::imported(body, library, &file, &plan, feature_config(&a.features)?);
     model.save(&a.out)?;
     eprintln!(
         "imported {library} model {} ({trees} trees, {nodes} nodes) → {} [{}]",

@@ -2,6 +2,7 @@
 //! and a model whose features differ from the engine's is refused.
 
 use peregrine::backtest::{TrainRequest, train};
+use peregrine::features::file::Plan;
 use peregrine::features::{FeatureConfig, Features, N_FEATURES};
 use peregrine::model::rules::RuleSet;
 use peregrine::model::scorer::{Decision, Scorer};
@@ -39,6 +40,7 @@ fn train_small(data: &Path, algo: Algo) -> Model {
         to: peregrine::ingest::time::parse_date("2018-05-15").unwrap(),
         algo,
         features: FeatureConfig::default(),
+        plan: Plan::default_plan(),
         params: quick_params(),
         tune: None,
         progress: false,
@@ -50,11 +52,11 @@ fn random_rows(n: usize) -> Vec<Features> {
     let mut rng = Rng::new(9);
     (0..n)
         .map(|_| {
-            let mut f = [0f32; N_FEATURES];
-            for v in &mut f {
+            let mut f = Features::default();
+            for v in &mut f.0[..N_FEATURES] {
                 *v = (rng.f64() * 10f64.powf(rng.uniform(-1.0, 3.0))) as f32;
             }
-            Features(f)
+            f
         })
         .collect()
 }

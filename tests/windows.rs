@@ -2,11 +2,13 @@
 //! whole history for every event, on random streams with out-of-order
 //! events; and the proof that labels not yet known change no feature.
 
+use peregrine::features::file::{DEFAULT_FILE, Plan};
 use peregrine::features::geo::haversine_km;
 use peregrine::features::{
     Engine, FeatureConfig, Features, N_FEATURES, NAMES, NO_PREVIOUS_SECS, idx,
 };
 use peregrine::ingest::{Channel, EventTime, Transaction};
+use peregrine::sim::{SimConfig, Simulation};
 use proptest::prelude::*;
 
 const DAY: i64 = 86_400;
@@ -304,6 +306,16 @@ proptest! {
         check(&events, cfg(1, 6 * HOUR))?;
     }
 
+    #[test]
+    fn declared_features_equal_the_built_in_ones(events in streams(HOUR)) {
+        check_interpreted(&events, cfg(7, HOUR))?;
+    }
+
+    #[test]
+    fn declared_features_equal_the_built_in_ones_late(events in streams(6 * HOUR)) {
+        check_interpreted(&events, cfg(1, 6 * HOUR))?;
+    }
+
     /// Flipping every label not yet known at T changes no feature of any
     /// event at or before T.
     #[test]
@@ -326,6 +338,87 @@ proptest! {
             }
         }
     }
+}
+
+/// The default features file compiled for the interpreter (every card
+/// feature from its declaration, none from the built-in code) against the
+/// built-in engine, on the same stream: same values, column by column.
+fn check_interpreted(events: &[Ev], cfg: FeatureConfig) -> Result<(), TestCaseError> {
+    compare_interpreted(events.iter().enumerate().map(|(i, e)| tx_of(e, i)), cfg)
+        .map(|_| ())
+        .map_err(TestCaseError::fail)
+}
+
+fn compare_interpreted(
+    txs: impl Iterator<Item = Transaction>,
+    cfg: FeatureConfig,
+) -> Result<usize, String> {
+    let plan = Plan::compile_interpreted(DEFAULT_FILE).unwrap();
+    let mut builtin = Engine::new(cfg);
+    let mut declared = Engine::with_plan(cfg, &plan);
+    let mut compared = 0;
+    for (i, tx) in txs.enumerate() {
+        let (a, b) = (builtin.process(&tx), declared.process(&tx));
+        if a.is_ok() != b.is_ok() {
+            return Err(format!("event {i} admitted differently"));
+        }
+        let (Ok(a), Ok(b)) = (a, b) else { continue };
+        for (k, &slot) in plan.slots.iter().enumerate() {
+            let (want, got) = (a.0[k] as f64, b.0[slot] as f64);
+            if (want - got).abs() > 1e-4 * want.abs().max(1.0) {
+                return Err(format!(
+                    "event {i} {tx:?}: {} is {got} interpreted, {want} built in",
+                    plan.names[k]
+                ));
+            }
+        }
+        compared += 1;
+        if tx.is_fraud == Some(true) {
+            builtin.schedule_label(&tx.merchant_id, tx.time.utc);
+            declared.schedule_label(&tx.merchant_id, tx.time.utc);
+        }
+    }
+    Ok(compared)
+}
+
+/// The same on a simulated file, with every scenario and the optional
+/// fields filled.
+#[test]
+fn declared_features_equal_the_built_in_ones_on_a_simulation() {
+    let sim = Simulation::run(SimConfig {
+        customers: 300,
+        terminals: 600,
+        days: 40,
+        seed: 3,
+        scenarios: vec![1, 2, 3, 4, 5, 6],
+        ..SimConfig::default()
+    });
+    let txs = (0..sim.transactions.len()).map(|i| {
+        let mut tx = Transaction::default();
+        sim.fill(i, &mut tx);
+        tx
+    });
+    let compared = compare_interpreted(txs, FeatureConfig::default()).unwrap();
+    assert!(compared > 20_000, "{compared} events compared");
+}
+
+/// The interpreter computes the card features of the default file, not
+/// the built-in code: the check above compares something.
+#[test]
+fn the_interpreted_default_file_interprets_the_card_features() {
+    let plan = Plan::compile_interpreted(DEFAULT_FILE).unwrap();
+    assert_eq!(plan.names, NAMES);
+    let interpreted: Vec<&str> = plan
+        .slots
+        .iter()
+        .zip(&plan.names)
+        .filter(|(s, _)| **s >= N_FEATURES)
+        .map(|(_, n)| n.as_str())
+        .collect();
+    // All but the merchant's ten features and the speed.
+    assert_eq!(interpreted.len(), 19, "{interpreted:?}");
+    assert!(interpreted.contains(&"card.amount_zscore_30d"));
+    assert!(interpreted.contains(&"card.large_count_30d"));
 }
 
 /// A label does reach the risk features once its delay has passed, so the

@@ -3,6 +3,7 @@
 //! recent raw events, with merchant and place, for the 1-hour and 1-day
 //! windows.
 
+use super::declared::DeclaredLog;
 use super::geo::haversine_km;
 
 pub const DAY: i64 = 86_400;
@@ -73,6 +74,9 @@ pub struct CardState {
     /// The newest event evicted from `recent`, for "time since previous"
     /// and speed; `ts` 0 when none.
     before: Prev,
+    /// The fields a features file's declared aggregations read, when it
+    /// declares any.
+    declared: Option<Box<DeclaredLog>>,
 }
 
 /// Aggregates over a window of the card's events.
@@ -173,6 +177,14 @@ pub struct Applied {
 }
 
 impl CardState {
+    pub fn declared(&self) -> Option<&DeclaredLog> {
+        self.declared.as_deref()
+    }
+
+    pub fn declared_mut(&mut self) -> &mut DeclaredLog {
+        self.declared.get_or_insert_default()
+    }
+
     pub fn newest_day(&self) -> u32 {
         self.log
             .last()
@@ -373,6 +385,12 @@ impl CardState {
             out.extend_from_slice(&r.lon.to_le_bytes());
             out.extend_from_slice(&r.id.to_le_bytes());
         }
+        // Written only for a features file's declared fields, so that a
+        // card without them reads as the previous release wrote it.
+        if let Some(d) = &self.declared {
+            out.push(1);
+            d.encode(out);
+        }
     }
 
     /// The state [`CardState::encode`] wrote, or `None` for bytes it cannot
@@ -436,6 +454,9 @@ impl CardState {
                 lon: r.f32()?,
                 id: if version == 1 { 0 } else { r.u32()? },
             });
+        }
+        if version == ENCODING && r.u8() == Some(1) {
+            c.declared = Some(Box::new(DeclaredLog::decode(&mut r)?));
         }
         if !r.0.is_empty() {
             return None;

@@ -5,16 +5,21 @@
 //! and then folds the event in.
 
 pub mod card;
+pub mod declared;
+pub mod expr;
+pub mod file;
 pub mod geo;
 pub mod merchant;
 pub mod store;
 
 use crate::ingest::{Channel, Transaction};
 use card::{Applied, CardState, CardView, DAY, LARGE_MIN_HISTORY, LARGE_RATIO, Recent};
+use declared::{Program, Scratch};
 use merchant::{HOUR, MerchantState, MerchantView};
 use serde::Serialize;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::Arc;
 use store::{KeyedStore, key_hash};
 
 /// Feature names, in the order models see them.
@@ -51,6 +56,10 @@ pub const NAMES: [&str; N_FEATURES] = [
     "merchant.clean_since_fraud",
 ];
 pub const N_FEATURES: usize = 30;
+/// Columns a features file may declare besides the built-in ones.
+pub const MAX_DECLARED: usize = 32;
+/// Slots of [`Features`]: the built-in features, then the declared ones.
+pub const MAX_SLOTS: usize = N_FEATURES + MAX_DECLARED;
 
 /// Index of each feature in [`NAMES`].
 pub mod idx {
@@ -88,16 +97,25 @@ const SWEEP_EVERY: i64 = 7 * DAY;
 /// Time since the previous transaction is capped here (and given for a first one).
 pub const NO_PREVIOUS_SECS: i64 = 30 * DAY;
 
+/// An event's features: the built-in ones in [`NAMES`] order, then the
+/// columns a features file declares ([`file::Plan`] says which slot is
+/// which column of a model).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Features(pub [f32; N_FEATURES]);
+pub struct Features(pub [f32; MAX_SLOTS]);
 
-/// A map of each feature's name to its value.
+impl Default for Features {
+    fn default() -> Self {
+        Features([0.0; MAX_SLOTS])
+    }
+}
+
+/// A map of each built-in feature's name to its value.
 impl Serialize for Features {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let mut map = s.serialize_map(Some(N_FEATURES))?;
-        for (name, v) in NAMES.iter().zip(self.0) {
-            map.serialize_entry(name, &f64::from(v))?;
+        for (name, v) in NAMES.iter().zip(&self.0[..N_FEATURES]) {
+            map.serialize_entry(name, &f64::from(*v))?;
         }
         map.end()
     }
@@ -180,6 +198,9 @@ pub struct Engine {
     stats: EngineStats,
     /// Cards changed since the last checkpoint, when the service keeps a changelog.
     changes: Option<CardChanges>,
+    /// The declared features of a features file, when it declares any.
+    program: Option<Arc<Program>>,
+    scratch: Scratch,
 }
 
 /// The cards an engine changed and dropped since a checkpoint.
@@ -210,6 +231,16 @@ impl Engine {
             next_sweep: i64::MIN,
             stats: EngineStats::default(),
             changes: None,
+            program: None,
+            scratch: Scratch::default(),
+        }
+    }
+
+    /// An engine that also computes a features file's declared columns.
+    pub fn with_plan(cfg: FeatureConfig, plan: &file::Plan) -> Engine {
+        Engine {
+            program: plan.program.clone(),
+            ..Engine::new(cfg)
         }
     }
 
@@ -309,7 +340,12 @@ impl Engine {
     pub fn peek_observed(&self, tx: &Transaction, keys: Keys) -> Observed {
         let card = self.cards.get(keys.card);
         let merchant = self.merchant_view(keys.merchant, tx.time.utc);
-        observe(card, merchant, tx, keys)
+        let mut observed = observe(card, merchant, tx, keys);
+        if let Some(p) = &self.program {
+            let log = card.and_then(|c| c.declared());
+            p.observe(log, tx, &mut Scratch::default(), &mut observed.declared);
+        }
+        observed
     }
 
     fn merchant_view(&self, merchant_key: u64, t: i64) -> MerchantView {
@@ -341,14 +377,11 @@ impl Engine {
         let merchant_key = keys.merchant;
         let card = self.cards.get_or_default(keys.card);
         let merchant = self.merchants.get_or_default(merchant_key);
-        let observed = observe(
-            Some(&*card),
-            merchant.view(t, cfg.label_delay_secs),
-            tx,
-            keys,
-        );
         let settled = self.watermark - cfg.allowed_lateness_secs;
-        let applied = fold_card(card, tx, keys, observed.large, settled, cfg.max_recent);
+        let declared = self.program.as_deref().map(|p| (p, &mut self.scratch));
+        let merchant_view = merchant.view(t, cfg.label_delay_secs);
+        let (observed, applied) =
+            observe_and_fold(card, merchant_view, tx, keys, settled, &cfg, declared);
         self.stats.recent_overflows += u64::from(applied.recent_overflow);
         self.stats.window_overflows += u64::from(applied.window_overflow);
         merchant.add_transaction(t);
@@ -375,9 +408,10 @@ impl Engine {
         self.admit_card(tx.time.utc, keys)?;
         let cfg = self.cfg;
         let card = self.cards.get_or_default(keys.card);
-        let observed = observe(Some(&*card), merchant, tx, keys);
         let settled = self.watermark - cfg.allowed_lateness_secs;
-        let applied = fold_card(card, tx, keys, observed.large, settled, cfg.max_recent);
+        let declared = self.program.as_deref().map(|p| (p, &mut self.scratch));
+        let (observed, applied) =
+            observe_and_fold(card, merchant, tx, keys, settled, &cfg, declared);
         self.stats.recent_overflows += u64::from(applied.recent_overflow);
         self.stats.window_overflows += u64::from(applied.window_overflow);
         if let Some(c) = &mut self.changes {
@@ -390,7 +424,13 @@ impl Engine {
     /// [`Engine::peek`] with the merchant's view given, as in [`Engine::process_card`].
     pub fn peek_card(&self, tx: &Transaction, merchant: MerchantView) -> Features {
         let keys = Keys::of(tx);
-        observe(self.cards.get(keys.card), merchant, tx, keys).features(tx)
+        let card = self.cards.get(keys.card);
+        let mut observed = observe(card, merchant, tx, keys);
+        if let Some(p) = &self.program {
+            let log = card.and_then(|c| c.declared());
+            p.observe(log, tx, &mut Scratch::default(), &mut observed.declared);
+        }
+        observed.features(tx)
     }
 
     /// Starts recording which cards change, for a changelog of the state.
@@ -551,6 +591,27 @@ fn coord(lat: Option<f64>, lon: Option<f64>) -> (f32, f32) {
     }
 }
 
+/// What the card's state says about an event (with the declared columns
+/// when a program is given), then the event folded into it.
+fn observe_and_fold(
+    card: &mut CardState,
+    merchant: MerchantView,
+    tx: &Transaction,
+    keys: Keys,
+    settled: i64,
+    cfg: &FeatureConfig,
+    declared: Option<(&Program, &mut Scratch)>,
+) -> (Observed, Applied) {
+    let mut observed = observe(Some(&*card), merchant, tx, keys);
+    let mut applied = fold_card(card, tx, keys, observed.large, settled, cfg.max_recent);
+    if let Some((p, scratch)) = declared {
+        p.observe(card.declared(), tx, scratch, &mut observed.declared);
+        let t = tx.time.utc;
+        applied.window_overflow |= p.fold(card.declared_mut(), t, scratch, settled);
+    }
+    (observed, applied)
+}
+
 /// Folds an event into its card's state.
 fn fold_card(
     card: &mut CardState,
@@ -582,6 +643,8 @@ pub struct Observed {
     merchant: MerchantView,
     /// The amount counts as large for the card.
     large: bool,
+    /// The declared columns, computed with the state.
+    declared: [f32; MAX_DECLARED],
 }
 
 fn observe(
@@ -599,6 +662,7 @@ fn observe(
         card,
         merchant,
         large,
+        declared: [0.0; MAX_DECLARED],
     }
 }
 
@@ -638,7 +702,8 @@ impl Observed {
             0.0
         };
 
-        let mut f = [0f32; N_FEATURES];
+        let mut f = [0f32; MAX_SLOTS];
+        f[N_FEATURES..].copy_from_slice(&self.declared);
         f[idx::AMOUNT] = amount as f32;
         f[idx::WEEKEND] = f32::from(weekday >= 5);
         f[idx::NIGHT] = f32::from(hour <= 6);

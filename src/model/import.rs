@@ -11,7 +11,6 @@
 //! the engine computes no feature as NaN (see `features::state_amount`).
 
 use super::trees::{Gbt, LEAF, Tree};
-use crate::features::NAMES;
 use serde_json::Value;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,32 +41,36 @@ enum Node {
     },
 }
 
-/// Maps the source model's feature columns to the engine's: by name where
-/// the model carries names, else by position when it has exactly the
-/// engine's feature count.
-fn feature_map(names: Option<Vec<String>>, count: usize) -> Result<Vec<u16>, ImportError> {
+/// Maps the source model's feature columns to the features file's
+/// `columns`: by name where the model carries names, else by position when
+/// it has exactly as many.
+fn feature_map(
+    names: Option<Vec<String>>,
+    count: usize,
+    columns: &[String],
+) -> Result<Vec<u16>, ImportError> {
     match names {
         Some(names) => {
             let unknown: Vec<&str> = names
                 .iter()
-                .filter(|n| !NAMES.contains(&n.as_str()))
+                .filter(|n| !columns.contains(n))
                 .map(String::as_str)
                 .collect();
             if !unknown.is_empty() {
                 return Err(ImportError::UnknownFeatures(format!(
-                    "{} (train on the columns of `peregrine features`, without transaction_id and is_fraud)",
+                    "{} (train on the columns of `peregrine features` with the same --features file, without transaction_id and is_fraud)",
                     unknown.join(", ")
                 )));
             }
             Ok(names
                 .iter()
-                .map(|n| NAMES.iter().position(|m| m == n).unwrap_or_default() as u16)
+                .map(|n| columns.iter().position(|m| m == n).unwrap_or_default() as u16)
                 .collect())
         }
-        None if count == NAMES.len() => Ok((0..count as u16).collect()),
+        None if count == columns.len() => Ok((0..count as u16).collect()),
         None => Err(ImportError::UnknownFeatures(format!(
-            "the model names no features and has {count} columns, not the engine's {}",
-            NAMES.len()
+            "the model names no features and has {count} columns, not the features file's {}",
+            columns.len()
         ))),
     }
 }
@@ -137,7 +140,7 @@ fn f32_at_or_below(t: f64) -> f32 {
 
 /// An XGBoost model saved with `Booster.save_model("model.json")`, with the
 /// `binary:logistic` objective and numeric splits.
-pub fn from_xgboost(text: &str) -> Result<Gbt, ImportError> {
+pub fn from_xgboost(text: &str, columns: &[String]) -> Result<Gbt, ImportError> {
     let bad = |what: &str| ImportError::XgboostFormat(what.to_string());
     let doc: Value = serde_json::from_str(text).map_err(|e| bad(&e.to_string()))?;
     let learner = doc
@@ -204,7 +207,7 @@ pub fn from_xgboost(text: &str) -> Result<Gbt, ImportError> {
                 .map(|v| v.as_str().unwrap_or_default().to_string())
                 .collect()
         });
-    let columns = feature_map(names, count)?;
+    let columns = feature_map(names, count, columns)?;
     let trees = booster
         .pointer("/model/trees")
         .and_then(Value::as_array)
@@ -275,7 +278,7 @@ pub fn from_xgboost(text: &str) -> Result<Gbt, ImportError> {
 
 /// A LightGBM model saved with `Booster.save_model("model.txt")`, with the
 /// `binary` objective and numeric splits.
-pub fn from_lightgbm(text: &str) -> Result<Gbt, ImportError> {
+pub fn from_lightgbm(text: &str, columns: &[String]) -> Result<Gbt, ImportError> {
     let bad = |what: &str| ImportError::LightgbmFormat(what.to_string());
     let mut lines = text.lines();
     if lines.next().map(str::trim) != Some("tree") {
@@ -340,7 +343,7 @@ pub fn from_lightgbm(text: &str) -> Result<Gbt, ImportError> {
                 .enumerate()
                 .all(|(i, n)| *n == format!("Column_{i}"))
         });
-    let columns = feature_map(names, count)?;
+    let columns = feature_map(names, count, columns)?;
     let mut out = Vec::with_capacity(blocks.len());
     for (t, b) in blocks.iter().enumerate() {
         let field = |key: &str| -> Result<Vec<f64>, ImportError> {
@@ -443,6 +446,12 @@ pub fn from_lightgbm(text: &str) -> Result<Gbt, ImportError> {
 
 #[cfg(test)]
 mod tests {
+    use crate::features::NAMES;
+
+    fn names() -> Vec<String> {
+        NAMES.iter().map(|n| n.to_string()).collect()
+    }
+
     use super::*;
 
     #[test]
@@ -469,7 +478,7 @@ mod tests {
                 "left_children": [1, -1, -1], "right_children": [2, -1, -1],
                 "split_indices": [0, 0, 0], "split_conditions": [2.5, -0.25, 0.75],
                 "split_type": [0, 0, 0], "sum_hessian": [4.0, 3.0, 1.0]}]}}}}"#;
-        let gbt = from_xgboost(text).unwrap();
+        let gbt = from_xgboost(text, &names()).unwrap();
         assert_eq!(gbt.base_margin, 0.0);
         let tree = &gbt.trees[0];
         let at = NAMES.iter().position(|n| *n == "card.count_1h").unwrap();
@@ -480,15 +489,17 @@ mod tests {
         assert_eq!(tree.predict(&x), -0.25);
         // The root holds the cover-weighted mean, where attribution starts.
         assert_eq!(tree.value[0], 0.0);
-        let err =
-            from_xgboost(&text.replace("\"split_type\": [0, 0, 0]", "\"split_type\": [1, 0, 0]"))
-                .unwrap_err();
+        let err = from_xgboost(
+            &text.replace("\"split_type\": [0, 0, 0]", "\"split_type\": [1, 0, 0]"),
+            &names(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("category"), "{err}");
     }
 
     #[test]
     fn unknown_feature_names_are_named() {
-        let e = feature_map(Some(vec!["amount".into(), "hour".into()]), 2).unwrap_err();
+        let e = feature_map(Some(vec!["amount".into(), "hour".into()]), 2, &names()).unwrap_err();
         assert!(e.to_string().contains("hour"), "{e}");
         assert!(!e.to_string().contains("amount,"), "{e}");
     }
@@ -500,7 +511,7 @@ mod tests {
             Tree=0\nnum_leaves=3\nnum_cat=0\nsplit_feature=0 1\nthreshold=100.5 2.0000000000000004\n\
             decision_type=2 2\nleft_child=1 -1\nright_child=-2 -3\nleaf_value=0.1 -0.2 0.3\n\
             leaf_weight=1 2 3\nis_linear=0\nshrinkage=1\n\nend of trees\n";
-        let gbt = from_lightgbm(text).unwrap();
+        let gbt = from_lightgbm(text, &names()).unwrap();
         let mut x = [0f32; NAMES.len()];
         let count = NAMES.iter().position(|n| *n == "card.count_1h").unwrap();
         let amount = NAMES.iter().position(|n| *n == "amount").unwrap();
@@ -512,10 +523,13 @@ mod tests {
         assert_eq!(leaf(&x), 0.3);
         x[amount] = 100.50001;
         assert_eq!(leaf(&x), -0.2);
-        let err = from_lightgbm(&text.replace("amount", "hour_of_day")).unwrap_err();
+        let err = from_lightgbm(&text.replace("amount", "hour_of_day"), &names()).unwrap_err();
         assert!(err.to_string().contains("hour_of_day"), "{err}");
-        let err =
-            from_lightgbm(&text.replace("decision_type=2 2", "decision_type=2 6")).unwrap_err();
+        let err = from_lightgbm(
+            &text.replace("decision_type=2 2", "decision_type=2 6"),
+            &names(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("zero_as_missing"), "{err}");
     }
 }

@@ -9,7 +9,8 @@ pub mod scorer;
 pub mod trees;
 pub mod tune;
 
-use crate::features::{FeatureConfig, N_FEATURES, NAMES, idx};
+use crate::features::file::Plan;
+use crate::features::{FeatureConfig, NAMES, idx};
 use iforest::{IsolationForest, IsolationParams};
 use logistic::{Logistic, LogisticParams};
 use serde::{Deserialize, Serialize};
@@ -89,6 +90,9 @@ pub struct Model {
     pub created_at: String,
     /// Feature names in the order the model reads them.
     pub features: Vec<String>,
+    /// The features file the columns come from; none for the default one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features_file: Option<String>,
     pub feature_config: FeatureConfig,
     pub training: Training,
     /// In-sample metrics of the training window, and any evaluations added later.
@@ -190,15 +194,17 @@ impl TrainParams {
 }
 
 impl Model {
-    /// Fits `algo` on row-major features `x` with labels `y`.
+    /// Fits `algo` on row-major features `x` (the columns of `plan`) with
+    /// labels `y`.
     pub fn fit(
         algo: Algo,
+        plan: &Plan,
         x: &[f32],
         y: &[u8],
         p: &TrainParams,
     ) -> anyhow::Result<(Body, Option<IsolationForest>)> {
-        let cols = N_FEATURES;
-        let anomaly = IsolationForest::train(x, cols, ANOMALY_FEATURES.to_vec(), &p.iforest);
+        let cols = plan.width();
+        let anomaly = IsolationForest::train(x, cols, plan.anomaly.clone(), &p.iforest);
         let body = match algo {
             Algo::Logistic => Body::Logistic(Logistic::train(x, y, cols, &p.logistic)?),
             Algo::Forest => Body::Forest(Forest::train(x, y, cols, &p.forest)),
@@ -211,7 +217,13 @@ impl Model {
     /// Wraps gradient-boosted trees trained by another library on the
     /// features of `feature_config` (see [`import`]). It has no anomaly
     /// score, which needs the data, and the default thresholds.
-    pub fn imported(body: Gbt, library: &str, file: &str, feature_config: FeatureConfig) -> Model {
+    pub fn imported(
+        body: Gbt,
+        library: &str,
+        file: &str,
+        plan: &Plan,
+        feature_config: FeatureConfig,
+    ) -> Model {
         let digest =
             crate::features::store::key_hash(&serde_json::to_string(&body).unwrap_or_default());
         Model {
@@ -220,7 +232,8 @@ impl Model {
             model_version: format!("{library}-{:08x}", digest >> 32),
             algo: Algo::Gbt,
             created_at: crate::alerts::now_rfc3339(),
-            features: NAMES.iter().map(|s| s.to_string()).collect(),
+            features: plan.names.clone(),
+            features_file: Model::file_of(plan),
             feature_config,
             training: Training {
                 data: String::new(),
@@ -235,6 +248,19 @@ impl Model {
             thresholds: Model::default_thresholds(Algo::Gbt),
             body: Body::Gbt(body),
             anomaly: None,
+        }
+    }
+
+    /// What a model stores of its plan: the file's text, unless it is the default.
+    pub fn file_of(plan: &Plan) -> Option<String> {
+        (!plan.is_default()).then(|| plan.source.clone())
+    }
+
+    /// The model's features file, compiled.
+    pub fn plan(&self) -> Result<Plan, crate::features::file::FileError> {
+        match &self.features_file {
+            Some(text) => Plan::compile(text),
+            None => Ok(Plan::default_plan().clone()),
         }
     }
 
@@ -278,25 +304,31 @@ impl Model {
                 "format_version {version:?} is not supported (this build reads {FORMAT_VERSION})"
             )));
         }
+        let mismatch = |reason: String| ModelError::FeatureMismatch {
+            path: path.to_string(),
+            reason,
+        };
+        let file = head.get("features_file").and_then(|v| v.as_str());
+        let plan = match file {
+            Some(text) => Plan::compile(text).map_err(|e| mismatch(e.to_string()))?,
+            None => Plan::default_plan().clone(),
+        };
         if let Some(names) = head.get("features").and_then(|v| v.as_array()) {
             let names: Vec<&str> = names.iter().filter_map(|v| v.as_str()).collect();
-            check_features(&names).map_err(|reason| ModelError::FeatureMismatch {
-                path: path.to_string(),
-                reason,
-            })?;
+            check_features(&names, &plan).map_err(mismatch)?;
         }
         let model: Model = serde_json::from_value(head).map_err(|e| invalid(e.to_string()))?;
-        model.validate().map_err(invalid)?;
+        model.validate(plan.width()).map_err(invalid)?;
         Ok(model)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self, width: usize) -> Result<(), String> {
         let trees: Vec<&trees::Tree> = match &self.body {
             Body::Logistic(l) => {
-                if l.weights.len() != N_FEATURES
-                    || l.scaling.mean.len() != N_FEATURES
-                    || l.scaling.std.len() != N_FEATURES
-                    || l.scaling.log1p.len() != N_FEATURES
+                if l.weights.len() != width
+                    || l.scaling.mean.len() != width
+                    || l.scaling.std.len() != width
+                    || l.scaling.log1p.len() != width
                 {
                     return Err("logistic weights or scaling do not match the feature count".into());
                 }
@@ -310,7 +342,7 @@ impl Model {
             .into_iter()
             .chain(self.anomaly.iter().flat_map(|a| a.trees.iter()))
         {
-            t.validate(N_FEATURES)?;
+            t.validate(width)?;
         }
         Ok(())
     }
@@ -322,19 +354,21 @@ impl Model {
     }
 }
 
-/// The model's feature list must be the engine's, name for name and in order.
-pub fn check_features(names: &[&str]) -> Result<(), String> {
-    if names == NAMES {
+/// The model's feature list must be its features file's (the default
+/// file's when it stores none), name for name and in order.
+pub fn check_features(names: &[&str], plan: &Plan) -> Result<(), String> {
+    let expected: Vec<&str> = plan.names.iter().map(String::as_str).collect();
+    if names == expected {
         return Ok(());
     }
-    let missing: Vec<&str> = NAMES
+    let missing: Vec<&str> = expected
         .iter()
         .filter(|n| !names.contains(n))
         .copied()
         .collect();
     let unknown: Vec<&str> = names
         .iter()
-        .filter(|n| !NAMES.contains(n))
+        .filter(|n| !expected.contains(n))
         .copied()
         .collect();
     if missing.is_empty() && unknown.is_empty() {
@@ -342,10 +376,11 @@ pub fn check_features(names: &[&str]) -> Result<(), String> {
     }
     let mut parts = Vec::new();
     if !unknown.is_empty() {
-        parts.push(format!("unknown to the engine: {}", unknown.join(", ")));
+        parts.push(format!("not in its features file: {}", unknown.join(", ")));
     }
     if !missing.is_empty() {
         parts.push(format!("missing from the model: {}", missing.join(", ")));
+        let _ = NAMES;
     }
     Err(parts.join("; "))
 }

@@ -12,7 +12,7 @@
 //! `high` makes the decision at least block, `medium` at least review, and
 //! `low` only adds the rule to the reasons.
 
-use crate::features::{N_FEATURES, NAMES};
+use crate::features::NAMES;
 use serde::Serialize;
 use std::fmt;
 
@@ -34,8 +34,8 @@ pub struct RuleError {
 }
 
 /// Values a rule can read besides the features.
-const SCORE: usize = N_FEATURES;
-const ANOMALY: usize = N_FEATURES + 1;
+const SCORE: usize = usize::MAX - 1;
+const ANOMALY: usize = usize::MAX;
 
 #[derive(Debug, Clone, PartialEq)]
 enum Num {
@@ -73,7 +73,8 @@ pub struct Rule {
 
 /// The inputs of a rule: the features, then the model's score and anomaly.
 pub struct RuleInput<'a> {
-    pub features: &'a [f32; N_FEATURES],
+    /// The slots of [`crate::features::Features`].
+    pub features: &'a [f32],
     pub score: f64,
     pub anomaly: f64,
 }
@@ -475,8 +476,8 @@ mod tests {
     use super::*;
     use crate::features::idx;
 
-    fn input(f: &[(usize, f32)]) -> [f32; N_FEATURES] {
-        let mut x = [0f32; N_FEATURES];
+    fn input(f: &[(usize, f32)]) -> [f32; crate::features::N_FEATURES] {
+        let mut x = [0f32; crate::features::N_FEATURES];
         for &(i, v) in f {
             x[i] = v;
         }

@@ -4,8 +4,10 @@
 use super::rules::{RuleInput, RuleSet, Severity};
 use super::trees::Compiled;
 use super::{Body, Model, Thresholds};
-use crate::features::{Features, N_FEATURES, NAMES};
+use crate::features::Features;
+use crate::features::file::{MAX_COLUMNS, Plan};
 use serde::Serialize;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -27,7 +29,7 @@ impl Decision {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Contribution {
-    pub feature: &'static str,
+    pub feature: Arc<str>,
     pub value: f32,
     /// Signed: positive pushes towards fraud. Log-odds for logistic and
     /// boosted models, probability for a forest, isolation for the anomaly model.
@@ -72,10 +74,17 @@ pub struct Scorer {
     /// For [`Scorer::alert`]: the model's tree sum below which the score is
     /// under the review threshold, when nothing else needs the exact score.
     allow_below: Option<f64>,
+    /// The model's features file, compiled.
+    plan: Plan,
+    names: Vec<Arc<str>>,
 }
 
 impl Scorer {
     pub fn new(model: Model, rules: RuleSet) -> Scorer {
+        let plan = model
+            .plan()
+            .expect("a model's features file is checked when it is loaded or trained");
+        let names = plan.names.iter().map(|n| Arc::from(n.as_str())).collect();
         let thresholds = model.thresholds;
         let fast = match &model.body {
             Body::Gbt(m) => Compiled::new(&m.trees),
@@ -107,7 +116,40 @@ impl Scorer {
             fast,
             fast_anomaly,
             allow_below,
+            plan,
+            names,
         }
+    }
+
+    /// The model's features file, compiled: an engine for this model is
+    /// built with it ([`crate::features::Engine::with_plan`]).
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The model's columns of `f`, by name: what an API response shows.
+    pub fn named_features(&self, f: &Features) -> serde_json::Map<String, serde_json::Value> {
+        let mut buf = [0f32; MAX_COLUMNS];
+        let row = self.row(f, &mut buf);
+        self.plan
+            .names
+            .iter()
+            .zip(row)
+            .map(|(n, &v)| (n.clone(), serde_json::json!(f64::from(v))))
+            .collect()
+    }
+
+    /// The model's input row: a prefix of the features' slots, or those
+    /// the model's columns name, copied into `buf`.
+    fn row<'a>(&self, f: &'a Features, buf: &'a mut [f32; MAX_COLUMNS]) -> &'a [f32] {
+        let slots = &self.plan.slots;
+        if self.plan.is_prefix() {
+            return &f.0[..slots.len()];
+        }
+        for (b, &s) in buf.iter_mut().zip(slots) {
+            *b = f.0[s];
+        }
+        &buf[..slots.len()]
     }
 
     /// The score of a transaction that raises an alert, `None` for one that
@@ -116,8 +158,9 @@ impl Scorer {
     /// the sum cannot reach it, so allowed transactions cost less. For
     /// backtests, which write alerts only.
     pub fn alert(&self, f: &Features) -> Option<Score> {
+        let mut buf = [0f32; MAX_COLUMNS];
         if let (Some(limit), Some(c)) = (self.allow_below, &self.fast)
-            && c.sum_reaching(&f.0, limit).is_none()
+            && c.sum_reaching(self.row(f, &mut buf), limit).is_none()
         {
             // The model says allow; only a rule can say otherwise. No rule
             // reads the score (checked when `allow_below` was set).
@@ -141,17 +184,19 @@ impl Scorer {
 
     /// The model's score alone: the fast path for evaluation.
     pub fn raw_score(&self, f: &Features) -> f64 {
+        let mut buf = [0f32; MAX_COLUMNS];
+        let x = self.row(f, &mut buf);
         match (&self.model.body, &self.fast) {
-            (Body::Gbt(m), Some(c)) => return 1.0 / (1.0 + (-(m.base_margin + c.sum(&f.0))).exp()),
-            (Body::Forest(m), Some(c)) => return c.sum(&f.0) / m.trees.len().max(1) as f64,
-            (Body::Iforest(m), Some(c)) => return m.score_from_paths(c.sum(&f.0)),
+            (Body::Gbt(m), Some(c)) => return 1.0 / (1.0 + (-(m.base_margin + c.sum(x))).exp()),
+            (Body::Forest(m), Some(c)) => return c.sum(x) / m.trees.len().max(1) as f64,
+            (Body::Iforest(m), Some(c)) => return m.score_from_paths(c.sum(x)),
             _ => {}
         }
         match &self.model.body {
-            Body::Logistic(m) => m.score(&f.0),
-            Body::Forest(m) => m.score(&f.0),
-            Body::Gbt(m) => m.score(&f.0),
-            Body::Iforest(m) => m.score(&f.0),
+            Body::Logistic(m) => m.score(x),
+            Body::Forest(m) => m.score(x),
+            Body::Gbt(m) => m.score(x),
+            Body::Iforest(m) => m.score(x),
         }
     }
 
@@ -224,30 +269,35 @@ impl Scorer {
     /// The anomaly score of the forest trained alongside the model, if any.
     pub fn anomaly(&self, f: &Features) -> Option<f64> {
         let a = self.model.anomaly.as_ref()?;
+        let mut buf = [0f32; MAX_COLUMNS];
+        let x = self.row(f, &mut buf);
         Some(match &self.fast_anomaly {
-            Some(c) => a.score_from_paths(c.sum(&f.0)),
-            None => a.score(&f.0),
+            Some(c) => a.score_from_paths(c.sum(x)),
+            None => a.score(x),
         })
     }
 
     /// The features that contributed most, by absolute contribution.
     pub fn explain(&self, f: &Features, from_anomaly: bool) -> Vec<Contribution> {
-        let mut c = [0f64; N_FEATURES];
+        let mut buf = [0f32; MAX_COLUMNS];
+        let x = self.row(f, &mut buf);
+        let mut c = [0f64; MAX_COLUMNS];
+        let c = &mut c[..x.len()];
         match (&self.model.body, &self.model.anomaly) {
-            (_, Some(a)) if from_anomaly => a.contributions(&f.0, &mut c),
-            (Body::Logistic(m), _) => m.contributions(&f.0, &mut c),
-            (Body::Forest(m), _) => m.contributions(&f.0, &mut c),
-            (Body::Gbt(m), _) => m.contributions(&f.0, &mut c),
-            (Body::Iforest(m), _) => m.contributions(&f.0, &mut c),
+            (_, Some(a)) if from_anomaly => a.contributions(x, c),
+            (Body::Logistic(m), _) => m.contributions(x, c),
+            (Body::Forest(m), _) => m.contributions(x, c),
+            (Body::Gbt(m), _) => m.contributions(x, c),
+            (Body::Iforest(m), _) => m.contributions(x, c),
         }
-        let mut order: Vec<usize> = (0..N_FEATURES).filter(|&i| c[i] != 0.0).collect();
+        let mut order: Vec<usize> = (0..x.len()).filter(|&i| c[i] != 0.0).collect();
         order.sort_by(|&a, &b| c[b].abs().total_cmp(&c[a].abs()));
         order
             .into_iter()
             .take(TOP_FEATURES)
             .map(|i| Contribution {
-                feature: NAMES[i],
-                value: f.0[i],
+                feature: self.names[i].clone(),
+                value: x[i],
                 contribution: c[i],
             })
             .collect()
@@ -278,7 +328,7 @@ mod tests {
             model.anomaly = None;
             Scorer::new(model, RuleSet::default())
         };
-        let f = Features([0.0; N_FEATURES]);
+        let f = Features::default();
         assert_eq!(with_weight(0.1).score(&f, false).decision, Decision::Allow);
         let s = with_weight(f64::NAN).score(&f, false);
         assert!(s.score.is_nan());

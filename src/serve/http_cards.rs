@@ -2,6 +2,7 @@
 //! Kafka partition of this instance holds), bounded by count and by
 //! wall-clock idle time, as any cache a client can fill must be.
 
+use crate::features::file::Plan;
 use crate::features::merchant::MerchantView;
 use crate::features::{Engine, FeatureConfig, Features, Keys, Refused};
 use crate::ingest::Transaction;
@@ -27,9 +28,9 @@ pub enum Outcome {
 }
 
 impl HttpCards {
-    pub fn new(cfg: FeatureConfig, max_cards: usize, idle: Duration) -> HttpCards {
+    pub fn new(cfg: FeatureConfig, plan: &Plan, max_cards: usize, idle: Duration) -> HttpCards {
         HttpCards {
-            engine: Engine::new(cfg),
+            engine: Engine::with_plan(cfg, plan),
             max_cards: max_cards.max(1),
             idle,
             epoch: Instant::now(),
@@ -126,7 +127,12 @@ mod tests {
 
     #[test]
     fn bounded_by_count_least_recently_used_first() {
-        let mut s = HttpCards::new(FeatureConfig::default(), 20, Duration::from_secs(3600));
+        let mut s = HttpCards::new(
+            FeatureConfig::default(),
+            Plan::default_plan(),
+            20,
+            Duration::from_secs(3600),
+        );
         let m = MerchantView::default();
         for i in 0..25 {
             s.score(&tx(&format!("c{i}"), &format!("t{i}")), m, true);
@@ -143,7 +149,12 @@ mod tests {
 
     #[test]
     fn idle_cards_go() {
-        let mut s = HttpCards::new(FeatureConfig::default(), 100, Duration::ZERO);
+        let mut s = HttpCards::new(
+            FeatureConfig::default(),
+            Plan::default_plan(),
+            100,
+            Duration::ZERO,
+        );
         let m = MerchantView::default();
         s.score(&tx("a", "t1"), m, true);
         std::thread::sleep(Duration::from_millis(5));
@@ -154,7 +165,12 @@ mod tests {
 
     #[test]
     fn a_repeated_transaction_is_not_folded_twice() {
-        let mut s = HttpCards::new(FeatureConfig::default(), 100, Duration::from_secs(60));
+        let mut s = HttpCards::new(
+            FeatureConfig::default(),
+            Plan::default_plan(),
+            100,
+            Duration::from_secs(60),
+        );
         let m = MerchantView::default();
         assert!(matches!(
             s.score(&tx("a", "t1"), m, true),

@@ -25,6 +25,7 @@ use super::http_cards::{HttpCards, Outcome};
 use super::merchants::table::MerchantTable;
 use super::partition::Role;
 use crate::config::Settings;
+use crate::features::file::Plan;
 use crate::features::store::key_hash;
 use crate::features::{Engine, FeatureConfig, Features, Refused};
 use crate::ingest::Transaction;
@@ -47,6 +48,8 @@ pub struct ServiceState {
     pub settings: Settings,
     pub metrics: Metrics,
     feature_config: FeatureConfig,
+    /// The features file every engine here computes (a reload keeps it).
+    plan: Plan,
     scorer: RwLock<Arc<Scorer>>,
     /// Card state of each running input partition.
     cards: Mutex<BTreeMap<i32, CardEngine>>,
@@ -120,8 +123,10 @@ impl ServiceState {
             merchants.set_caught_up();
         }
         let http_max_concurrency = settings.http_max_concurrency;
+        let plan = scorer.plan().clone();
         let http_cards = HttpCards::new(
             feature_config,
+            &plan,
             settings.http_max_cards,
             Duration::from_secs(settings.http_card_idle_secs),
         );
@@ -129,6 +134,7 @@ impl ServiceState {
             settings,
             metrics,
             feature_config,
+            plan,
             scorer: RwLock::new(Arc::new(scorer)),
             cards: Mutex::new(BTreeMap::new()),
             http_cards: Mutex::new(http_cards),
@@ -177,7 +183,7 @@ impl ServiceState {
 
     /// A new card engine that records its changes for a changelog.
     pub fn new_card_engine(&self) -> Engine {
-        let mut e = Engine::new(self.feature_config);
+        let mut e = Engine::with_plan(self.feature_config, &self.plan);
         e.track_changes();
         e
     }
@@ -380,6 +386,12 @@ impl ServiceState {
                  state built under one cannot serve the other, so restart to change it",
                 scorer.model.feature_config,
                 self.feature_config
+            );
+        }
+        if scorer.plan().source != self.plan.source {
+            anyhow::bail!(
+                "the model's features file differs from the live one; the cards' declared \
+                 state follows the file, so restart to change it"
             );
         }
         let scorer = Arc::new(scorer);

@@ -1,0 +1,554 @@
+//! The interpreter of declared features: values of the transaction,
+//! aggregations over the card's own log of declared fields, tags and
+//! derived features, compiled from a features file ([`super::file`]).
+//!
+//! A card's declared log keeps, per event of the last 30 days (plus the
+//! lateness), its time and the fields its aggregations read (their `of`,
+//! `where` and entity values, computed when the event was folded in).
+//! Windows are exact to the second, `(t − w, t]`, as the built-in card
+//! windows are.
+
+use super::AMOUNT_CEILING;
+use super::card::Reader;
+use super::expr::Expr;
+use super::store::key_hash;
+use crate::ingest::{Channel, Transaction};
+
+/// Events a card's declared log holds at most; past it the oldest go,
+/// counted as window overflows, as in the built-in log.
+pub const MAX_LOGGED: usize = 2048;
+/// Distinct values a `distinct` aggregation tells apart.
+const MAX_DISTINCT: usize = 64;
+
+/// A transaction field an expression may read. Categorical fields read as
+/// codes: `mcc` its number, `channel` 0 (pos), 1 (ecom), 2 (atm), `country`
+/// a number per ISO code, `merchant_id` and `currency` 24 bits of their
+/// hash; a missing one reads −1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    Amount,
+    Hour,
+    Weekday,
+    Minute,
+    Mcc,
+    Channel,
+    Country,
+    MerchantId,
+    Currency,
+}
+
+const FIELDS: [(&str, Field); 9] = [
+    ("amount", Field::Amount),
+    ("hour", Field::Hour),
+    ("weekday", Field::Weekday),
+    ("minute", Field::Minute),
+    ("mcc", Field::Mcc),
+    ("channel", Field::Channel),
+    ("country", Field::Country),
+    ("merchant_id", Field::MerchantId),
+    ("currency", Field::Currency),
+];
+const N_FIELDS: usize = FIELDS.len();
+
+fn hash_code(s: &str) -> f64 {
+    // 24 bits: exact in the f32 a stored column keeps.
+    (key_hash(s) >> 40) as f64
+}
+
+fn country_code(s: &str) -> Option<f64> {
+    let b = s.as_bytes();
+    (b.len() == 2 && b.iter().all(u8::is_ascii_alphabetic)).then(|| {
+        let l = |c: u8| (c.to_ascii_uppercase() - b'A') as f64;
+        l(b[0]) * 26.0 + l(b[1])
+    })
+}
+
+impl Field {
+    pub fn of(name: &str) -> Option<Field> {
+        FIELDS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
+    }
+
+    fn name(self) -> &'static str {
+        FIELDS
+            .iter()
+            .find(|(_, f)| *f == self)
+            .map_or("", |(n, _)| n)
+    }
+
+    /// The code a string literal compared with this field stands for.
+    pub fn code_of(self, s: &str) -> Result<f64, String> {
+        match self {
+            Field::Channel => Channel::parse(s.as_bytes())
+                .map(|c| c as u8 as f64)
+                .ok_or(format!("\"{s}\" is not a channel (pos, ecom, atm)")),
+            Field::Country => {
+                country_code(s).ok_or(format!("\"{s}\" is not a two-letter country code"))
+            }
+            Field::MerchantId | Field::Currency => Ok(hash_code(s)),
+            f => Err(format!(
+                "`{}` is a number: compare it with a number, not \"{s}\"",
+                f.name()
+            )),
+        }
+    }
+
+    fn value(self, tx: &Transaction, local: i64) -> f64 {
+        let text = |s: &str| if s.is_empty() { -1.0 } else { hash_code(s) };
+        match self {
+            Field::Amount => tx.amount.min(AMOUNT_CEILING),
+            Field::Hour => (local.rem_euclid(86_400) / 3600) as f64,
+            Field::Weekday => ((local.div_euclid(86_400) + 3).rem_euclid(7)) as f64,
+            Field::Minute => (local.rem_euclid(86_400) / 60) as f64,
+            Field::Mcc => tx.mcc.map_or(-1.0, f64::from),
+            Field::Channel => tx.channel.map_or(-1.0, |c| c as u8 as f64),
+            Field::Country => country_code(&tx.country).unwrap_or(-1.0),
+            Field::MerchantId => text(&tx.merchant_id),
+            Field::Currency => text(&tx.currency),
+        }
+    }
+}
+
+/// Whose clock `hour`, `weekday` and `minute` read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeZone {
+    /// Each timestamp's own UTC offset.
+    Offset,
+    /// A fixed offset in seconds, whatever the timestamp's.
+    Fixed(i64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AggKind {
+    Count,
+    Sum,
+    Mean,
+    Std,
+    Min,
+    Max,
+    Distinct,
+    Share,
+    TimeSinceLast,
+}
+
+impl AggKind {
+    pub fn of(name: &str) -> Option<AggKind> {
+        Some(match name {
+            "count" => AggKind::Count,
+            "sum" => AggKind::Sum,
+            "mean" => AggKind::Mean,
+            "std" => AggKind::Std,
+            "min" => AggKind::Min,
+            "max" => AggKind::Max,
+            "distinct" => AggKind::Distinct,
+            "share" => AggKind::Share,
+            "time_since_last" => AggKind::TimeSinceLast,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ItemKind {
+    /// An expression over the transaction's fields.
+    Value(Expr),
+    /// An expression over other features.
+    Derived(Expr),
+    /// A per-event flag, stored with the event where a filter reads it.
+    Tag(Expr),
+    Agg {
+        kind: AggKind,
+        window: i64,
+        /// Whether the event counts itself.
+        current: bool,
+        /// The entity's fields besides the card: an event counts only if
+        /// they equal the current event's.
+        key_columns: Vec<Expr>,
+        of: Option<Expr>,
+        filter: Option<Expr>,
+        cap: Option<f64>,
+        /// The value of an empty window, or when the entity's field is missing.
+        missing: f64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    pub name: String,
+    pub kind: ItemKind,
+}
+
+/// Where an aggregation's inputs are in an event's stored row.
+#[derive(Debug, Clone, Default)]
+struct Stored {
+    keys: Vec<usize>,
+    of: Option<usize>,
+    filter: Option<usize>,
+}
+
+/// A compiled features file's interpreted part.
+#[derive(Debug)]
+pub struct Program {
+    /// In evaluation order: everything an item reads comes before it.
+    items: Vec<Item>,
+    stored_of: Vec<Stored>,
+    /// The expressions kept per event in the card's declared log.
+    stored: Vec<Expr>,
+    /// The items that are columns, in column order.
+    columns: Vec<usize>,
+    time_zone: TimeZone,
+    /// How far back any window reaches.
+    span: i64,
+    /// A digest of `stored`: a log written under another layout is not read.
+    layout: u32,
+}
+
+/// Per-event working values, reused between events.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    values: Vec<f64>,
+    /// The current event's stored columns, and whether each is computed.
+    current: Vec<f64>,
+    done: Vec<bool>,
+}
+
+impl Program {
+    pub fn field_slot(f: Field) -> usize {
+        FIELDS
+            .iter()
+            .position(|(_, g)| *g == f)
+            .expect("every field is listed")
+    }
+
+    pub fn item_slot(i: usize) -> usize {
+        N_FIELDS + i
+    }
+
+    pub fn new(
+        items: Vec<Item>,
+        columns: Vec<usize>,
+        time_zone: TimeZone,
+    ) -> Result<Program, String> {
+        let mut stored: Vec<Expr> = Vec::new();
+        let mut column = |e: &Expr| match stored.iter().position(|s| s == e) {
+            Some(i) => i,
+            None => {
+                stored.push(e.clone());
+                stored.len() - 1
+            }
+        };
+        let mut stored_of = Vec::new();
+        let mut span = 0;
+        for item in &items {
+            let mut s = Stored::default();
+            if let ItemKind::Agg {
+                kind,
+                window,
+                key_columns,
+                of,
+                filter,
+                cap,
+                ..
+            } = &item.kind
+            {
+                s.keys = key_columns.iter().map(&mut column).collect();
+                s.of = of.as_ref().map(&mut column);
+                s.filter = filter.as_ref().map(&mut column);
+                span = span.max(match kind {
+                    AggKind::TimeSinceLast => cap.map_or(*window, |c| c.ceil() as i64),
+                    _ => *window,
+                });
+            }
+            stored_of.push(s);
+        }
+        if stored.len() > u8::MAX as usize {
+            return Err(format!("{} stored fields; at most 255", stored.len()));
+        }
+        let layout = key_hash(&format!("{stored:?}")) as u32;
+        Ok(Program {
+            items,
+            stored_of,
+            stored,
+            columns,
+            time_zone,
+            span,
+            layout,
+        })
+    }
+
+    /// Declared columns.
+    pub fn values(&self) -> usize {
+        self.columns.len()
+    }
+
+    /// Fields kept per event in a card's declared log.
+    pub fn stored_fields(&self) -> usize {
+        self.stored.len()
+    }
+
+    /// Computes the declared columns of `tx` into `out` from the card's
+    /// log before the event; the event's stored fields stay in `scratch`
+    /// for [`Program::fold`].
+    pub fn observe(
+        &self,
+        log: Option<&DeclaredLog>,
+        tx: &Transaction,
+        scratch: &mut Scratch,
+        out: &mut [f32],
+    ) {
+        let local = match self.time_zone {
+            TimeZone::Offset => tx.time.local(),
+            TimeZone::Fixed(o) => tx.time.utc + o,
+        };
+        let Scratch {
+            values,
+            current,
+            done,
+        } = scratch;
+        values.clear();
+        values.extend(FIELDS.iter().map(|(_, f)| f.value(tx, local)));
+        values.resize(N_FIELDS + self.items.len(), 0.0);
+        current.clear();
+        current.resize(self.stored.len(), 0.0);
+        done.clear();
+        done.resize(self.stored.len(), false);
+        let log = log.filter(|l| l.layout == self.layout);
+        let t = tx.time.utc;
+        for (i, item) in self.items.iter().enumerate() {
+            let v = match &item.kind {
+                ItemKind::Value(e) | ItemKind::Derived(e) | ItemKind::Tag(e) => e.eval(values),
+                ItemKind::Agg { .. } => {
+                    let s = &self.stored_of[i];
+                    for &c in s.keys.iter().chain(&s.of).chain(&s.filter) {
+                        if !done[c] {
+                            current[c] = self.stored[c].eval(values);
+                            done[c] = true;
+                        }
+                    }
+                    self.aggregate(&item.kind, s, log, t, current)
+                }
+            };
+            values[N_FIELDS + i] = v;
+        }
+        for (o, &c) in out.iter_mut().zip(&self.columns) {
+            *o = column_value(values[N_FIELDS + c]);
+        }
+    }
+
+    fn aggregate(
+        &self,
+        kind: &ItemKind,
+        s: &Stored,
+        log: Option<&DeclaredLog>,
+        t: i64,
+        current: &[f64],
+    ) -> f64 {
+        let ItemKind::Agg {
+            kind,
+            window,
+            current: counts_itself,
+            cap,
+            missing,
+            ..
+        } = *kind
+        else {
+            return 0.0;
+        };
+        if s.keys.iter().any(|&k| current[k] == -1.0) {
+            return missing;
+        }
+        let passes = s.filter.is_none_or(|f| current[f] != 0.0);
+        let code = |v: f64| stored_bits(v);
+        let key_bits: [u32; 4] =
+            std::array::from_fn(|k| s.keys.get(k).map_or(0, |&c| code(current[c])));
+        let of_now = s.of.map_or(0.0, |c| current[c]);
+        let of_bits = code(of_now);
+
+        let (mut n, mut sum, mut sumsq) = (0u32, 0f64, 0f64);
+        let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+        let mut same = 0u32;
+        let mut distinct = [0u32; MAX_DISTINCT];
+        let mut n_distinct = 0usize;
+        let mut note = |bits: u32, distinct: &mut [u32; MAX_DISTINCT]| {
+            if n_distinct < MAX_DISTINCT && !distinct[..n_distinct].contains(&bits) {
+                distinct[n_distinct] = bits;
+                n_distinct += 1;
+            }
+        };
+        if let Some(log) = log {
+            let width = self.stored.len();
+            for i in (0..log.ts.len()).rev() {
+                let ts = log.ts[i] as i64;
+                if ts > t {
+                    continue;
+                }
+                if ts <= t - window {
+                    break;
+                }
+                let row = &log.columns[i * width..(i + 1) * width];
+                if s.keys
+                    .iter()
+                    .enumerate()
+                    .any(|(k, &c)| row[c] != key_bits[k])
+                    || s.filter.is_some_and(|f| f32::from_bits(row[f]) == 0.0)
+                {
+                    continue;
+                }
+                if kind == AggKind::TimeSinceLast {
+                    let gap = (t - ts) as f64;
+                    return cap.map_or(gap, |c| gap.min(c));
+                }
+                n += 1;
+                if let Some(c) = s.of {
+                    let v = f32::from_bits(row[c]) as f64;
+                    sum += v;
+                    sumsq += v * v;
+                    lo = lo.min(v);
+                    hi = hi.max(v);
+                    same += u32::from(row[c] == of_bits);
+                    if kind == AggKind::Distinct {
+                        note(row[c], &mut distinct);
+                    }
+                }
+            }
+        }
+        if kind == AggKind::TimeSinceLast {
+            return cap.unwrap_or(window as f64);
+        }
+        if counts_itself && passes {
+            n += 1;
+            sum += of_now;
+            sumsq += of_now * of_now;
+            lo = lo.min(of_now);
+            hi = hi.max(of_now);
+            same += 1;
+            if kind == AggKind::Distinct {
+                note(of_bits, &mut distinct);
+            }
+        }
+        let v = match kind {
+            AggKind::Count => n as f64,
+            AggKind::Sum => sum,
+            AggKind::Distinct => n_distinct as f64,
+            _ if n == 0 => missing,
+            AggKind::Mean => sum / n as f64,
+            AggKind::Std => {
+                let mean = sum / n as f64;
+                (sumsq / n as f64 - mean * mean).max(0.0).sqrt()
+            }
+            AggKind::Min => lo,
+            AggKind::Max => hi,
+            AggKind::Share => same as f64 / n as f64,
+            AggKind::TimeSinceLast => unreachable!("returned above"),
+        };
+        cap.map_or(v, |c| v.min(c))
+    }
+
+    /// Adds the event [`Program::observe`] last saw to the card's log.
+    /// `settled` is as in [`super::card::CardState::apply`]. Returns
+    /// whether the log's bound dropped an event still inside a window.
+    pub fn fold(&self, log: &mut DeclaredLog, t: i64, scratch: &Scratch, settled: i64) -> bool {
+        if log.layout != self.layout {
+            *log = DeclaredLog {
+                layout: self.layout,
+                ..DeclaredLog::default()
+            };
+        }
+        let width = self.stored.len();
+        let ts = t as u32;
+        let pos = if log.ts.last().is_none_or(|&l| l <= ts) {
+            log.ts.len()
+        } else {
+            log.ts.partition_point(|&e| e <= ts)
+        };
+        log.ts.insert(pos, ts);
+        log.columns.splice(
+            pos * width..pos * width,
+            scratch.current.iter().map(|&v| stored_bits(v)),
+        );
+        let horizon = settled - self.span;
+        let expired = log.ts.partition_point(|&e| (e as i64) <= horizon);
+        let overflow = log.ts.len().saturating_sub(MAX_LOGGED);
+        let cut = expired.max(overflow);
+        if cut > 0 {
+            log.ts.drain(..cut);
+            log.columns.drain(..cut * width);
+        }
+        overflow > expired
+    }
+}
+
+/// A stored column's bits: the value as f32, with −0 as 0 so that equal
+/// values compare equal.
+fn stored_bits(v: f64) -> u32 {
+    let f = v as f32;
+    if f == 0.0 { 0 } else { f.to_bits() }
+}
+
+/// A column as a model reads it: never NaN nor infinite, since imported
+/// trees and the logistic scaling assume finite inputs.
+fn column_value(v: f64) -> f32 {
+    if v.is_nan() {
+        0.0
+    } else {
+        (v as f32).clamp(f32::MIN, f32::MAX)
+    }
+}
+
+/// A card's events as its declared aggregations read them: times, oldest
+/// first, and per event the program's stored fields, row by row.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeclaredLog {
+    layout: u32,
+    ts: Vec<u32>,
+    columns: Vec<u32>,
+}
+
+impl DeclaredLog {
+    pub fn len(&self) -> usize {
+        self.ts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ts.is_empty()
+    }
+
+    /// Heap bytes held.
+    pub fn heap_bytes(&self) -> usize {
+        4 * (self.ts.capacity() + self.columns.capacity())
+    }
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let width = self.columns.len().checked_div(self.ts.len()).unwrap_or(0);
+        out.extend_from_slice(&self.layout.to_le_bytes());
+        out.extend_from_slice(&(self.ts.len() as u16).to_le_bytes());
+        out.push(width as u8);
+        for t in &self.ts {
+            out.extend_from_slice(&t.to_le_bytes());
+        }
+        for c in &self.columns {
+            out.extend_from_slice(&c.to_le_bytes());
+        }
+    }
+
+    pub(crate) fn decode(r: &mut Reader) -> Option<DeclaredLog> {
+        let layout = r.u32()?;
+        let n = r.u16()? as usize;
+        let width = r.u8()? as usize;
+        let mut log = DeclaredLog {
+            layout,
+            ts: Vec::with_capacity(n),
+            columns: Vec::with_capacity(n * width),
+        };
+        for _ in 0..n {
+            let t = r.u32()?;
+            if log.ts.last().is_some_and(|&l| l > t) {
+                return None;
+            }
+            log.ts.push(t);
+        }
+        for _ in 0..n * width {
+            log.columns.push(r.u32()?);
+        }
+        Some(log)
+    }
+}

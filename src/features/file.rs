@@ -1,0 +1,657 @@
+//! The features file: what a model's columns are, declared in TOML, and
+//! compiled into a [`Plan`] for the engine.
+//!
+//! A declaration whose name and definition equal one of the default file's
+//! (models/features-default.toml, embedded) is computed by the built-in
+//! engine; any other is compiled into a [`Program`] the engine interprets
+//! per card. The file is stored in the model, so that training, replay and
+//! the service compute the same columns.
+
+use super::declared::{AggKind, Field, Item, ItemKind, Program, TimeZone};
+use super::expr::Expr;
+use super::{MAX_DECLARED, N_FEATURES, NAMES};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// The default features file: the built-in engine's 30 columns.
+pub const DEFAULT_FILE: &str = include_str!("../../models/features-default.toml");
+/// The layout version of features files this build reads.
+pub const FORMAT: u32 = 1;
+/// Columns a model may have.
+pub const MAX_COLUMNS: usize = 64;
+/// The longest window: a card's log holds 30 days (plus the lateness).
+const MAX_WINDOW: i64 = 30 * 86_400;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileText {
+    format: u32,
+    /// `offset` (each timestamp's own UTC offset), `UTC`, or `+HH:MM`.
+    #[serde(default)]
+    time_zone: Option<String>,
+    /// Per-event flags, fixed when the event is folded in.
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+    #[serde(default)]
+    feature: Vec<Decl>,
+}
+
+/// A number, or a duration such as `30d`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+enum NumberOrDuration {
+    Number(f64),
+    Text(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Decl {
+    name: String,
+    value: Option<String>,
+    expr: Option<String>,
+    entity: Option<String>,
+    agg: Option<String>,
+    of: Option<String>,
+    window: Option<String>,
+    #[serde(rename = "where")]
+    filter: Option<String>,
+    current: Option<bool>,
+    delay: Option<String>,
+    cap: Option<NumberOrDuration>,
+    missing: Option<f64>,
+    output: Option<bool>,
+    anomaly: Option<bool>,
+}
+
+impl Decl {
+    fn output(&self) -> bool {
+        self.output.unwrap_or(true)
+    }
+}
+
+/// A features file that does not compile: the feature (or tag) and key at
+/// fault, and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("features file: {0}")]
+pub struct FileError(pub String);
+
+fn fail<T>(feature: &str, key: &str, reason: impl std::fmt::Display) -> Result<T, FileError> {
+    Err(FileError(format!("feature `{feature}`, `{key}`: {reason}")))
+}
+
+/// A compiled features file: the model's columns and how each is computed.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The file's text, as stored in a model.
+    pub source: String,
+    /// Column names, in the model's order.
+    pub names: Vec<String>,
+    /// For each column, its slot in [`super::Features`]: a built-in index
+    /// below [`N_FEATURES`], or `N_FEATURES` + a declared value's index.
+    pub slots: Vec<usize>,
+    /// The columns the isolation forest reads.
+    pub anomaly: Vec<usize>,
+    /// The interpreted part; `None` when every column is built in.
+    pub program: Option<Arc<Program>>,
+}
+
+impl Plan {
+    /// The built-in plan: [`DEFAULT_FILE`].
+    pub fn default_plan() -> &'static Plan {
+        static PLAN: std::sync::OnceLock<Plan> = std::sync::OnceLock::new();
+        PLAN.get_or_init(|| Plan::compile(DEFAULT_FILE).expect("the embedded default compiles"))
+    }
+
+    pub fn width(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Whether the columns are the first slots in order, so that a model
+    /// reads a prefix of [`super::Features`] without copying.
+    pub fn is_prefix(&self) -> bool {
+        self.slots.iter().enumerate().all(|(i, &s)| i == s)
+    }
+
+    /// Whether this is the default file's plan (whatever its comments).
+    pub fn is_default(&self) -> bool {
+        self.names == NAMES && self.program.is_none()
+    }
+
+    pub fn compile(text: &str) -> Result<Plan, FileError> {
+        compile(text, false)
+    }
+
+    /// Compiles every card feature of the file into the interpreter, even
+    /// those the built-in engine computes: for tests that the two agree.
+    pub fn compile_interpreted(text: &str) -> Result<Plan, FileError> {
+        compile(text, true)
+    }
+}
+
+fn parse(text: &str) -> Result<FileText, FileError> {
+    let file: FileText = toml::from_str(text).map_err(|e| FileError(e.to_string()))?;
+    if file.format != FORMAT {
+        return Err(FileError(format!(
+            "`format` {} is not supported (this build reads {FORMAT})",
+            file.format
+        )));
+    }
+    Ok(file)
+}
+
+/// The default file's declarations, by name.
+fn builtin_decls() -> &'static HashMap<String, Decl> {
+    static DECLS: std::sync::OnceLock<HashMap<String, Decl>> = std::sync::OnceLock::new();
+    DECLS.get_or_init(|| {
+        let file = parse(DEFAULT_FILE).expect("the embedded default parses");
+        file.feature
+            .into_iter()
+            .map(|d| (d.name.clone(), d))
+            .collect()
+    })
+}
+
+/// Seconds in `30d`, `12h`, `15m` or `45s`.
+pub fn parse_duration(text: &str) -> Result<i64, String> {
+    let t = text.trim();
+    let (num, unit) = t.split_at(t.len().saturating_sub(1));
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "`{text}` is not a duration such as 30d, 12h, 15m or 45s"
+            ));
+        }
+    };
+    match num.parse::<i64>() {
+        Ok(n) if n > 0 => Ok(n * scale),
+        _ => Err(format!(
+            "`{text}` is not a duration such as 30d, 12h, 15m or 45s"
+        )),
+    }
+}
+
+fn parse_time_zone(text: Option<&str>) -> Result<TimeZone, String> {
+    match text.unwrap_or("offset") {
+        "offset" => Ok(TimeZone::Offset),
+        "UTC" | "utc" | "Z" => Ok(TimeZone::Fixed(0)),
+        t => {
+            let b = t.as_bytes();
+            let parsed = (b.len() == 6 && matches!(b[0], b'+' | b'-') && b[3] == b':')
+                .then(|| Some((t[1..3].parse::<i64>().ok()?, t[4..6].parse::<i64>().ok()?)))
+                .flatten();
+            match parsed {
+                Some((h, m)) if h <= 14 && m < 60 => {
+                    let secs = h * 3600 + m * 60;
+                    Ok(TimeZone::Fixed(if b[0] == b'-' { -secs } else { secs }))
+                }
+                _ => Err(format!(
+                    "`{t}` is not a time zone this build knows: \"offset\" (each timestamp's own), \"UTC\" or a fixed offset such as \"+05:30\""
+                )),
+            }
+        }
+    }
+}
+
+/// What a name in an expression stands for while compiling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Named {
+    Field(Field),
+    Feature(usize),
+    Tag(usize),
+}
+
+struct Compiler<'a> {
+    file: &'a FileText,
+    interpret_all: bool,
+    /// Declarations by name (the file's, then the default's helpers it
+    /// reads without declaring).
+    decls: HashMap<&'a str, &'a Decl>,
+    /// Declared items compiled so far, by name, and their order.
+    items: Vec<Item>,
+    by_name: HashMap<String, usize>,
+    /// Names being compiled, to find cycles.
+    visiting: Vec<String>,
+}
+
+fn compile(text: &str, interpret_all: bool) -> Result<Plan, FileError> {
+    let file = parse(text)?;
+    let time_zone = parse_time_zone(file.time_zone.as_deref())
+        .map_err(|e| FileError(format!("`time_zone`: {e}")))?;
+    let mut seen = HashMap::new();
+    for d in &file.feature {
+        if seen.insert(d.name.as_str(), ()).is_some() {
+            return fail(&d.name, "name", "declared twice");
+        }
+        // A feature may share a field's name (`amount`): in expressions
+        // the name reads the field.
+        if file.tags.contains_key(&d.name) {
+            return fail(&d.name, "name", "is also a tag's name");
+        }
+    }
+    let outputs: Vec<&Decl> = file.feature.iter().filter(|d| d.output()).collect();
+    if outputs.is_empty() {
+        return Err(FileError("no feature is declared as a column".into()));
+    }
+    if outputs.len() > MAX_COLUMNS {
+        return Err(FileError(format!(
+            "{} columns declared; a model has at most {MAX_COLUMNS}",
+            outputs.len()
+        )));
+    }
+    let mut c = Compiler {
+        file: &file,
+        interpret_all,
+        decls: file.feature.iter().map(|d| (d.name.as_str(), d)).collect(),
+        items: Vec::new(),
+        by_name: HashMap::new(),
+        visiting: Vec::new(),
+    };
+    let mut names = Vec::new();
+    let mut slots = Vec::new();
+    let mut anomaly = Vec::new();
+    // Declared columns take the first declared slots, in column order, so
+    // a file that lists the built-in columns first reads as a prefix.
+    let mut declared_columns = Vec::new();
+    for (col, d) in outputs.iter().enumerate() {
+        names.push(d.name.clone());
+        if d.anomaly == Some(true) {
+            anomaly.push(col);
+        }
+        match c.builtin_index(d)? {
+            Some(i) => slots.push(i),
+            None => {
+                slots.push(usize::MAX);
+                declared_columns.push((col, d.name.as_str()));
+            }
+        }
+    }
+    for &(col, name) in &declared_columns {
+        let item = c.feature(name)?;
+        slots[col] = item;
+    }
+    let program = if c.items.is_empty() {
+        None
+    } else {
+        let order: Vec<usize> = declared_columns
+            .iter()
+            .map(|&(col, _)| slots[col])
+            .collect();
+        let program =
+            Program::new(std::mem::take(&mut c.items), order, time_zone).map_err(FileError)?;
+        // The program renumbers its items so that columns come first.
+        for (k, &(col, _)) in declared_columns.iter().enumerate() {
+            slots[col] = N_FEATURES + k;
+        }
+        if program.values() > MAX_DECLARED {
+            return Err(FileError(format!(
+                "{} declared columns; this build computes at most {MAX_DECLARED} besides the built-in ones",
+                program.values()
+            )));
+        }
+        Some(Arc::new(program))
+    };
+    if time_zone != TimeZone::Offset && slots.iter().any(|&s| s == 1 || s == 2) {
+        return Err(FileError(
+            "`tx.weekend` and `tx.night` are built in with each timestamp's own offset; with another `time_zone`, declare them under other names".into(),
+        ));
+    }
+    Ok(Plan {
+        source: text.to_string(),
+        names,
+        slots,
+        anomaly,
+        program,
+    })
+}
+
+impl<'a> Compiler<'a> {
+    /// The built-in index of a declaration equal to the default file's.
+    fn builtin_index(&self, d: &Decl) -> Result<Option<usize>, FileError> {
+        let Some(i) = NAMES.iter().position(|n| *n == d.name) else {
+            return Ok(None);
+        };
+        if builtin_decls().get(&d.name) != Some(d) {
+            return fail(
+                &d.name,
+                "name",
+                "is a built-in feature's name, declared differently from models/features-default.toml; give it another name",
+            );
+        }
+        if self.interpret_all && interpretable(d) {
+            return Ok(None);
+        }
+        Ok(Some(i))
+    }
+
+    fn decl(&self, name: &str) -> Option<&'a Decl> {
+        self.decls
+            .get(name)
+            .copied()
+            .or_else(|| builtin_decls().get(name))
+    }
+
+    /// The item index of a declared feature, compiling it (and what it
+    /// reads) on first use.
+    fn feature(&mut self, name: &str) -> Result<usize, FileError> {
+        if let Some(&i) = self.by_name.get(name) {
+            return Ok(i);
+        }
+        if self.visiting.iter().any(|n| n == name) {
+            return Err(FileError(format!(
+                "a cycle: {} -> {name}",
+                self.visiting.join(" -> ")
+            )));
+        }
+        let Some(d) = self.decl(name) else {
+            return Err(FileError(format!("unknown feature `{name}`")));
+        };
+        self.visiting.push(name.to_string());
+        let kind = self.kind(d)?;
+        self.visiting.pop();
+        self.items.push(Item {
+            name: name.to_string(),
+            kind,
+        });
+        let i = self.items.len() - 1;
+        self.by_name.insert(name.to_string(), i);
+        Ok(i)
+    }
+
+    fn tag(&mut self, name: &str) -> Result<usize, FileError> {
+        let key = format!("tag {name}");
+        if let Some(&i) = self.by_name.get(&key) {
+            return Ok(i);
+        }
+        if self.visiting.contains(&key) {
+            return Err(FileError(format!(
+                "a cycle: {} -> {key}",
+                self.visiting.join(" -> ")
+            )));
+        }
+        let text = &self.file.tags[name];
+        self.visiting.push(key.clone());
+        let expr = self
+            .expr(name, "tags", text, Scope::Features)
+            .map_err(|e| FileError(format!("tag `{name}`: {}", e.0)))?;
+        self.visiting.pop();
+        self.items.push(Item {
+            name: key.clone(),
+            kind: ItemKind::Tag(expr),
+        });
+        let i = self.items.len() - 1;
+        self.by_name.insert(key, i);
+        Ok(i)
+    }
+
+    fn lookup(&mut self, name: &str, scope: Scope) -> Result<Named, String> {
+        if let Some(f) = Field::of(name) {
+            return Ok(Named::Field(f));
+        }
+        if self.file.tags.contains_key(name) {
+            return self.tag(name).map(Named::Tag).map_err(|e| e.0);
+        }
+        if scope == Scope::Event {
+            return Err(format!(
+                "unknown field or tag `{name}` (this expression is evaluated on each event alone: it reads the transaction's fields and the tags)"
+            ));
+        }
+        match self.decl(name) {
+            Some(d) if !interpretable(d) => Err(format!(
+                "`{name}` is computed only by the built-in engine (merchant windows and speed); a declared feature can read card features and the transaction's fields"
+            )),
+            Some(_) => self.feature(name).map(Named::Feature).map_err(|e| e.0),
+            None => Err(format!("unknown feature, field or tag `{name}`")),
+        }
+    }
+
+    fn expr(
+        &mut self,
+        feature: &str,
+        key: &str,
+        text: &str,
+        scope: Scope,
+    ) -> Result<Expr, FileError> {
+        let mut e = match Expr::parse(text) {
+            Ok(e) => e,
+            Err(err) => return fail(feature, key, err),
+        };
+        let mut named: Vec<(String, Named)> = Vec::new();
+        for n in e.names() {
+            if named.iter().any(|(m, _)| m == n) {
+                continue;
+            }
+            match self.lookup(n, scope) {
+                Ok(x) => named.push((n.to_string(), x)),
+                Err(reason) => return fail(feature, key, reason),
+            }
+        }
+        let resolved = e.resolve(
+            &mut |n| {
+                Ok(named
+                    .iter()
+                    .position(|(m, _)| m == n)
+                    .expect("looked up above"))
+            },
+            &mut |slot, s| match named[slot].1 {
+                Named::Field(f) => f.code_of(s),
+                _ => Err(format!("\"{s}\" is compared with a number")),
+            },
+        );
+        if let Err(reason) = resolved {
+            return fail(feature, key, reason);
+        }
+        // Slots so far index `named`; the program's are fields then items.
+        Ok(e.map_vars(&|v| match named[v].1 {
+            Named::Field(f) => Program::field_slot(f),
+            Named::Feature(i) | Named::Tag(i) => Program::item_slot(i),
+        }))
+    }
+
+    fn kind(&mut self, d: &'a Decl) -> Result<ItemKind, FileError> {
+        let name = d.name.as_str();
+        let kinds = [d.value.is_some(), d.expr.is_some(), d.agg.is_some()];
+        if kinds.iter().filter(|k| **k).count() != 1 {
+            return fail(
+                name,
+                "value",
+                "declare exactly one of `value`, `expr` and `agg`",
+            );
+        }
+        let no_agg_keys = [
+            ("entity", d.entity.is_some()),
+            ("of", d.of.is_some()),
+            ("window", d.window.is_some()),
+            ("where", d.filter.is_some()),
+            ("current", d.current.is_some()),
+            ("delay", d.delay.is_some()),
+            ("cap", d.cap.is_some()),
+        ];
+        if let Some(text) = &d.value {
+            if let Some((key, _)) = no_agg_keys.iter().find(|(_, set)| *set) {
+                return fail(name, key, "only aggregations take it");
+            }
+            return Ok(ItemKind::Value(self.expr(
+                name,
+                "value",
+                text,
+                Scope::Event,
+            )?));
+        }
+        if let Some(text) = &d.expr {
+            if let Some((key, _)) = no_agg_keys.iter().find(|(_, set)| *set) {
+                return fail(name, key, "only aggregations take it");
+            }
+            return Ok(ItemKind::Derived(self.expr(
+                name,
+                "expr",
+                text,
+                Scope::Features,
+            )?));
+        }
+        let agg = d.agg.as_deref().unwrap_or_default();
+        let Some(kind) = AggKind::of(agg) else {
+            return fail(
+                name,
+                "agg",
+                format!(
+                    "`{agg}` is not an aggregation this build interprets (count, sum, mean, std, min, max, distinct, share, time_since_last); the merchant's label windows and speed_kmh are built in only"
+                ),
+            );
+        };
+        let entity = d.entity.as_deref().unwrap_or("card_id");
+        let mut parts: Vec<&str> = entity.split('+').map(str::trim).collect();
+        if !parts.contains(&"card_id") {
+            return fail(
+                name,
+                "entity",
+                format!(
+                    "`{entity}`: this build aggregates per card (`card_id`, or `card_id+FIELD` such as `card_id+mcc`); merchant windows are the built-in ones, and other entities are not supported yet"
+                ),
+            );
+        }
+        parts.retain(|p| *p != "card_id");
+        if parts.len() > 4 {
+            return fail(name, "entity", "at most four fields besides `card_id`");
+        }
+        let mut key_columns = Vec::new();
+        for p in parts {
+            let Some(f) = Field::of(p) else {
+                return fail(name, "entity", format!("`{p}` is not a transaction field"));
+            };
+            key_columns.push(Expr::Var(Program::field_slot(f)));
+        }
+        if d.delay.is_some() {
+            return fail(
+                name,
+                "delay",
+                "card windows count what is known at once; label-delayed windows are the merchant's built-in ones",
+            );
+        }
+        let window = match (&d.window, kind) {
+            (Some(w), _) => parse_duration(w).or_else(|e| fail(name, "window", e))?,
+            (None, AggKind::TimeSinceLast) => MAX_WINDOW,
+            (None, _) => return fail(name, "window", "an aggregation needs a window"),
+        };
+        if window > MAX_WINDOW {
+            return fail(name, "window", "at most 30d");
+        }
+        let needs_of = !matches!(kind, AggKind::Count | AggKind::TimeSinceLast);
+        let of = match (&d.of, needs_of) {
+            (Some(text), true) => Some(self.expr(name, "of", text, Scope::Event)?),
+            (None, true) => return fail(name, "of", format!("`{agg}` needs `of`")),
+            (Some(_), false) => return fail(name, "of", format!("`{agg}` takes no `of`")),
+            (None, false) => None,
+        };
+        let filter = match &d.filter {
+            Some(text) => Some(self.expr(name, "where", text, Scope::Event)?),
+            None => None,
+        };
+        let cap = match &d.cap {
+            None => None,
+            Some(NumberOrDuration::Number(v)) => Some(*v),
+            Some(NumberOrDuration::Text(t)) => {
+                Some(parse_duration(t).or_else(|e| fail(name, "cap", e))? as f64)
+            }
+        };
+        if kind == AggKind::TimeSinceLast && cap.is_some_and(|c| c > MAX_WINDOW as f64) {
+            return fail(name, "cap", "at most 30d: the log holds 30 days");
+        }
+        Ok(ItemKind::Agg {
+            kind,
+            window,
+            current: d.current.unwrap_or(true),
+            key_columns,
+            of,
+            filter,
+            cap,
+            missing: d.missing.unwrap_or(0.0),
+        })
+    }
+}
+
+/// Where an expression is evaluated: on an event alone (`value`, `of`,
+/// `where`), or over the features computed for it (`expr`, tags).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Scope {
+    Event,
+    Features,
+}
+
+/// Whether the interpreter can compute a declaration (the merchant's and
+/// the speed are the built-in engine's alone).
+fn interpretable(d: &Decl) -> bool {
+    let card = d
+        .entity
+        .as_deref()
+        .is_none_or(|e| e.split('+').any(|p| p.trim() == "card_id"));
+    match d.agg.as_deref() {
+        None => true,
+        Some(a) => card && AggKind::of(a).is_some(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_file_is_the_built_in_engine() {
+        let plan = Plan::compile(DEFAULT_FILE).unwrap();
+        assert_eq!(plan.names, NAMES);
+        assert!(plan.is_prefix() && plan.is_default());
+        assert_eq!(plan.anomaly, crate::model::ANOMALY_FEATURES);
+    }
+
+    fn error(text: &str) -> String {
+        Plan::compile(&format!("format = 1\n{text}")).unwrap_err().0
+    }
+
+    #[test]
+    fn errors_name_the_feature_and_key() {
+        let e = error(
+            "[[feature]]\nname = \"a\"\nentity = \"card_id\"\nagg = \"count\"\nwindow = \"31d\"",
+        );
+        assert_eq!(e, "feature `a`, `window`: at most 30d");
+        let e = error(
+            "[[feature]]\nname = \"a\"\nentity = \"attributes.device\"\nagg = \"count\"\nwindow = \"1d\"",
+        );
+        assert!(e.starts_with("feature `a`, `entity`:"), "{e}");
+        let e = error("[[feature]]\nname = \"a\"\nagg = \"mean\"\nwindow = \"1d\"");
+        assert_eq!(e, "feature `a`, `of`: `mean` needs `of`");
+        let e = error("[[feature]]\nname = \"a\"\nvalue = \"hour +\"");
+        assert!(e.starts_with("feature `a`, `value`: at character"), "{e}");
+        let e = error("[[feature]]\nname = \"a\"\nvalue = \"colour\"");
+        assert!(e.contains("unknown field or tag `colour`"), "{e}");
+        let e = error(
+            "[[feature]]\nname = \"a\"\nexpr = \"b + 1\"\n[[feature]]\nname = \"b\"\nexpr = \"a\"",
+        );
+        assert!(e.contains("a cycle: a -> b -> a"), "{e}");
+        let e = error("[[feature]]\nname = \"card.count_7d\"\nagg = \"count\"\nwindow = \"6d\"");
+        assert!(e.contains("declared differently"), "{e}");
+        let e = error("[[feature]]\nname = \"a\"\nexpr = \"merchant.risk_7d * 2\"");
+        assert!(e.contains("only by the built-in engine"), "{e}");
+        let e = error("[[feature]]\nname = \"a\"\nvalue = \"channel == 'web'\"");
+        assert!(e.contains("\"web\" is not a channel"), "{e}");
+        let e = error(
+            "[[feature]]\nname = \"a\"\nvalue = \"hour\"\n[[feature]]\nname = \"a\"\nvalue = \"hour\"",
+        );
+        assert_eq!(e, "feature `a`, `name`: declared twice");
+        let e = Plan::compile("format = 2").unwrap_err().0;
+        assert!(e.contains("`format` 2 is not supported"), "{e}");
+        let e = Plan::compile("format = 1\ncolour = 1").unwrap_err().0;
+        assert!(e.contains("unknown field `colour`"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30d"), Ok(30 * 86_400));
+        assert_eq!(parse_duration("90m"), Ok(5400));
+        assert!(parse_duration("0d").is_err() && parse_duration("1w").is_err());
+    }
+}
