@@ -486,3 +486,170 @@ fn serve_with_an_unknown_kafka_option_exits_with_its_message() {
     assert!(err.contains("No such configuration property"), "{err}");
     assert!(err.contains("no.such.option"), "{err}");
 }
+
+/// A features file picks the columns: `features` exports them, `train`
+/// stores the file in the model, and `eval` and `replay` compute the same
+/// columns from it; a model whose file was altered, and a file with a
+/// mistake, are refused with the reason.
+#[test]
+fn features_files_declare_the_columns() {
+    let dir = workdir("features-file");
+    let data = dir.join("sim6.csv");
+    ok(&[
+        "simulate",
+        "--out",
+        s(&data),
+        "--customers",
+        "300",
+        "--terminals",
+        "600",
+        "--days",
+        "45",
+        "--start",
+        "2018-04-01",
+        "--seed",
+        "5",
+        "--scenarios",
+        "1,2,3,4,5,6",
+    ]);
+    let root = env!("CARGO_MANIFEST_DIR");
+    let extended = format!("{root}/models/features-extended.toml");
+    let export = dir.join("ext.csv");
+    ok(&[
+        "features",
+        "--data",
+        s(&data),
+        "--from",
+        "2018-05-01",
+        "--to",
+        "2018-05-10",
+        "--out",
+        s(&export),
+        "--features",
+        &extended,
+    ]);
+    let text = std::fs::read_to_string(&export).unwrap();
+    let header: Vec<&str> = text.lines().next().unwrap().split(',').collect();
+    assert_eq!(header.len(), 1 + 30 + 14 + 1, "{header:?}");
+    assert_eq!(header[1], "amount");
+    assert!(header.contains(&"card.share_mcc_30d") && header.contains(&"card_mcc.count_30d"));
+    // The card habits are computed, not left at a constant.
+    let col = header
+        .iter()
+        .position(|h| *h == "card.share_mcc_30d")
+        .unwrap();
+    let values: std::collections::BTreeSet<&str> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(col).unwrap())
+        .collect();
+    assert!(values.len() > 20, "{} distinct shares", values.len());
+
+    let model = dir.join("ext.json");
+    ok(&[
+        "train",
+        "--data",
+        s(&data),
+        "--train-from",
+        "2018-04-20",
+        "--train-to",
+        "2018-05-10",
+        "--out",
+        s(&model),
+        "--trees",
+        "30",
+        "--features",
+        &extended,
+    ]);
+    let stored: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&model).unwrap()).unwrap();
+    assert_eq!(stored["features"].as_array().unwrap().len(), 44);
+    assert!(
+        stored["features_file"]
+            .as_str()
+            .unwrap()
+            .contains("card_mcc.count_30d")
+    );
+    let eval = ok(&[
+        "eval",
+        "--data",
+        s(&data),
+        "--model",
+        s(&model),
+        "--test-from",
+        "2018-05-10",
+        "--test-to",
+        "2018-05-15",
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert!(report["auc_roc"].as_f64().unwrap() > 0.7, "{report}");
+    let alerts = dir.join("alerts.jsonl");
+    ok(&[
+        "replay",
+        "--data",
+        s(&data),
+        "--model",
+        s(&model),
+        "--out",
+        s(&alerts),
+    ]);
+    let first = std::fs::read_to_string(&alerts).unwrap();
+    let reasons: Vec<serde_json::Value> = first
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!reasons.is_empty());
+    assert!(
+        reasons
+            .iter()
+            .all(|a| a["reasons"]["top_features"].as_array().is_some()),
+        "every alert explains itself"
+    );
+
+    // A stored file that no longer declares a column the model reads.
+    let mut altered = stored.clone();
+    let file = altered["features_file"].as_str().unwrap().replace(
+        "name = \"tx.channel\"\nvalue = \"channel\"",
+        "name = \"tx.colour\"\nvalue = \"channel\"",
+    );
+    altered["features_file"] = file.into();
+    let bad = dir.join("altered.json");
+    std::fs::write(&bad, altered.to_string()).unwrap();
+    let e = fails(&[
+        "eval",
+        "--data",
+        s(&data),
+        "--model",
+        s(&bad),
+        "--test-from",
+        "2018-05-10",
+        "--test-to",
+        "2018-05-15",
+    ]);
+    assert!(
+        e.contains("trained on features that differ") && e.contains("tx.channel"),
+        "{e}"
+    );
+
+    // A mistake in a file names the feature and the key.
+    let broken = dir.join("broken.toml");
+    std::fs::write(
+        &broken,
+        "format = 1\n[[feature]]\nname = \"card.weird\"\nentity = \"card_id\"\nagg = \"median\"\nof = \"amount\"\nwindow = \"1d\"\n",
+    )
+    .unwrap();
+    let e = fails(&[
+        "train",
+        "--data",
+        s(&data),
+        "--train-from",
+        "2018-04-20",
+        "--train-to",
+        "2018-05-10",
+        "--out",
+        s(&dir.join("x.json")),
+        "--features",
+        s(&broken),
+    ]);
+    assert!(e.contains("feature `card.weird`, `agg`: `median`"), "{e}");
+}

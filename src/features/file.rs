@@ -27,6 +27,9 @@ const MAX_WINDOW: i64 = 30 * 86_400;
 #[serde(deny_unknown_fields)]
 struct FileText {
     format: u32,
+    /// `"default"`: the default file's tags and features come first.
+    #[serde(default)]
+    extends: Option<String>,
     /// `offset` (each timestamp's own UTC offset), `UTC`, or `+HH:MM`.
     #[serde(default)]
     time_zone: Option<String>,
@@ -131,12 +134,32 @@ impl Plan {
 }
 
 fn parse(text: &str) -> Result<FileText, FileError> {
-    let file: FileText = toml::from_str(text).map_err(|e| FileError(e.to_string()))?;
+    let mut file: FileText = toml::from_str(text).map_err(|e| FileError(e.to_string()))?;
     if file.format != FORMAT {
         return Err(FileError(format!(
             "`format` {} is not supported (this build reads {FORMAT})",
             file.format
         )));
+    }
+    match file.extends.take().as_deref() {
+        None => {}
+        Some("default") => {
+            let base = parse(DEFAULT_FILE)?;
+            for (name, tag) in base.tags {
+                if file.tags.contains_key(&name) {
+                    return Err(FileError(format!(
+                        "tag `{name}` is the default file's already"
+                    )));
+                }
+                file.tags.insert(name, tag);
+            }
+            file.feature.splice(0..0, base.feature);
+        }
+        Some(other) => {
+            return Err(FileError(format!(
+                "`extends` = \"{other}\": only \"default\" can be extended"
+            )));
+        }
     }
     Ok(file)
 }
