@@ -198,6 +198,101 @@ fn restarts_restore_card_state_from_the_changelog() {
     assert_eq!(third.terminate(Duration::from_secs(30)).code(), Some(0));
 }
 
+/// A model trained on models/features-extended.toml, served: its declared
+/// columns are computed from each card's declared log, which the card
+/// changelog carries across a SIGTERM and a restart, so the alerts equal a
+/// single ordered `replay` with the same model.
+#[test]
+fn a_features_file_model_serves_and_restores_its_state() {
+    let dir = workdir("declared");
+    let data = dir.join("sim6.csv");
+    ok(&[
+        "simulate",
+        "--out",
+        data.to_str().unwrap(),
+        "--customers",
+        "400",
+        "--terminals",
+        "800",
+        "--days",
+        "30",
+        "--seed",
+        "23",
+        "--scenarios",
+        "1,2,3,4,5,6",
+    ]);
+    let model = dir.join("extended.json");
+    ok(&[
+        "train",
+        "--quiet",
+        "--data",
+        data.to_str().unwrap(),
+        "--train-from",
+        "2018-04-10",
+        "--train-to",
+        "2018-05-01",
+        "--trees",
+        "40",
+        "--out",
+        model.to_str().unwrap(),
+        "--features",
+        &format!("{ROOT}/models/features-extended.toml"),
+    ]);
+    let expected = dir.join("expected.jsonl");
+    ok(&[
+        "replay",
+        "--quiet",
+        "--data",
+        data.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        expected.to_str().unwrap(),
+    ]);
+    let want: BTreeMap<String, Value> = std::fs::read_to_string(&expected)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["alert_id"].as_str().unwrap().to_string(), v)
+        })
+        .collect();
+    assert!(want.len() > 50, "{} alerts to find", want.len());
+    // The explanations name declared columns, so the served model reads them.
+    assert!(
+        want.values().any(|a| a["reasons"]["top_features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["feature"].as_str().unwrap().starts_with("card_mcc."))),
+        "no alert is explained by a declared column"
+    );
+    let ids = transaction_ids(&data);
+    let n = names("declared");
+    topics(&n, 4);
+    produce(&data, &n, &[]);
+    let total = ids.len() as f64;
+    let args = ["--model", model.to_str().unwrap()];
+
+    let first = Service::start(&n, "first", &args, &[CHECKPOINTS]);
+    first.wait_for(Duration::from_secs(90), "a third scored", |s| {
+        s.metric("peregrine_transactions_scored_total") > total / 3.0
+            && s.series("peregrine_checkpoints_total{kind=\"snapshot\",store=\"cards\"}") >= 4.0
+    });
+    assert_eq!(first.terminate(Duration::from_secs(30)).code(), Some(0));
+
+    let second = Service::start(&n, "second", &args, &[CHECKPOINTS]);
+    second.wait_ready(Duration::from_secs(60));
+    all_scored(&n, &ids, &[&second]);
+    assert!(
+        second.series("peregrine_restore_records_total{source=\"changelog\"}") > 0.0,
+        "the restart restored from the changelog"
+    );
+    let msgs = read_topic(&n.alerts, want.len(), Duration::from_secs(30));
+    assert_equivalent("features file, SIGTERM and restart", &msgs, &want);
+    assert_eq!(second.terminate(Duration::from_secs(30)).code(), Some(0));
+}
+
 /// A live stream while a second and a third instance join and the first
 /// leaves: the alerts equal a single ordered pass.
 #[test]
