@@ -85,7 +85,7 @@ impl Batch {
             .zip(&self.observed)
             .zip(&self.txs)
         {
-            *f = o.features(tx);
+            o.derive(tx, f);
         }
     }
 
@@ -161,12 +161,14 @@ pub fn stream_batches(
                     engine.prefetch_history(*k);
                 }
                 let txs = &batch.txs[start..end];
-                for ((tx, out), k) in txs.iter().zip(&mut batch.observed[start..end]).zip(keys) {
-                    *out = match engine.observe_keyed(tx, *k) {
+                let features = &mut batch.features[start..end];
+                let observed = &mut batch.observed[start..end];
+                for (((tx, out), k), f) in txs.iter().zip(observed).zip(keys).zip(features) {
+                    *out = match engine.observe_keyed(tx, *k, f) {
                         Ok(o) => o,
                         Err(_) => {
                             late += 1;
-                            engine.peek_observed(tx, *k)
+                            engine.peek_observed(tx, *k, f)
                         }
                     };
                     if tx.is_fraud == Some(true) {

@@ -333,19 +333,22 @@ impl Engine {
 
     /// Features of `tx` as if it were processed now, without changing state.
     pub fn peek(&self, tx: &Transaction) -> Features {
-        self.peek_observed(tx, Keys::of(tx)).features(tx)
+        let mut f = Features::default();
+        self.peek_observed(tx, Keys::of(tx), &mut f)
+            .derive(tx, &mut f);
+        f
     }
 
-    /// [`Engine::peek`] without deriving the features.
-    pub fn peek_observed(&self, tx: &Transaction, keys: Keys) -> Observed {
+    /// [`Engine::peek`] without deriving the built-in features: the
+    /// declared ones go into `f`'s declared slots.
+    pub fn peek_observed(&self, tx: &Transaction, keys: Keys, f: &mut Features) -> Observed {
         let card = self.cards.get(keys.card);
         let merchant = self.merchant_view(keys.merchant, tx.time.utc);
-        let mut observed = observe(card, merchant, tx, keys);
         if let Some(p) = &self.program {
             let log = card.and_then(|c| c.declared());
-            p.observe(log, tx, &mut Scratch::default(), &mut observed.declared);
+            p.observe(log, tx, &mut Scratch::default(), &mut f.0[N_FEATURES..]);
         }
-        observed
+        observe(card, merchant, tx, keys)
     }
 
     fn merchant_view(&self, merchant_key: u64, t: i64) -> MerchantView {
@@ -364,12 +367,20 @@ impl Engine {
 
     /// [`Engine::process`] with the keys already hashed.
     pub fn process_keyed(&mut self, tx: &Transaction, keys: Keys) -> Result<Features, Refused> {
-        self.observe_keyed(tx, keys).map(|o| o.features(tx))
+        let mut f = Features::default();
+        self.observe_keyed(tx, keys, &mut f)?.derive(tx, &mut f);
+        Ok(f)
     }
 
-    /// [`Engine::process_keyed`] without deriving the features: the state's
-    /// part only, for a backtest that derives them on another thread.
-    pub fn observe_keyed(&mut self, tx: &Transaction, keys: Keys) -> Result<Observed, Refused> {
+    /// [`Engine::process_keyed`] without deriving the built-in features:
+    /// the state's part only, for a backtest that derives them on another
+    /// thread. The declared features, which need the state, go into `f`.
+    pub fn observe_keyed(
+        &mut self,
+        tx: &Transaction,
+        keys: Keys,
+        f: &mut Features,
+    ) -> Result<Observed, Refused> {
         let t = tx.time.utc;
         self.admit_card(t, keys)?;
         let cfg = self.cfg;
@@ -378,7 +389,7 @@ impl Engine {
         let card = self.cards.get_or_default(keys.card);
         let merchant = self.merchants.get_or_default(merchant_key);
         let settled = self.watermark - cfg.allowed_lateness_secs;
-        let declared = self.program.as_deref().map(|p| (p, &mut self.scratch));
+        let declared = self.program.as_deref().map(|p| (p, &mut self.scratch, f));
         let merchant_view = merchant.view(t, cfg.label_delay_secs);
         let (observed, applied) =
             observe_and_fold(card, merchant_view, tx, keys, settled, &cfg, declared);
@@ -409,7 +420,11 @@ impl Engine {
         let cfg = self.cfg;
         let card = self.cards.get_or_default(keys.card);
         let settled = self.watermark - cfg.allowed_lateness_secs;
-        let declared = self.program.as_deref().map(|p| (p, &mut self.scratch));
+        let mut f = Features::default();
+        let declared = self
+            .program
+            .as_deref()
+            .map(|p| (p, &mut self.scratch, &mut f));
         let (observed, applied) =
             observe_and_fold(card, merchant, tx, keys, settled, &cfg, declared);
         self.stats.recent_overflows += u64::from(applied.recent_overflow);
@@ -418,19 +433,21 @@ impl Engine {
             c.changed.insert(keys.card.max(1));
         }
         self.stats.events += 1;
-        Ok(observed.features(tx))
+        observed.derive(tx, &mut f);
+        Ok(f)
     }
 
     /// [`Engine::peek`] with the merchant's view given, as in [`Engine::process_card`].
     pub fn peek_card(&self, tx: &Transaction, merchant: MerchantView) -> Features {
         let keys = Keys::of(tx);
         let card = self.cards.get(keys.card);
-        let mut observed = observe(card, merchant, tx, keys);
+        let mut f = Features::default();
         if let Some(p) = &self.program {
             let log = card.and_then(|c| c.declared());
-            p.observe(log, tx, &mut Scratch::default(), &mut observed.declared);
+            p.observe(log, tx, &mut Scratch::default(), &mut f.0[N_FEATURES..]);
         }
-        observed.features(tx)
+        observe(card, merchant, tx, keys).derive(tx, &mut f);
+        f
     }
 
     /// Starts recording which cards change, for a changelog of the state.
@@ -600,12 +617,12 @@ fn observe_and_fold(
     keys: Keys,
     settled: i64,
     cfg: &FeatureConfig,
-    declared: Option<(&Program, &mut Scratch)>,
+    declared: Option<(&Program, &mut Scratch, &mut Features)>,
 ) -> (Observed, Applied) {
-    let mut observed = observe(Some(&*card), merchant, tx, keys);
+    let observed = observe(Some(&*card), merchant, tx, keys);
     let mut applied = fold_card(card, tx, keys, observed.large, settled, cfg.max_recent);
-    if let Some((p, scratch)) = declared {
-        p.observe(card.declared(), tx, scratch, &mut observed.declared);
+    if let Some((p, scratch, f)) = declared {
+        p.observe(card.declared(), tx, scratch, &mut f.0[N_FEATURES..]);
         let t = tx.time.utc;
         applied.window_overflow |= p.fold(card.declared_mut(), t, scratch, settled);
     }
@@ -643,8 +660,6 @@ pub struct Observed {
     merchant: MerchantView,
     /// The amount counts as large for the card.
     large: bool,
-    /// The declared columns, computed with the state.
-    declared: [f32; MAX_DECLARED],
 }
 
 fn observe(
@@ -662,14 +677,15 @@ fn observe(
         card,
         merchant,
         large,
-        declared: [0.0; MAX_DECLARED],
     }
 }
 
 impl Observed {
-    /// The features of `tx`, from what the state said about it: the one
-    /// feature computation, for every path.
-    pub fn features(&self, tx: &Transaction) -> Features {
+    /// The built-in features of `tx` into `out`'s first slots, from what
+    /// the state said about it: the one feature computation, for every
+    /// path. The declared slots are left as they are: the engine fills
+    /// them with the state.
+    pub fn derive(&self, tx: &Transaction, out: &mut Features) {
         let (cv, mv, large) = (&self.card, &self.merchant, self.large);
         let t = tx.time.utc;
         let amount = tx.amount.min(AMOUNT_CEILING);
@@ -702,8 +718,7 @@ impl Observed {
             0.0
         };
 
-        let mut f = [0f32; MAX_SLOTS];
-        f[N_FEATURES..].copy_from_slice(&self.declared);
+        let f = &mut out.0;
         f[idx::AMOUNT] = amount as f32;
         f[idx::WEEKEND] = f32::from(weekday >= 5);
         f[idx::NIGHT] = f32::from(hour <= 6);
@@ -739,7 +754,6 @@ impl Observed {
         f[idx::FRAUD_AGE] = age(mv.first_fraud_hour);
         f[idx::LAST_FRAUD_AGE] = age(mv.last_fraud_hour);
         f[idx::CLEAN_SINCE_FRAUD] = mv.clean_since_fraud as f32;
-        Features(f)
     }
 }
 

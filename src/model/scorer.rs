@@ -77,6 +77,9 @@ pub struct Scorer {
     /// The model's features file, compiled.
     plan: Plan,
     names: Vec<Arc<str>>,
+    /// The model's row is the first `width` slots of the features, as
+    /// with the default file: no copy.
+    prefix: Option<usize>,
 }
 
 impl Scorer {
@@ -116,6 +119,7 @@ impl Scorer {
             fast,
             fast_anomaly,
             allow_below,
+            prefix: plan.is_prefix().then_some(plan.width()),
             plan,
             names,
         }
@@ -142,10 +146,10 @@ impl Scorer {
     /// The model's input row: a prefix of the features' slots, or those
     /// the model's columns name, copied into `buf`.
     fn row<'a>(&self, f: &'a Features, buf: &'a mut [f32; MAX_COLUMNS]) -> &'a [f32] {
-        let slots = &self.plan.slots;
-        if self.plan.is_prefix() {
-            return &f.0[..slots.len()];
+        if let Some(width) = self.prefix {
+            return &f.0[..width];
         }
+        let slots = &self.plan.slots;
         for (b, &s) in buf.iter_mut().zip(slots) {
             *b = f.0[s];
         }
