@@ -356,89 +356,115 @@ impl Program {
         if s.keys.iter().any(|&k| current[k] == -1.0) {
             return missing;
         }
-        let passes = s.filter.is_none_or(|f| current[f] != 0.0);
-        let code = |v: f64| stored_bits(v);
-        let key_bits: [u32; 4] =
-            std::array::from_fn(|k| s.keys.get(k).map_or(0, |&c| code(current[c])));
-        let of_now = s.of.map_or(0.0, |c| current[c]);
-        let of_bits = code(of_now);
-
-        let (mut n, mut sum, mut sumsq) = (0u32, 0f64, 0f64);
-        let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
-        let mut same = 0u32;
-        let mut distinct = [0u32; MAX_DISTINCT];
-        let mut n_distinct = 0usize;
-        let mut note = |bits: u32, distinct: &mut [u32; MAX_DISTINCT]| {
-            if n_distinct < MAX_DISTINCT && !distinct[..n_distinct].contains(&bits) {
-                distinct[n_distinct] = bits;
-                n_distinct += 1;
-            }
+        let scan = Scan {
+            log,
+            width: self.stored.len(),
+            t,
+            window,
+            keys: &s.keys,
+            key_bits: std::array::from_fn(|k| {
+                s.keys.get(k).map_or(0, |&c| stored_bits(current[c]))
+            }),
+            filter: s.filter,
         };
-        if let Some(log) = log {
-            let width = self.stored.len();
-            for i in (0..log.ts.len()).rev() {
-                let ts = log.ts[i] as i64;
-                if ts > t {
-                    continue;
-                }
-                if ts <= t - window {
-                    break;
-                }
-                let row = &log.columns[i * width..(i + 1) * width];
-                if s.keys
-                    .iter()
-                    .enumerate()
-                    .any(|(k, &c)| row[c] != key_bits[k])
-                    || s.filter.is_some_and(|f| f32::from_bits(row[f]) == 0.0)
-                {
-                    continue;
-                }
-                if kind == AggKind::TimeSinceLast {
-                    let gap = (t - ts) as f64;
-                    return cap.map_or(gap, |c| gap.min(c));
-                }
-                n += 1;
-                if let Some(c) = s.of {
-                    let v = f32::from_bits(row[c]) as f64;
+        // The event itself, when it counts and passes the filter.
+        let own = counts_itself && s.filter.is_none_or(|f| current[f] != 0.0);
+        let of_now = s.of.map_or(0.0, |c| current[c]);
+        let of = s.of.unwrap_or(0);
+        let value = |row: &[u32]| f32::from_bits(row[of]) as f64;
+        let v = match kind {
+            AggKind::TimeSinceLast => {
+                let mut last = None;
+                scan.each(|_, ts| {
+                    last = Some(ts);
+                    false
+                });
+                return match last {
+                    Some(ts) => cap.map_or((t - ts) as f64, |c| ((t - ts) as f64).min(c)),
+                    None => cap.unwrap_or(window as f64),
+                };
+            }
+            AggKind::Count => {
+                let mut n = u32::from(own);
+                scan.each(|_, _| {
+                    n += 1;
+                    true
+                });
+                n as f64
+            }
+            AggKind::Sum | AggKind::Mean | AggKind::Std => {
+                let (mut n, mut sum, mut sumsq) = (0u32, 0f64, 0f64);
+                scan.each(|row, _| {
+                    let v = value(row);
+                    n += 1;
                     sum += v;
                     sumsq += v * v;
-                    lo = lo.min(v);
-                    hi = hi.max(v);
-                    same += u32::from(row[c] == of_bits);
-                    if kind == AggKind::Distinct {
-                        note(row[c], &mut distinct);
+                    true
+                });
+                if own {
+                    n += 1;
+                    sum += of_now;
+                    sumsq += of_now * of_now;
+                }
+                match kind {
+                    AggKind::Sum => sum,
+                    _ if n == 0 => missing,
+                    AggKind::Mean => sum / n as f64,
+                    _ => {
+                        let mean = sum / n as f64;
+                        (sumsq / n as f64 - mean * mean).max(0.0).sqrt()
                     }
                 }
             }
-        }
-        if kind == AggKind::TimeSinceLast {
-            return cap.unwrap_or(window as f64);
-        }
-        if counts_itself && passes {
-            n += 1;
-            sum += of_now;
-            sumsq += of_now * of_now;
-            lo = lo.min(of_now);
-            hi = hi.max(of_now);
-            same += 1;
-            if kind == AggKind::Distinct {
-                note(of_bits, &mut distinct);
+            AggKind::Min | AggKind::Max => {
+                let sign = if kind == AggKind::Min { -1.0 } else { 1.0 };
+                let mut best = if own {
+                    sign * of_now
+                } else {
+                    f64::NEG_INFINITY
+                };
+                scan.each(|row, _| {
+                    best = best.max(sign * value(row));
+                    true
+                });
+                if best == f64::NEG_INFINITY {
+                    missing
+                } else {
+                    sign * best
+                }
             }
-        }
-        let v = match kind {
-            AggKind::Count => n as f64,
-            AggKind::Sum => sum,
-            AggKind::Distinct => n_distinct as f64,
-            _ if n == 0 => missing,
-            AggKind::Mean => sum / n as f64,
-            AggKind::Std => {
-                let mean = sum / n as f64;
-                (sumsq / n as f64 - mean * mean).max(0.0).sqrt()
+            AggKind::Share => {
+                let bits = stored_bits(of_now);
+                let (mut n, mut same) = (u32::from(own), u32::from(own));
+                scan.each(|row, _| {
+                    n += 1;
+                    same += u32::from(row[of] == bits);
+                    true
+                });
+                if n == 0 {
+                    missing
+                } else {
+                    same as f64 / n as f64
+                }
             }
-            AggKind::Min => lo,
-            AggKind::Max => hi,
-            AggKind::Share => same as f64 / n as f64,
-            AggKind::TimeSinceLast => unreachable!("returned above"),
+            AggKind::Distinct => {
+                let mut seen = [0u32; MAX_DISTINCT];
+                let mut n = 0usize;
+                let mut note = |bits: u32| {
+                    if n < MAX_DISTINCT && !seen[..n].contains(&bits) {
+                        seen[n] = bits;
+                        n += 1;
+                    }
+                };
+                if own {
+                    note(stored_bits(of_now));
+                }
+                scan.each(|row, _| {
+                    note(row[of]);
+                    true
+                });
+                n as f64
+            }
         };
         cap.map_or(v, |c| v.min(c))
     }
@@ -468,12 +494,60 @@ impl Program {
         let horizon = settled - self.span;
         let expired = log.ts.partition_point(|&e| (e as i64) <= horizon);
         let overflow = log.ts.len().saturating_sub(MAX_LOGGED);
-        let cut = expired.max(overflow);
+        // Expired rows go a few at a time (no window reaches them), so that
+        // the log is not shifted for every event.
+        let cut = if expired >= 8 || overflow > 0 {
+            expired.max(overflow)
+        } else {
+            0
+        };
         if cut > 0 {
             log.ts.drain(..cut);
             log.columns.drain(..cut * width);
         }
         overflow > expired
+    }
+}
+
+/// The rows of a card's declared log that one aggregation reads: in its
+/// window at `t`, with the current event's entity values, passing its filter.
+struct Scan<'a> {
+    log: Option<&'a DeclaredLog>,
+    width: usize,
+    t: i64,
+    window: i64,
+    keys: &'a [usize],
+    key_bits: [u32; 4],
+    filter: Option<usize>,
+}
+
+impl Scan<'_> {
+    /// Calls `visit` with each row and its time, newest first, while it
+    /// returns true. A late event's window ends at its own time.
+    #[inline]
+    fn each(&self, mut visit: impl FnMut(&[u32], i64) -> bool) {
+        let Some(log) = self.log else { return };
+        for i in (0..log.ts.len()).rev() {
+            let ts = log.ts[i] as i64;
+            if ts > self.t {
+                continue;
+            }
+            if ts <= self.t - self.window {
+                break;
+            }
+            let row = &log.columns[i * self.width..(i + 1) * self.width];
+            let other_entity = self
+                .keys
+                .iter()
+                .zip(&self.key_bits)
+                .any(|(&c, &bits)| row[c] != bits);
+            if other_entity || self.filter.is_some_and(|f| f32::from_bits(row[f]) == 0.0) {
+                continue;
+            }
+            if !visit(row, ts) {
+                return;
+            }
+        }
     }
 }
 
