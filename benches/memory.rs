@@ -2,8 +2,9 @@
 //! counts the live heap with a counting allocator.
 //! Run: `cargo bench --bench memory`.
 
+use peregrine::features::file::Plan;
 use peregrine::features::{Engine, FeatureConfig};
-use peregrine::ingest::{EventTime, Transaction};
+use peregrine::ingest::{Channel, EventTime, Transaction};
 use peregrine::rng::Rng;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,10 +39,13 @@ const T0: i64 = 1_530_403_200; // 2018-07-01
 
 /// Loads `cards` cards, each paying `per_card` times at random moments of
 /// 30 days, at `merchants` merchants; returns live heap bytes per card.
-fn load(cards: u64, per_card: u64, merchants: u64) -> (f64, f64, f64) {
+fn load(cards: u64, per_card: u64, merchants: u64, plan: Option<&Plan>) -> (f64, f64, f64) {
     let before = LIVE.load(Ordering::Relaxed);
     let started = Instant::now();
-    let mut engine = Engine::new(FeatureConfig::default());
+    let mut engine = match plan {
+        Some(p) => Engine::with_plan(FeatureConfig::default(), p),
+        None => Engine::new(FeatureConfig::default()),
+    };
     let mut rng = Rng::new(1);
     let mut tx = Transaction::default();
     let events = cards * per_card;
@@ -58,6 +62,9 @@ fn load(cards: u64, per_card: u64, merchants: u64) -> (f64, f64, f64) {
         tx.amount = rng.uniform(1.0, 200.0);
         tx.lat = Some(48.0 + rng.f64());
         tx.lon = Some(2.0 + rng.f64());
+        // Categories and channels for the extended file's habits.
+        tx.mcc = Some([5411, 5812, 5541, 5999, 5732, 4111][rng.below(6)]);
+        tx.channel = Some([Channel::Pos, Channel::Ecom][rng.below(2)]);
         engine.process(&tx).expect("in order");
     }
     let bytes = (LIVE.load(Ordering::Relaxed) - before) as f64;
@@ -72,11 +79,25 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000u64);
-    println!("cards  events/card  merchants  live heap per card  (load rate)");
-    for (per_card, merchants) in [(30, 1), (60, 1), (30, 100_000)] {
-        let (per, n, rate) = load(cards, per_card, merchants);
+    let extended = Plan::compile(include_str!("../models/features-extended.toml"))
+        .expect("the extended file compiles");
+    println!("cards  events/card  merchants  file  live heap per card  (load rate)");
+    let runs = [
+        (30, 1, None),
+        (60, 1, None),
+        (30, 100_000, None),
+        (30, 1, Some(&extended)),
+        (60, 1, Some(&extended)),
+    ];
+    for (per_card, merchants, plan) in runs {
+        let (per, n, rate) = load(cards, per_card, merchants, plan);
+        let file = if plan.is_some() {
+            "extended"
+        } else {
+            "default"
+        };
         println!(
-            "{n:>8.0}  {per_card:>6}  {merchants:>9}  {per:>10.0} bytes  ({:.2} M events/s)",
+            "{n:>8.0}  {per_card:>6}  {merchants:>9}  {file:>8}  {per:>10.0} bytes  ({:.2} M events/s)",
             rate / 1e6
         );
     }

@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
 const NOW: i64 = 1_700_000_000;
-const FIELDS: [&str; 12] = [
+const FIELDS: [&str; 14] = [
     "transaction_id",
     "timestamp",
     "card_id",
@@ -26,9 +26,19 @@ const FIELDS: [&str; 12] = [
     "lat",
     "lon",
     "is_fraud",
+    "attributes",
+    // A column in CSV, an unknown field in JSON.
+    "attributes.device_id",
 ];
-const OPTIONAL: [&str; 7] = [
-    "currency", "country", "mcc", "channel", "lat", "lon", "is_fraud",
+const OPTIONAL: [&str; 8] = [
+    "currency",
+    "country",
+    "mcc",
+    "channel",
+    "lat",
+    "lon",
+    "is_fraud",
+    "attributes",
 ];
 
 fn cases() -> u32 {

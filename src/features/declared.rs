@@ -12,7 +12,7 @@ use super::AMOUNT_CEILING;
 use super::card::Reader;
 use super::expr::Expr;
 use super::store::key_hash;
-use crate::ingest::{Channel, Transaction};
+use crate::ingest::{AttrValue, Channel, Transaction};
 
 /// Events a card's declared log holds at most; past it the oldest go,
 /// counted as window overflows, as in the built-in log.
@@ -49,8 +49,10 @@ const FIELDS: [(&str, Field); 9] = [
     ("currency", Field::Currency),
 ];
 const N_FIELDS: usize = FIELDS.len();
+/// Names under `attributes` one features file may read.
+pub const MAX_ATTRIBUTES: usize = 32;
 
-fn hash_code(s: &str) -> f64 {
+pub fn hash_code(s: &str) -> f64 {
     // 24 bits: exact in the f32 a stored column keeps.
     (key_hash(s) >> 40) as f64
 }
@@ -195,6 +197,8 @@ pub struct Program {
     stored: Vec<Expr>,
     /// The items that are columns, in column order.
     columns: Vec<usize>,
+    /// The `attributes.NAME` the file reads, by slot.
+    attributes: Vec<String>,
     time_zone: TimeZone,
     /// How far back any window reaches.
     span: i64,
@@ -219,13 +223,18 @@ impl Program {
             .expect("every field is listed")
     }
 
+    pub fn attribute_slot(k: usize) -> usize {
+        N_FIELDS + k
+    }
+
     pub fn item_slot(i: usize) -> usize {
-        N_FIELDS + i
+        N_FIELDS + MAX_ATTRIBUTES + i
     }
 
     pub fn new(
         items: Vec<Item>,
         columns: Vec<usize>,
+        attributes: Vec<String>,
         time_zone: TimeZone,
     ) -> Result<Program, String> {
         let mut stored: Vec<Expr> = Vec::new();
@@ -269,6 +278,7 @@ impl Program {
             stored_of,
             stored,
             columns,
+            attributes,
             time_zone,
             span,
             layout,
@@ -306,13 +316,23 @@ impl Program {
         } = scratch;
         values.clear();
         values.extend(FIELDS.iter().map(|(_, f)| f.value(tx, local)));
-        values.resize(N_FIELDS + self.items.len(), 0.0);
+        values.extend(
+            self.attributes
+                .iter()
+                .map(|name| match tx.attributes.get(name) {
+                    Some(AttrValue::Number(v)) => *v,
+                    Some(AttrValue::Text(t)) => hash_code(t),
+                    None => -1.0,
+                }),
+        );
+        values.resize(N_FIELDS + MAX_ATTRIBUTES + self.items.len(), 0.0);
         current.clear();
         current.resize(self.stored.len(), 0.0);
         done.clear();
         done.resize(self.stored.len(), false);
         let log = log.filter(|l| l.layout == self.layout);
         let t = tx.time.utc;
+        let first_item = N_FIELDS + MAX_ATTRIBUTES;
         for (i, item) in self.items.iter().enumerate() {
             let v = match &item.kind {
                 ItemKind::Value(e) | ItemKind::Derived(e) | ItemKind::Tag(e) => e.eval(values),
@@ -327,10 +347,10 @@ impl Program {
                     self.aggregate(&item.kind, s, log, t, current)
                 }
             };
-            values[N_FIELDS + i] = v;
+            values[first_item + i] = v;
         }
         for (o, &c) in out.iter_mut().zip(&self.columns) {
-            *o = column_value(values[N_FIELDS + c]);
+            *o = column_value(values[first_item + c]);
         }
     }
 

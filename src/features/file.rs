@@ -7,7 +7,9 @@
 //! per card. The file is stored in the model, so that training, replay and
 //! the service compute the same columns.
 
-use super::declared::{AggKind, Field, Item, ItemKind, Program, TimeZone};
+use super::declared::{
+    AggKind, Field, Item, ItemKind, MAX_ATTRIBUTES, Program, TimeZone, hash_code,
+};
 use super::expr::Expr;
 use super::{MAX_DECLARED, N_FEATURES, NAMES};
 use serde::Deserialize;
@@ -225,6 +227,7 @@ fn parse_time_zone(text: Option<&str>) -> Result<TimeZone, String> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Named {
     Field(Field),
+    Attribute(usize),
     Feature(usize),
     Tag(usize),
 }
@@ -240,6 +243,8 @@ struct Compiler<'a> {
     by_name: HashMap<String, usize>,
     /// Names being compiled, to find cycles.
     visiting: Vec<String>,
+    /// The `attributes.NAME` read so far, by slot.
+    attributes: Vec<String>,
 }
 
 fn compile(text: &str, interpret_all: bool) -> Result<Plan, FileError> {
@@ -274,6 +279,7 @@ fn compile(text: &str, interpret_all: bool) -> Result<Plan, FileError> {
         items: Vec::new(),
         by_name: HashMap::new(),
         visiting: Vec::new(),
+        attributes: Vec::new(),
     };
     let mut names = Vec::new();
     let mut slots = Vec::new();
@@ -305,9 +311,10 @@ fn compile(text: &str, interpret_all: bool) -> Result<Plan, FileError> {
             .iter()
             .map(|&(col, _)| slots[col])
             .collect();
-        let program =
-            Program::new(std::mem::take(&mut c.items), order, time_zone).map_err(FileError)?;
-        // The program renumbers its items so that columns come first.
+        let attributes = std::mem::take(&mut c.attributes);
+        let program = Program::new(std::mem::take(&mut c.items), order, attributes, time_zone)
+            .map_err(FileError)?;
+        // The program writes its columns in this order after the built-in slots.
         for (k, &(col, _)) in declared_columns.iter().enumerate() {
             slots[col] = N_FEATURES + k;
         }
@@ -412,9 +419,30 @@ impl<'a> Compiler<'a> {
         Ok(i)
     }
 
+    /// The slot of `attributes.NAME`, if `name` is one.
+    fn attribute(&mut self, name: &str) -> Result<Option<usize>, String> {
+        let Some(key) = name.strip_prefix("attributes.") else {
+            return Ok(None);
+        };
+        if key.is_empty() {
+            return Err("`attributes.` needs a name".into());
+        }
+        if let Some(k) = self.attributes.iter().position(|a| a == key) {
+            return Ok(Some(k));
+        }
+        if self.attributes.len() == MAX_ATTRIBUTES {
+            return Err(format!("more than {MAX_ATTRIBUTES} attributes are read"));
+        }
+        self.attributes.push(key.to_string());
+        Ok(Some(self.attributes.len() - 1))
+    }
+
     fn lookup(&mut self, name: &str, scope: Scope) -> Result<Named, String> {
         if let Some(f) = Field::of(name) {
             return Ok(Named::Field(f));
+        }
+        if let Some(k) = self.attribute(name)? {
+            return Ok(Named::Attribute(k));
         }
         if self.file.tags.contains_key(name) {
             return self.tag(name).map(Named::Tag).map_err(|e| e.0);
@@ -463,6 +491,7 @@ impl<'a> Compiler<'a> {
             },
             &mut |slot, s| match named[slot].1 {
                 Named::Field(f) => f.code_of(s),
+                Named::Attribute(_) => Ok(hash_code(s)),
                 _ => Err(format!("\"{s}\" is compared with a number")),
             },
         );
@@ -472,6 +501,7 @@ impl<'a> Compiler<'a> {
         // Slots so far index `named`; the program's are fields then items.
         Ok(e.map_vars(&|v| match named[v].1 {
             Named::Field(f) => Program::field_slot(f),
+            Named::Attribute(k) => Program::attribute_slot(k),
             Named::Feature(i) | Named::Tag(i) => Program::item_slot(i),
         }))
     }
@@ -544,10 +574,19 @@ impl<'a> Compiler<'a> {
         }
         let mut key_columns = Vec::new();
         for p in parts {
-            let Some(f) = Field::of(p) else {
-                return fail(name, "entity", format!("`{p}` is not a transaction field"));
+            let slot = match (Field::of(p), self.attribute(p)) {
+                (Some(f), _) => Program::field_slot(f),
+                (None, Ok(Some(k))) => Program::attribute_slot(k),
+                (None, Err(e)) => return fail(name, "entity", e),
+                (None, Ok(None)) => {
+                    return fail(
+                        name,
+                        "entity",
+                        format!("`{p}` is not a transaction field nor `attributes.NAME`"),
+                    );
+                }
             };
-            key_columns.push(Expr::Var(Program::field_slot(f)));
+            key_columns.push(Expr::Var(slot));
         }
         if d.delay.is_some() {
             return fail(
@@ -669,6 +708,65 @@ mod tests {
         assert!(e.contains("`format` 2 is not supported"), "{e}");
         let e = Plan::compile("format = 1\ncolour = 1").unwrap_err().0;
         assert!(e.contains("unknown field `colour`"), "{e}");
+    }
+
+    /// Attributes as values and as part of a card entity: a device's count
+    /// on the card, and a number read as it is.
+    #[test]
+    fn attributes_are_fields() {
+        use crate::features::{Engine, FeatureConfig};
+        use crate::ingest::{AttrValue, Transaction};
+        let plan = Plan::compile(
+            "format = 1
+[[feature]]
+name = \"card_device.count_1d\"
+entity = \"card_id+attributes.device_id\"
+agg = \"count\"
+window = \"1d\"
+[[feature]]
+name = \"account_age\"
+value = \"attributes.account_age_days\"
+[[feature]]
+name = \"known_device\"
+value = \"attributes.device_id == 'd-1'\"
+",
+        )
+        .unwrap();
+        let mut engine = Engine::with_plan(FeatureConfig::default(), &plan);
+        let mut tx = Transaction {
+            card_id: "c".into(),
+            merchant_id: "m".into(),
+            amount: 5.0,
+            ..Transaction::default()
+        };
+        let mut seen = Vec::new();
+        for (i, device) in ["d-1", "d-1", "d-2", "", "d-1"].into_iter().enumerate() {
+            tx.transaction_id = i.to_string();
+            tx.time.utc = 1_522_540_800 + 60 * i as i64;
+            tx.attributes.clear();
+            if !device.is_empty() {
+                tx.attributes
+                    .set("device_id", AttrValue::Text(device.into()))
+                    .unwrap();
+            }
+            tx.attributes
+                .set("account_age_days", AttrValue::Number(40.0 + i as f64))
+                .unwrap();
+            let f = engine.process(&tx).unwrap();
+            let row: Vec<f32> = plan.slots.iter().map(|&s| f.0[s]).collect();
+            seen.push(row);
+        }
+        let counts: Vec<f32> = seen.iter().map(|r| r[0]).collect();
+        // The event without a device takes `missing` (0) and matches no other.
+        assert_eq!(counts, [1.0, 2.0, 1.0, 0.0, 3.0]);
+        assert_eq!(seen[2][1], 42.0);
+        let known: Vec<f32> = seen.iter().map(|r| r[2]).collect();
+        assert_eq!(known, [1.0, 1.0, 0.0, 0.0, 1.0]);
+        let e = Plan::compile(
+            "format = 1\n[[feature]]\nname = \"d\"\nentity = \"attributes.device_id\"\nagg = \"count\"\nwindow = \"1d\"",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("other entities are not supported yet"), "{e}");
     }
 
     #[test]

@@ -9,4 +9,4 @@ pub mod transaction;
 
 pub use reader::{ReadError, TransactionReader};
 pub use time::EventTime;
-pub use transaction::{Channel, FieldError, Transaction};
+pub use transaction::{AttrValue, Attributes, Channel, FieldError, Transaction};

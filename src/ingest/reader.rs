@@ -123,6 +123,8 @@ struct Columns {
     merchant: usize,
     amount: usize,
     optional: Vec<(usize, Setter)>,
+    /// Columns named `attributes.NAME`.
+    attributes: Vec<(usize, String)>,
 }
 
 type Setter = fn(&mut Transaction, &[u8]) -> Result<(), FieldError>;
@@ -162,6 +164,13 @@ impl Columns {
                 .into_iter()
                 .filter_map(|(name, set)| find(name).map(|i| (i, set)))
                 .collect(),
+            attributes: (0..header.len())
+                .filter_map(|i| {
+                    let name = std::str::from_utf8(header.get(i).trim_ascii()).ok()?;
+                    let key = name.strip_prefix("attributes.")?;
+                    Some((i, key.to_string()))
+                })
+                .collect(),
         })
     }
 
@@ -175,6 +184,9 @@ impl Columns {
         tx.reset_optional();
         for (i, set) in &self.optional {
             set(tx, field(*i))?;
+        }
+        for (i, name) in &self.attributes {
+            tx.attributes.set_raw(name, field(*i))?;
         }
         Ok(())
     }
@@ -479,6 +491,24 @@ mod tests {
         assert_eq!(rows[0].lat, Some(45.5));
         assert_eq!(rows[1].lat, None);
         assert_eq!(rows[1].card_id, "c2");
+    }
+
+    #[test]
+    fn csv_attribute_columns() {
+        let rows = read_all(
+            "transaction_id,timestamp,card_id,merchant_id,amount,attributes.device_id,attributes.age\n\
+             1,2018-04-01T00:00:01Z,c1,m1,2,d-17,12\n\
+             2,2018-04-01T00:00:02Z,c1,m1,3,,\n",
+        )
+        .unwrap();
+        use crate::ingest::AttrValue;
+        let device = rows[0].attributes.get("device_id");
+        assert_eq!(device, Some(&AttrValue::Text("d-17".into())));
+        assert_eq!(
+            rows[0].attributes.get("age"),
+            Some(&AttrValue::Number(12.0))
+        );
+        assert!(rows[1].attributes.is_empty(), "empty cells are absent");
     }
 
     #[test]

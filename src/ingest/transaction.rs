@@ -49,6 +49,120 @@ pub struct Transaction {
     pub lon: Option<f64>,
     /// The label: present only in training and evaluation files.
     pub is_fraud: Option<bool>,
+    /// Fields beyond the schema (a device, an IP, an account's age) that a
+    /// features file may read as `attributes.NAME`.
+    pub attributes: Attributes,
+}
+
+/// A value under `attributes`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttrValue {
+    Text(String),
+    Number(f64),
+}
+
+/// A transaction's free-form fields: at most [`Attributes::MAX_KEYS`], each
+/// a string of at most [`Attributes::MAX_TEXT`] bytes or a finite number.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Attributes(Vec<(String, AttrValue)>);
+
+impl Attributes {
+    pub const MAX_KEYS: usize = 32;
+    pub const MAX_TEXT: usize = 256;
+
+    pub fn get(&self, name: &str) -> Option<&AttrValue> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    fn invalid(name: &str, reason: impl fmt::Display) -> FieldError {
+        FieldError::new("attributes", format!("`{name}`: {reason}"))
+    }
+
+    /// Sets `name`, replacing an earlier value; an empty value leaves it absent.
+    pub fn set(&mut self, name: &str, value: AttrValue) -> Result<(), FieldError> {
+        match &value {
+            AttrValue::Text(t) if t.len() > Self::MAX_TEXT => {
+                return Err(Self::invalid(
+                    name,
+                    format!("longer than {} bytes", Self::MAX_TEXT),
+                ));
+            }
+            AttrValue::Number(v) if !v.is_finite() => {
+                return Err(Self::invalid(name, "not a finite number"));
+            }
+            _ => {}
+        }
+        if let Some(slot) = self.0.iter_mut().find(|(k, _)| k == name) {
+            slot.1 = value;
+        } else if self.0.len() < Self::MAX_KEYS {
+            self.0.push((name.to_string(), value));
+        } else {
+            return Err(Self::invalid(
+                name,
+                format!("more than {} attributes", Self::MAX_KEYS),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A CSV cell: a number when it reads as one, else text; empty is absent.
+    pub fn set_raw(&mut self, name: &str, raw: &[u8]) -> Result<(), FieldError> {
+        if raw.is_empty() {
+            return Ok(());
+        }
+        let value = match parse_number(raw) {
+            Some(v) => AttrValue::Number(v),
+            None => AttrValue::Text(
+                std::str::from_utf8(raw)
+                    .map_err(|_| Self::invalid(name, "not UTF-8"))?
+                    .to_string(),
+            ),
+        };
+        self.set(name, value)
+    }
+
+    fn from_json(v: &Value) -> Result<Attributes, FieldError> {
+        let Some(obj) = v.as_object() else {
+            return Err(FieldError::new(
+                "attributes",
+                "expected an object of strings and numbers",
+            ));
+        };
+        let mut out = Attributes::default();
+        for (k, v) in obj {
+            match v {
+                Value::Null => {}
+                Value::String(s) => out.set(k, AttrValue::Text(s.clone()))?,
+                Value::Number(n) => {
+                    out.set(k, AttrValue::Number(n.as_f64().unwrap_or(f64::NAN)))?
+                }
+                _ => return Err(Self::invalid(k, "expected a string or a number")),
+            }
+        }
+        Ok(out)
+    }
+
+    fn to_json(&self) -> Value {
+        self.0
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    AttrValue::Text(t) => Value::from(t.clone()),
+                    AttrValue::Number(n) => Value::from(*n),
+                };
+                (k.clone(), v)
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
 }
 
 /// What is wrong with one field of one transaction.
@@ -225,6 +339,7 @@ impl Transaction {
         self.lat = None;
         self.lon = None;
         self.is_fraud = None;
+        self.attributes.clear();
     }
 
     /// Decodes a JSON object (HTTP, JSON Lines): any field that is wrong is
@@ -353,6 +468,16 @@ impl Transaction {
             },
             &|tx| tx.is_fraud = None,
         )?;
+        optional(
+            &mut tx,
+            &|tx| {
+                if let Some(v) = get("attributes") {
+                    tx.attributes = Attributes::from_json(v)?;
+                }
+                Ok(())
+            },
+            &|tx| tx.attributes.clear(),
+        )?;
         Ok(tx)
     }
 
@@ -384,6 +509,9 @@ impl Transaction {
         }
         if let Some(f) = self.is_fraud {
             m.insert("is_fraud".into(), u8::from(f).into());
+        }
+        if !self.attributes.is_empty() {
+            m.insert("attributes".into(), self.attributes.to_json());
         }
         Value::Object(m)
     }
@@ -543,6 +671,52 @@ mod tests {
         assert_eq!(tx.channel, Some(Channel::Ecom));
         assert_eq!(tx.is_fraud, Some(true));
         assert_eq!(Transaction::from_json(&tx.to_json()).unwrap(), tx);
+    }
+
+    #[test]
+    fn attributes_round_trip_and_name_what_is_wrong() {
+        let v = json!({"transaction_id": "t", "timestamp": "2018-04-01T10:00:00Z", "card_id": "c1",
+            "merchant_id": "m1", "amount": 1,
+            "attributes": {"device_id": "d-17", "account_age_days": 12, "ip": null}});
+        let tx = Transaction::from_json(&v).unwrap();
+        assert_eq!(
+            tx.attributes.get("device_id"),
+            Some(&AttrValue::Text("d-17".into()))
+        );
+        assert_eq!(
+            tx.attributes.get("account_age_days"),
+            Some(&AttrValue::Number(12.0))
+        );
+        assert_eq!(tx.attributes.get("ip"), None, "null is absent");
+        assert_eq!(Transaction::from_json(&tx.to_json()).unwrap(), tx);
+
+        let with = |attributes: Value| {
+            let mut v = v.clone();
+            v["attributes"] = attributes;
+            v
+        };
+        let e = Transaction::from_json(&with(json!({"device_id": [1]}))).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "field `attributes`: `device_id`: expected a string or a number"
+        );
+        let e = Transaction::from_json(&with(json!("d-17"))).unwrap_err();
+        assert_eq!(e.field, "attributes");
+        let long = "x".repeat(Attributes::MAX_TEXT + 1);
+        let e = Transaction::from_json(&with(json!({ "note": long }))).unwrap_err();
+        assert!(e.reason.contains("`note`: longer than 256 bytes"), "{e}");
+        let many: serde_json::Map<String, Value> = (0..=Attributes::MAX_KEYS)
+            .map(|i| (format!("k{i}"), json!(i)))
+            .collect();
+        let e = Transaction::from_json(&with(Value::Object(many))).unwrap_err();
+        assert!(e.reason.contains("more than 32 attributes"), "{e}");
+        // From a stream, a bad object is left out and reported, the rest scored.
+        let mut ignored = Vec::new();
+        let tx = Transaction::from_json_lenient(&with(json!({"device_id": true})), &mut ignored)
+            .unwrap();
+        assert!(tx.attributes.is_empty());
+        assert_eq!(ignored.len(), 1);
+        assert_eq!(ignored[0].field, "attributes");
     }
 
     #[test]
