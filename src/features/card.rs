@@ -185,6 +185,13 @@ impl CardState {
         self.declared.get_or_insert_default()
     }
 
+    /// Drops the declared log unless it was written under `layout`.
+    pub fn keep_declared(&mut self, layout: Option<u32>) {
+        if self.declared.as_ref().map(|d| d.layout()) != layout {
+            self.declared = None;
+        }
+    }
+
     pub fn newest_day(&self) -> u32 {
         self.log
             .last()

@@ -290,6 +290,11 @@ impl Program {
         self.columns.len()
     }
 
+    /// The digest of the stored fields a declared log records.
+    pub fn layout(&self) -> u32 {
+        self.layout
+    }
+
     /// Fields kept per event in a card's declared log.
     pub fn stored_fields(&self) -> usize {
         self.stored.len()
@@ -506,6 +511,13 @@ impl Program {
         } else {
             log.ts.partition_point(|&e| e <= ts)
         };
+        // Grown by an eighth, not doubled, as the built-in log is: a month of
+        // rows is most of a card's declared state.
+        if log.ts.len() == log.ts.capacity() {
+            let more = log.ts.len() / 8 + 4;
+            log.ts.reserve_exact(more);
+            log.columns.reserve_exact(more * width);
+        }
         log.ts.insert(pos, ts);
         log.columns.splice(
             pos * width..pos * width,
@@ -524,6 +536,12 @@ impl Program {
         if cut > 0 {
             log.ts.drain(..cut);
             log.columns.drain(..cut * width);
+            // A card that slowed down gives back what its busier month took.
+            if log.ts.capacity() >= 2 * log.ts.len() + 8 {
+                let keep = log.ts.len() + log.ts.len() / 4 + 2;
+                log.ts.shrink_to(keep);
+                log.columns.shrink_to(keep * width);
+            }
         }
         overflow > expired
     }
@@ -598,6 +616,10 @@ pub struct DeclaredLog {
 }
 
 impl DeclaredLog {
+    pub fn layout(&self) -> u32 {
+        self.layout
+    }
+
     pub fn len(&self) -> usize {
         self.ts.len()
     }

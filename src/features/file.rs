@@ -769,6 +769,42 @@ value = \"attributes.device_id == 'd-1'\"
         assert!(e.0.contains("other entities are not supported yet"), "{e}");
     }
 
+    /// A card's declared log travels through its changelog record, and an
+    /// engine under another file (or none) drops it on restore.
+    #[test]
+    fn declared_logs_restore_only_under_their_file() {
+        use crate::features::card::CardState;
+        use crate::features::{Engine, FeatureConfig};
+        use crate::ingest::Transaction;
+        let extended = Plan::compile(include_str!("../../models/features-extended.toml")).unwrap();
+        let mut engine = Engine::with_plan(FeatureConfig::default(), &extended);
+        let mut tx = Transaction {
+            card_id: "c".into(),
+            merchant_id: "m".into(),
+            amount: 5.0,
+            mcc: Some(5411),
+            ..Transaction::default()
+        };
+        for i in 0..3 {
+            tx.transaction_id = i.to_string();
+            tx.time.utc = 1_522_540_800 + 60 * i;
+            engine.process(&tx).unwrap();
+        }
+        let (key, card) = engine.all_cards().next().unwrap();
+        assert_eq!(card.declared().map(|d| d.len()), Some(3));
+        let mut bytes = Vec::new();
+        card.encode(&mut bytes);
+        let restored = CardState::decode(&bytes).unwrap();
+        assert_eq!(restored.declared(), card.declared());
+
+        let mut same = Engine::with_plan(FeatureConfig::default(), &extended);
+        same.insert_card(key, restored.clone());
+        assert_eq!(same.card(key).unwrap().declared().map(|d| d.len()), Some(3));
+        let mut default = Engine::new(FeatureConfig::default());
+        default.insert_card(key, restored);
+        assert!(default.card(key).unwrap().declared().is_none());
+    }
+
     #[test]
     fn durations() {
         assert_eq!(parse_duration("30d"), Ok(30 * 86_400));

@@ -481,8 +481,11 @@ impl Engine {
         }
     }
 
-    /// Puts a card's state back, as read from a changelog.
-    pub fn insert_card(&mut self, key: u64, state: CardState) {
+    /// Puts a card's state back, as read from a changelog. A declared log
+    /// written under another features file (or none now) is dropped: this
+    /// engine's declared features start from the card's next event.
+    pub fn insert_card(&mut self, key: u64, mut state: CardState) {
+        state.keep_declared(self.program.as_deref().map(Program::layout));
         *self.cards.get_or_default(key) = state;
     }
 
