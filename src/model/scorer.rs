@@ -62,6 +62,27 @@ pub struct Score {
 /// How many features an explanation lists.
 pub const TOP_FEATURES: usize = 5;
 
+/// A model's input row: the features' first slots as they are, or the
+/// model's columns copied out of them (only a file that does not list the
+/// built-in columns first needs the copy, and so pays for it). The copy
+/// lives on the stack for one call: boxing it would allocate per score.
+#[allow(clippy::large_enum_variant)]
+enum Row<'a> {
+    Prefix(&'a [f32]),
+    Gathered([f32; MAX_COLUMNS], usize),
+}
+
+impl std::ops::Deref for Row<'_> {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        match self {
+            Row::Prefix(x) => x,
+            Row::Gathered(buf, n) => &buf[..*n],
+        }
+    }
+}
+
 pub struct Scorer {
     pub model: Model,
     pub rules: RuleSet,
@@ -133,27 +154,27 @@ impl Scorer {
 
     /// The model's columns of `f`, by name: what an API response shows.
     pub fn named_features(&self, f: &Features) -> serde_json::Map<String, serde_json::Value> {
-        let mut buf = [0f32; MAX_COLUMNS];
-        let row = self.row(f, &mut buf);
+        let row = &self.row(f);
         self.plan
             .names
             .iter()
-            .zip(row)
+            .zip(row.iter())
             .map(|(n, &v)| (n.clone(), serde_json::json!(f64::from(v))))
             .collect()
     }
 
     /// The model's input row: a prefix of the features' slots, or those
     /// the model's columns name, copied into `buf`.
-    fn row<'a>(&self, f: &'a Features, buf: &'a mut [f32; MAX_COLUMNS]) -> &'a [f32] {
+    fn row<'a>(&self, f: &'a Features) -> Row<'a> {
         if let Some(width) = self.prefix {
-            return &f.0[..width];
+            return Row::Prefix(&f.0[..width]);
         }
         let slots = &self.plan.slots;
+        let mut buf = [0f32; MAX_COLUMNS];
         for (b, &s) in buf.iter_mut().zip(slots) {
             *b = f.0[s];
         }
-        &buf[..slots.len()]
+        Row::Gathered(buf, slots.len())
     }
 
     /// The score of a transaction that raises an alert, `None` for one that
@@ -162,9 +183,8 @@ impl Scorer {
     /// the sum cannot reach it, so allowed transactions cost less. For
     /// backtests, which write alerts only.
     pub fn alert(&self, f: &Features) -> Option<Score> {
-        let mut buf = [0f32; MAX_COLUMNS];
         if let (Some(limit), Some(c)) = (self.allow_below, &self.fast)
-            && c.sum_reaching(self.row(f, &mut buf), limit).is_none()
+            && c.sum_reaching(&self.row(f), limit).is_none()
         {
             // The model says allow; only a rule can say otherwise. No rule
             // reads the score (checked when `allow_below` was set).
@@ -188,8 +208,7 @@ impl Scorer {
 
     /// The model's score alone: the fast path for evaluation.
     pub fn raw_score(&self, f: &Features) -> f64 {
-        let mut buf = [0f32; MAX_COLUMNS];
-        let x = self.row(f, &mut buf);
+        let x = &self.row(f);
         match (&self.model.body, &self.fast) {
             (Body::Gbt(m), Some(c)) => return 1.0 / (1.0 + (-(m.base_margin + c.sum(x))).exp()),
             (Body::Forest(m), Some(c)) => return c.sum(x) / m.trees.len().max(1) as f64,
@@ -273,8 +292,7 @@ impl Scorer {
     /// The anomaly score of the forest trained alongside the model, if any.
     pub fn anomaly(&self, f: &Features) -> Option<f64> {
         let a = self.model.anomaly.as_ref()?;
-        let mut buf = [0f32; MAX_COLUMNS];
-        let x = self.row(f, &mut buf);
+        let x = &self.row(f);
         Some(match &self.fast_anomaly {
             Some(c) => a.score_from_paths(c.sum(x)),
             None => a.score(x),
@@ -283,8 +301,7 @@ impl Scorer {
 
     /// The features that contributed most, by absolute contribution.
     pub fn explain(&self, f: &Features, from_anomaly: bool) -> Vec<Contribution> {
-        let mut buf = [0f32; MAX_COLUMNS];
-        let x = self.row(f, &mut buf);
+        let x = &self.row(f);
         let mut c = [0f64; MAX_COLUMNS];
         let c = &mut c[..x.len()];
         match (&self.model.body, &self.model.anomaly) {
