@@ -6,7 +6,7 @@ use peregrine::backtest::{self, EvalRequest, TrainRequest};
 use peregrine::features::FeatureConfig;
 use peregrine::features::file::Plan;
 use peregrine::ingest::time::parse_date;
-use peregrine::model::rules::{RuleSet, parse_rules};
+use peregrine::model::rules::{RuleSet, parse_rules_for};
 use peregrine::model::scorer::Scorer;
 use peregrine::model::tune::Grid;
 use peregrine::model::{Algo, Model, TrainParams};
@@ -232,13 +232,15 @@ fn date(flag: &str, s: &str) -> anyhow::Result<i64> {
     parse_date(s).with_context(|| format!("--{flag}: expected a date as YYYY-MM-DD, got {s:?}"))
 }
 
-pub fn load_rules(path: Option<&Path>) -> anyhow::Result<RuleSet> {
+/// A rules file for `model`: its rules may read the model's declared columns.
+pub fn load_rules(path: Option<&Path>, model: &Model) -> anyhow::Result<RuleSet> {
     let Some(path) = path else {
         return Ok(RuleSet::default());
     };
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read rules {}", path.display()))?;
-    parse_rules(&text).with_context(|| format!("in rules file {}", path.display()))
+    parse_rules_for(&text, &model.plan()?)
+        .with_context(|| format!("in rules file {}", path.display()))
 }
 
 fn main() {
@@ -488,7 +490,7 @@ fn import(a: ImportArgs) -> anyhow::Result<()> {
 
 fn replay(a: ReplayArgs, progress: bool) -> anyhow::Result<()> {
     let model = Model::load(&a.model)?;
-    let rules = load_rules(a.rules.as_deref())?;
+    let rules = load_rules(a.rules.as_deref(), &model)?;
     let mut scorer = Scorer::new(model, rules);
     if let Some(t) = a.review_threshold {
         scorer.thresholds.review = t;

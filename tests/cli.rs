@@ -606,6 +606,45 @@ fn features_files_declare_the_columns() {
         "every alert explains itself"
     );
 
+    // Rules read the declared columns by name.
+    let rules = dir.join("declared.rules");
+    std::fs::write(
+        &rules,
+        "first_in_category medium: card_mcc.count_30d == 0 and card.count_30d >= 5\n",
+    )
+    .unwrap();
+    let ruled = dir.join("ruled.jsonl");
+    ok(&[
+        "replay",
+        "--data",
+        s(&data),
+        "--model",
+        s(&model),
+        "--rules",
+        s(&rules),
+        "--out",
+        s(&ruled),
+    ]);
+    let hits = std::fs::read_to_string(&ruled)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("first_in_category"))
+        .count();
+    assert!(hits > 10, "{hits} alerts by the declared-column rule");
+    // The built-in model has no such column: the rule is refused by name.
+    let e = fails(&[
+        "replay",
+        "--data",
+        s(&data),
+        "--model",
+        &format!("{root}/models/default.json"),
+        "--rules",
+        s(&rules),
+        "--out",
+        s(&ruled),
+    ]);
+    assert!(e.contains("unknown feature `card_mcc.count_30d`"), "{e}");
+
     // A stored file that no longer declares a column the model reads.
     let mut altered = stored.clone();
     let file = altered["features_file"].as_str().unwrap().replace(

@@ -197,8 +197,29 @@ enum Tok {
     RParen,
 }
 
-/// Parses and checks a whole rules file.
+/// Parses and checks a whole rules file against the built-in features.
 pub fn parse_rules(text: &str) -> Result<RuleSet, RuleError> {
+    parse_rules_with(text, &[])
+}
+
+/// [`parse_rules`] for a model whose features file declares more columns:
+/// a rule may read them by name too.
+pub fn parse_rules_for(
+    text: &str,
+    plan: &crate::features::file::Plan,
+) -> Result<RuleSet, RuleError> {
+    let declared: Vec<(&str, usize)> = plan
+        .names
+        .iter()
+        .zip(&plan.slots)
+        .filter(|(_, s)| **s >= crate::features::N_FEATURES)
+        .map(|(n, s)| (n.as_str(), *s))
+        .collect();
+    parse_rules_with(text, &declared)
+}
+
+/// `declared`: the names of declared columns and their feature slots.
+fn parse_rules_with(text: &str, declared: &[(&str, usize)]) -> Result<RuleSet, RuleError> {
     let mut rules: Vec<Rule> = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;
@@ -263,6 +284,7 @@ pub fn parse_rules(text: &str) -> Result<RuleSet, RuleError> {
             toks: &toks,
             pos: 0,
             end: body.len(),
+            declared,
         };
         let cond = p.cond().map_err(|(pos, m)| err(name, offset + pos, m))?;
         if p.pos < toks.len() {
@@ -339,6 +361,8 @@ struct Parser<'a> {
     toks: &'a [(usize, Tok)],
     pos: usize,
     end: usize,
+    /// Declared columns a rule may read, with their feature slots.
+    declared: &'a [(&'a str, usize)],
 }
 
 impl Parser<'_> {
@@ -452,6 +476,12 @@ impl Parser<'_> {
                     _ => NAMES
                         .iter()
                         .position(|n| *n == name)
+                        .or_else(|| {
+                            self.declared
+                                .iter()
+                                .find(|(n, _)| *n == name)
+                                .map(|(_, s)| *s)
+                        })
                         .map(Num::Var)
                         .ok_or((at, format!("unknown feature `{name}`"))),
                 }

@@ -31,7 +31,7 @@ use crate::features::{Engine, FeatureConfig, Features, Refused};
 use crate::ingest::Transaction;
 use crate::metrics::Metrics;
 use crate::model::Model;
-use crate::model::rules::{RuleSet, parse_rules};
+use crate::model::rules::{RuleSet, parse_rules_for};
 use crate::model::scorer::{Score, Scorer};
 use crate::telemetry::log;
 use anyhow::Context;
@@ -445,7 +445,8 @@ pub fn load_scorer(
     if let Some(p) = rules_path {
         let text = std::fs::read_to_string(p)
             .with_context(|| format!("cannot read rules file {}", p.display()))?;
-        scorer.rules = parse_rules(&text).with_context(|| format!("rules file {}", p.display()))?;
+        scorer.rules = parse_rules_for(&text, scorer.plan())
+            .with_context(|| format!("rules file {}", p.display()))?;
         scorer = Scorer::new(scorer.model, scorer.rules);
     }
     if let Some(t) = settings.review_threshold {
