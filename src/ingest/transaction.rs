@@ -136,6 +136,13 @@ impl Attributes {
                 "expected an object of strings and numbers",
             ));
         };
+        // Counted with the nulls, as the published schema's maxProperties does.
+        if obj.len() > Self::MAX_KEYS {
+            return Err(FieldError::new(
+                "attributes",
+                format!("more than {} attributes", Self::MAX_KEYS),
+            ));
+        }
         let mut out = Attributes::default();
         for (k, v) in obj {
             match v {
@@ -709,6 +716,11 @@ mod tests {
             .map(|i| (format!("k{i}"), json!(i)))
             .collect();
         let e = Transaction::from_json(&with(Value::Object(many))).unwrap_err();
+        assert!(e.reason.contains("more than 32 attributes"), "{e}");
+        let nulls: serde_json::Map<String, Value> = (0..=Attributes::MAX_KEYS)
+            .map(|i| (format!("k{i}"), Value::Null))
+            .collect();
+        let e = Transaction::from_json(&with(Value::Object(nulls))).unwrap_err();
         assert!(e.reason.contains("more than 32 attributes"), "{e}");
         // From a stream, a bad object is left out and reported, the rest scored.
         let mut ignored = Vec::new();
