@@ -205,6 +205,9 @@ pub struct PartitionInput {
     /// A query of the partition's low and high watermarks, under way.
     watermark_check: Option<tokio::task::JoinHandle<Option<(i64, i64)>>>,
     seeking_logged: bool,
+    /// The next offset when a quiet check last found the partition below
+    /// its high watermark after it started (see [`PartitionInput::next`]).
+    quiet_below_high: Option<i64>,
     read: prometheus::IntCounter,
     redelivered: prometheus::IntCounter,
 }
@@ -226,6 +229,7 @@ impl PartitionInput {
             heard_at: std::time::Instant::now(),
             watermark_check: None,
             seeking_logged: false,
+            quiet_below_high: None,
             read: ctx.state.metrics.records_read.with_label_values(&[topic]),
             redelivered: ctx.state.metrics.redelivered.clone(),
         }
@@ -338,6 +342,8 @@ impl PartitionInput {
                         if let Err(e) = self.seek(Offset::Offset(o)).await {
                             log("WARN", format_args!("{e:#}"));
                         }
+                    } else if let Some(at) = self.guard.next_offset() {
+                        self.reposition_if_stuck(at, low, high).await;
                     }
                     continue;
                 }
@@ -345,6 +351,7 @@ impl PartitionInput {
             let taken = match received {
                 Ok(m) => {
                     self.read.inc();
+                    self.quiet_below_high = None;
                     match self.guard.take(m.offset()) {
                         Take::Yes => {
                             self.ended = false;
@@ -381,6 +388,33 @@ impl PartitionInput {
             {
                 log("WARN", format_args!("{e:#}"));
             }
+        }
+    }
+
+    /// A started partition that stays quiet below its high watermark for
+    /// two checks in a row, at the same offset, is positioned there again,
+    /// with the start guard armed as after an assignment. Workaround for
+    /// tansu 0.6 (see [`StartGuard`]): a fetch from inside a stored batch
+    /// may be answered with nothing and librdkafka then waits for ever.
+    /// Against Kafka a consumer below the high watermark keeps receiving,
+    /// so this does not trigger; it is logged as a warning if it does.
+    async fn reposition_if_stuck(&mut self, at: i64, low: i64, high: i64) {
+        if self.quiet_below_high != Some(at) {
+            self.quiet_below_high = Some(at);
+            return;
+        }
+        self.quiet_below_high = None;
+        log(
+            "WARN",
+            format_args!(
+                "{}/{}: nothing read at offset {at}, below the high watermark {high}, for two checks; positioning there again",
+                self.topic, self.partition
+            ),
+        );
+        self.guard = StartGuard::new(Some(at), Some(low));
+        self.seeking_logged = false;
+        if let Err(e) = self.seek(Offset::Offset(at)).await {
+            log("WARN", format_args!("{e:#}"));
         }
     }
 
