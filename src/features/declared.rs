@@ -111,12 +111,30 @@ impl Field {
 }
 
 /// Whose clock `hour`, `weekday` and `minute` read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum TimeZone {
     /// Each timestamp's own UTC offset.
     Offset,
     /// A fixed offset in seconds, whatever the timestamp's.
     Fixed(i64),
+    /// An IANA zone (`Europe/Paris`), with its daylight saving changes,
+    /// from the database built into the binary.
+    Named(jiff::tz::TimeZone),
+}
+
+impl TimeZone {
+    /// Local seconds since the epoch of a transaction's time.
+    fn local(&self, time: crate::ingest::EventTime) -> i64 {
+        match self {
+            TimeZone::Offset => time.local(),
+            TimeZone::Fixed(o) => time.utc + o,
+            TimeZone::Named(tz) => {
+                let offset = jiff::Timestamp::from_second(time.utc)
+                    .map_or(0, |ts| tz.to_offset(ts).seconds());
+                time.utc + offset as i64
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,10 +328,7 @@ impl Program {
         scratch: &mut Scratch,
         out: &mut [f32],
     ) {
-        let local = match self.time_zone {
-            TimeZone::Offset => tx.time.local(),
-            TimeZone::Fixed(o) => tx.time.utc + o,
-        };
+        let local = self.time_zone.local(tx.time);
         let Scratch {
             values,
             current,

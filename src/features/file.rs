@@ -215,9 +215,11 @@ fn parse_time_zone(text: Option<&str>) -> Result<TimeZone, String> {
                     let secs = h * 3600 + m * 60;
                     Ok(TimeZone::Fixed(if b[0] == b'-' { -secs } else { secs }))
                 }
-                _ => Err(format!(
-                    "`{t}` is not a time zone this build knows: \"offset\" (each timestamp's own), \"UTC\" or a fixed offset such as \"+05:30\""
-                )),
+                _ => jiff::tz::TimeZone::get(t).map(TimeZone::Named).map_err(|_| {
+                    format!(
+                        "`{t}` is not a time zone: \"offset\" (each timestamp's own), \"UTC\", a fixed offset such as \"+05:30\", or an IANA name such as \"Europe/Paris\""
+                    )
+                }),
             }
         }
     }
@@ -251,6 +253,7 @@ fn compile(text: &str, interpret_all: bool) -> Result<Plan, FileError> {
     let file = parse(text)?;
     let time_zone = parse_time_zone(file.time_zone.as_deref())
         .map_err(|e| FileError(format!("`time_zone`: {e}")))?;
+    let own_offsets = matches!(time_zone, TimeZone::Offset);
     let mut seen = HashMap::new();
     for d in &file.feature {
         if seen.insert(d.name.as_str(), ()).is_some() {
@@ -326,7 +329,7 @@ fn compile(text: &str, interpret_all: bool) -> Result<Plan, FileError> {
         }
         Some(Arc::new(program))
     };
-    if time_zone != TimeZone::Offset && slots.iter().any(|&s| s == 1 || s == 2) {
+    if !own_offsets && slots.iter().any(|&s| s == 1 || s == 2) {
         return Err(FileError(
             "`tx.weekend` and `tx.night` are built in with each timestamp's own offset; with another `time_zone`, declare them under other names".into(),
         ));
@@ -803,6 +806,38 @@ value = \"attributes.device_id == 'd-1'\"
         let mut default = Engine::new(FeatureConfig::default());
         default.insert_card(key, restored);
         assert!(default.card(key).unwrap().declared().is_none());
+    }
+
+    /// `hour` in an IANA zone follows its daylight saving changes; the
+    /// transaction's own offset is ignored.
+    #[test]
+    fn hours_in_a_named_time_zone() {
+        use crate::features::{Engine, FeatureConfig};
+        use crate::ingest::Transaction;
+        use crate::ingest::time::parse_timestamp;
+        let plan = Plan::compile(
+            "format = 1\ntime_zone = \"Europe/Paris\"\n[[feature]]\nname = \"h\"\nvalue = \"hour\"\n[[feature]]\nname = \"wd\"\nvalue = \"weekday\"",
+        )
+        .unwrap();
+        let mut engine = Engine::with_plan(FeatureConfig::default(), &plan);
+        let mut hour = |ts: &str| {
+            let tx = Transaction {
+                transaction_id: ts.into(),
+                card_id: "c".into(),
+                merchant_id: "m".into(),
+                time: parse_timestamp(ts.as_bytes()).unwrap(),
+                ..Transaction::default()
+            };
+            let f = engine.process(&tx).unwrap();
+            (f.0[plan.slots[0]], f.0[plan.slots[1]])
+        };
+        // The last Saturday of March 2018 in winter time (UTC+1), the
+        // Sunday after the change (UTC+2); the offset given is ignored.
+        assert_eq!(hour("2018-03-24T01:30:00Z"), (2.0, 5.0));
+        assert_eq!(hour("2018-03-25T01:30:00Z"), (3.0, 6.0));
+        assert_eq!(hour("2018-03-25T09:30:00+05:00"), (6.0, 6.0));
+        let e = Plan::compile("format = 1\ntime_zone = \"Mars/Olympus\"").unwrap_err();
+        assert!(e.0.contains("`Mars/Olympus` is not a time zone"), "{e}");
     }
 
     #[test]
