@@ -313,11 +313,6 @@ impl Program {
         self.layout
     }
 
-    /// Fields kept per event in a card's declared log.
-    pub fn stored_fields(&self) -> usize {
-        self.stored.len()
-    }
-
     /// Computes the declared columns of `tx` into `out` from the card's
     /// log before the event; the event's stored fields stay in `scratch`
     /// for [`Program::fold`].
@@ -641,11 +636,6 @@ impl DeclaredLog {
 
     pub fn is_empty(&self) -> bool {
         self.ts.is_empty()
-    }
-
-    /// Heap bytes held.
-    pub fn heap_bytes(&self) -> usize {
-        4 * (self.ts.capacity() + self.columns.capacity())
     }
 
     pub fn encode(&self, out: &mut Vec<u8>) {

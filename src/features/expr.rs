@@ -419,17 +419,6 @@ impl Expr {
         }
     }
 
-    /// The slots the resolved expression reads.
-    pub fn slots(&self) -> Vec<usize> {
-        let mut out = Vec::new();
-        self.visit(&mut |e| {
-            if let Expr::Var(v) = e {
-                out.push(*v);
-            }
-        });
-        out
-    }
-
     /// The value over a resolved expression's slots. Division by zero gives
     /// 0, as in the rules, so that no feature is infinite.
     pub fn eval(&self, v: &[f64]) -> f64 {

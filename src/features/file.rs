@@ -528,27 +528,18 @@ impl<'a> Compiler<'a> {
             ("delay", d.delay.is_some()),
             ("cap", d.cap.is_some()),
         ];
+        if d.agg.is_none()
+            && let Some((key, _)) = no_agg_keys.iter().find(|(_, set)| *set)
+        {
+            return fail(name, key, "only aggregations take it");
+        }
         if let Some(text) = &d.value {
-            if let Some((key, _)) = no_agg_keys.iter().find(|(_, set)| *set) {
-                return fail(name, key, "only aggregations take it");
-            }
-            return Ok(ItemKind::Value(self.expr(
-                name,
-                "value",
-                text,
-                Scope::Event,
-            )?));
+            let e = self.expr(name, "value", text, Scope::Event)?;
+            return Ok(ItemKind::Value(e));
         }
         if let Some(text) = &d.expr {
-            if let Some((key, _)) = no_agg_keys.iter().find(|(_, set)| *set) {
-                return fail(name, key, "only aggregations take it");
-            }
-            return Ok(ItemKind::Derived(self.expr(
-                name,
-                "expr",
-                text,
-                Scope::Features,
-            )?));
+            let e = self.expr(name, "expr", text, Scope::Features)?;
+            return Ok(ItemKind::Derived(e));
         }
         let agg = d.agg.as_deref().unwrap_or_default();
         let Some(kind) = AggKind::of(agg) else {

@@ -10,7 +10,7 @@ pub mod trees;
 pub mod tune;
 
 use crate::features::file::Plan;
-use crate::features::{FeatureConfig, NAMES, idx};
+use crate::features::{FeatureConfig, idx};
 use iforest::{IsolationForest, IsolationParams};
 use logistic::{Logistic, LogisticParams};
 use serde::{Deserialize, Serialize};
@@ -380,7 +380,6 @@ pub fn check_features(names: &[&str], plan: &Plan) -> Result<(), String> {
     }
     if !missing.is_empty() {
         parts.push(format!("missing from the model: {}", missing.join(", ")));
-        let _ = NAMES;
     }
     Err(parts.join("; "))
 }

@@ -134,21 +134,39 @@ fn simulate(dir: &Path, customers: u32, days: u32, seed: u32) -> PathBuf {
     f
 }
 
-/// The alerts a single ordered pass over the file gives: `peregrine replay`.
+/// The alerts a single ordered pass over the file gives: `peregrine replay`
+/// with the built-in model and rules.
 fn expected_alerts(dir: &Path, data: &Path) -> BTreeMap<String, Value> {
+    let rules = format!("{ROOT}/models/default.rules");
+    expected_alerts_of(
+        dir,
+        data,
+        &format!("{ROOT}/models/default.json"),
+        Some(&rules),
+    )
+}
+
+/// [`expected_alerts`] with another model, and rules or none.
+fn expected_alerts_of(
+    dir: &Path,
+    data: &Path,
+    model: &str,
+    rules: Option<&str>,
+) -> BTreeMap<String, Value> {
     let out = dir.join("expected.jsonl");
-    ok(&[
+    let mut args = vec![
         "replay",
         "--quiet",
         "--data",
         data.to_str().unwrap(),
         "--model",
-        &format!("{ROOT}/models/default.json"),
-        "--rules",
-        &format!("{ROOT}/models/default.rules"),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+        model,
+    ];
+    if let Some(r) = rules {
+        args.extend(["--rules", r]);
+    }
+    args.extend(["--out", out.to_str().unwrap()]);
+    ok(&args);
     std::fs::read_to_string(out)
         .unwrap()
         .lines()

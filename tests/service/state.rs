@@ -238,25 +238,7 @@ fn a_features_file_model_serves_and_restores_its_state() {
         "--features",
         &format!("{ROOT}/models/features-extended.toml"),
     ]);
-    let expected = dir.join("expected.jsonl");
-    ok(&[
-        "replay",
-        "--quiet",
-        "--data",
-        data.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        expected.to_str().unwrap(),
-    ]);
-    let want: BTreeMap<String, Value> = std::fs::read_to_string(&expected)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (v["alert_id"].as_str().unwrap().to_string(), v)
-        })
-        .collect();
+    let want = expected_alerts_of(&dir, &data, model.to_str().unwrap(), None);
     assert!(want.len() > 50, "{} alerts to find", want.len());
     // The explanations name declared columns, so the served model reads them.
     assert!(
