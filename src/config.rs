@@ -35,6 +35,17 @@ pub struct Settings {
     /// A file holding the admin token (a mounted Kubernetes Secret), read
     /// at start; instead of `admin_token`.
     pub admin_token_file: Option<PathBuf>,
+    /// A bearer token for the analysts' routes (`POST /v1/alerts/{id}/decision`),
+    /// besides the admin token, which they also take.
+    pub analyst_token: Option<String>,
+    /// A file holding the analyst token, read at start; instead of `analyst_token`.
+    pub analyst_token_file: Option<PathBuf>,
+    /// The alert store, a PostgreSQL connection string
+    /// (`postgres://user:password@host/db`). When set, `serve` also runs the
+    /// alert sink and the `/v1/alerts` routes. A secret: never logged.
+    pub postgres: Option<String>,
+    /// The consumer group of the alert sinks.
+    pub sink_group_id: String,
     /// The only directory `POST /v1/model/reload` loads model and rules
     /// files from; a path outside it is refused.
     pub models_dir: PathBuf,
@@ -110,6 +121,10 @@ impl Default for Settings {
             block_threshold: None,
             admin_token: None,
             admin_token_file: None,
+            analyst_token: None,
+            analyst_token_file: None,
+            postgres: None,
+            sink_group_id: "peregrine-alert-sink".into(),
             models_dir: PathBuf::from("models"),
             shutdown_timeout_secs: 20,
             max_message_bytes: 64 * 1024,
@@ -172,6 +187,10 @@ const KEYS: &[&str] = &[
     "block_threshold",
     "admin_token",
     "admin_token_file",
+    "analyst_token",
+    "analyst_token_file",
+    "postgres",
+    "sink_group_id",
     "models_dir",
     "shutdown_timeout_secs",
     "max_message_bytes",
@@ -284,24 +303,37 @@ impl Settings {
                 var: "PEREGRINE_*".into(),
                 message: e.message().to_string(),
             })?;
-        if let Some(path) = &settings.admin_token_file {
-            if settings.admin_token.is_some() {
-                return Err(ConfigError::Invalid {
-                    key: "admin_token_file",
-                    message: "set admin_token or admin_token_file, not both".into(),
-                });
-            }
-            // Never the file's text in an error: it is a secret.
-            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
-                key: "admin_token_file",
-                message: format!("cannot read {}: {}", path.display(), e.kind()),
-            })?;
-            settings.admin_token = Some(text.trim().to_string());
-        }
+        settings.admin_token = token_from_file(
+            "admin_token_file",
+            settings.admin_token_file.as_deref(),
+            settings.admin_token.take(),
+        )?;
+        settings.analyst_token = token_from_file(
+            "analyst_token_file",
+            settings.analyst_token_file.as_deref(),
+            settings.analyst_token.take(),
+        )?;
         Ok(settings)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.analyst_token.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err(ConfigError::Invalid {
+                key: "analyst_token",
+                message: "must be at least 16 characters".into(),
+            });
+        }
+        if self
+            .postgres
+            .as_deref()
+            .is_some_and(|u| u.trim().is_empty())
+            || self.sink_group_id.trim().is_empty()
+        {
+            return Err(ConfigError::Invalid {
+                key: "postgres",
+                message: "the connection string and sink_group_id must not be empty".into(),
+            });
+        }
         let invalid = |key, message: &str| {
             Err(ConfigError::Invalid {
                 key,
@@ -360,6 +392,29 @@ impl Settings {
     }
 }
 
+/// A token given directly, or read from its file (a mounted Secret).
+fn token_from_file(
+    key: &'static str,
+    file: Option<&std::path::Path>,
+    given: Option<String>,
+) -> Result<Option<String>, ConfigError> {
+    let Some(path) = file else {
+        return Ok(given);
+    };
+    if given.is_some() {
+        return Err(ConfigError::Invalid {
+            key,
+            message: "set the token or its file, not both".into(),
+        });
+    }
+    // Never the file's text in an error: it is a secret.
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
+        key,
+        message: format!("cannot read {}: {}", path.display(), e.kind()),
+    })?;
+    Ok(Some(text.trim().to_string()))
+}
+
 /// A librdkafka property whose value must not reach a log.
 pub fn is_secret(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
@@ -403,6 +458,13 @@ impl fmt::Debug for Settings {
                 &self.admin_token.as_ref().map(|_| "<redacted>"),
             )
             .field("admin_token_file", &self.admin_token_file)
+            .field(
+                "analyst_token",
+                &self.analyst_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("analyst_token_file", &self.analyst_token_file)
+            .field("postgres", &self.postgres.as_ref().map(|_| "<redacted>"))
+            .field("sink_group_id", &self.sink_group_id)
             .field("models_dir", &self.models_dir)
             .field("shutdown_timeout_secs", &self.shutdown_timeout_secs)
             .field("max_message_bytes", &self.max_message_bytes)

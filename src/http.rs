@@ -25,6 +25,8 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::watch;
 
+mod alerts;
+
 pub const OPENAPI: &str = include_str!("openapi.json");
 /// Transactions per batch request.
 pub const MAX_BATCH: usize = 10_000;
@@ -38,6 +40,8 @@ pub fn router(shared: AppState) -> Router {
         .route("/v1/score/batch", post(score_batch))
         .route("/v1/model", get(model))
         .route("/v1/model/reload", post(reload))
+        .route("/v1/alerts", get(alerts::list))
+        .route("/v1/alerts/{alert_id}/decision", post(alerts::decide))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -466,31 +470,50 @@ fn same_secret(given: &[u8], secret: &[u8]) -> bool {
 /// The admin bearer token's check: 401 without valid credentials (with
 /// `WWW-Authenticate`), 403 when no token is configured at all.
 fn authorize(shared: &ServiceState, headers: &HeaderMap, what: &str) -> Result<(), Box<Response>> {
+    let admin = shared.settings.admin_token.as_deref();
+    check_bearer(headers, what, &[admin], ("an admin", "admin_token"))
+}
+
+/// [`authorize`] for any of `tokens` (those configured); `who` names them
+/// in the refusal.
+fn check_bearer(
+    headers: &HeaderMap,
+    what: &str,
+    tokens: &[Option<&str>],
+    (who, keys): (&str, &str),
+) -> Result<(), Box<Response>> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "));
-    let Some(token) = shared.settings.admin_token.as_deref() else {
+    let configured: Vec<&str> = tokens.iter().flatten().copied().collect();
+    if configured.is_empty() {
         if given.is_none() {
-            return Err(Box::new(unauthorized()));
+            return Err(Box::new(unauthorized(who)));
         }
         return Err(Box::new(error(
             StatusCode::FORBIDDEN,
-            format!("{what} are disabled: no admin_token is configured"),
+            format!("{what} are disabled: no {keys} is configured"),
             None,
         )));
-    };
-    if given.is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes())) {
+    }
+    // Every token is compared, so the time taken tells nothing of which.
+    let matched = given.is_some_and(|g| {
+        configured
+            .iter()
+            .fold(false, |ok, t| same_secret(g.as_bytes(), t.as_bytes()) | ok)
+    });
+    if matched {
         Ok(())
     } else {
-        Err(Box::new(unauthorized()))
+        Err(Box::new(unauthorized(who)))
     }
 }
 
-fn unauthorized() -> Response {
+fn unauthorized(who: &str) -> Response {
     let mut r = error(
         StatusCode::UNAUTHORIZED,
-        "a valid admin bearer token is required",
+        format!("a valid bearer token ({who} token) is required"),
         Some("Authorization"),
     );
     r.headers_mut().insert(

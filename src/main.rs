@@ -54,6 +54,8 @@ enum Command {
     Serve(service_cli::ServeArgs),
     /// Send a transactions file to a Kafka topic as JSON, keyed by card_id.
     Produce(service_cli::ProduceArgs),
+    /// Store the alert topic's alerts in PostgreSQL (the alert store), idempotently.
+    Sink(service_cli::SinkArgs),
     /// Read a Kafka topic from the start and print its messages as JSON lines.
     Consume(service_cli::ConsumeArgs),
     /// The whole pipeline on a simulated live stream, with the built-in model: no set-up needed.
@@ -263,6 +265,7 @@ fn run(command: Command, progress: bool) -> anyhow::Result<()> {
         Command::Serve(a) => service_cli::serve(a),
         Command::Produce(a) => service_cli::produce(a),
         Command::Consume(a) => service_cli::consume(a),
+        Command::Sink(a) => service_cli::sink(a),
         Command::Demo(a) => demo::run(a, progress),
     }
 }

@@ -47,6 +47,9 @@ pub struct Metrics {
     pub scores_not_finite: IntCounter,
     pub merchant_future_events: IntCounter,
     pub produce_errors: IntCounterVec,
+    pub sink_alerts: IntCounterVec,
+    pub sink_errors: IntCounter,
+    pub decisions: IntCounterVec,
 }
 
 /// The optional fields of a transaction: a wrong one is left out and counted.
@@ -285,6 +288,20 @@ impl Metrics {
                 "Produce errors other than a full local queue, by librdkafka error code; the message is retried each second.",
                 &["error"],
             ),
+            sink_alerts: counter_vec(
+                "peregrine_sink_alerts_total",
+                "Alert-topic messages the alert sink wrote to the alert store: stored (upserted on alert_id) or rejected (kept in alert_rejects with the reason).",
+                &["outcome"],
+            ),
+            sink_errors: counter(
+                "peregrine_sink_errors_total",
+                "Alert-store writes that failed and were retried; offsets are committed only after a write succeeds.",
+            ),
+            decisions: counter_vec(
+                "peregrine_decisions_total",
+                "Analyst decisions recorded, by outcome and by what became of their label: published, unchanged (the same outcome's label was already published) or failed (recorded; post again to publish).",
+                &["outcome", "label"],
+            ),
             registry: r,
         }
     }
@@ -324,6 +341,14 @@ impl Metrics {
             "future_timestamp",
         ] {
             self.labels.with_label_values(&[o]);
+        }
+        for o in ["stored", "rejected"] {
+            self.sink_alerts.with_label_values(&[o]);
+        }
+        for o in ["fraud", "legit"] {
+            for l in ["published", "unchanged", "failed"] {
+                self.decisions.with_label_values(&[o, l]);
+            }
         }
         for s in ["changelog", "input"] {
             self.restore_records.with_label_values(&[s]);

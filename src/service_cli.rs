@@ -62,6 +62,11 @@ pub struct ServeArgs {
     /// Serve the HTTP API alone, without Kafka.
     #[arg(long)]
     pub no_kafka: bool,
+    /// The alert store, a PostgreSQL connection string: also runs the alert
+    /// sink and the /v1/alerts routes. Also PEREGRINE_POSTGRES, which keeps
+    /// a password out of the process list.
+    #[arg(long)]
+    pub postgres: Option<String>,
     /// A librdkafka property, KEY=VALUE, repeatable (e.g. -X security.protocol=SASL_SSL).
     #[arg(short = 'X', value_name = "KEY=VALUE")]
     pub librdkafka: Vec<String>,
@@ -112,6 +117,9 @@ impl ServeArgs {
         if self.no_kafka {
             s.kafka_enabled = false;
         }
+        if self.postgres.is_some() {
+            s.postgres = self.postgres.clone();
+        }
         for raw in &self.librdkafka {
             let (k, v) = key_value(raw)?;
             s.librdkafka.insert(k, v);
@@ -119,6 +127,60 @@ impl ServeArgs {
         s.validate()?;
         Ok(s)
     }
+}
+
+#[derive(Args)]
+pub struct SinkArgs {
+    /// Settings file (TOML), as for `serve`. Also PEREGRINE_CONFIG.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers, host:port[,host:port…].
+    #[arg(long)]
+    brokers: Option<String>,
+    /// The alert topic to store.
+    #[arg(long)]
+    alert_topic: Option<String>,
+    /// The alert store, a PostgreSQL connection string. Also PEREGRINE_POSTGRES.
+    #[arg(long)]
+    postgres: Option<String>,
+    /// Consumer group of the sinks (default peregrine-alert-sink).
+    #[arg(long)]
+    group_id: Option<String>,
+    /// A librdkafka property, KEY=VALUE, repeatable.
+    #[arg(short = 'X', value_name = "KEY=VALUE")]
+    librdkafka: Vec<String>,
+}
+
+/// `peregrine sink`: the alert topic into the alert store until SIGTERM.
+pub fn sink(a: SinkArgs) -> anyhow::Result<()> {
+    let serve = ServeArgs {
+        config: a.config,
+        brokers: a.brokers,
+        alert_topic: a.alert_topic,
+        postgres: a.postgres,
+        librdkafka: a.librdkafka,
+        ..ServeArgs::default()
+    };
+    let mut settings = serve.settings()?;
+    if let Some(g) = a.group_id {
+        settings.sink_group_id = g;
+    }
+    settings.validate()?;
+    let Some(url) = settings.postgres.clone() else {
+        bail!("no alert store: give --postgres URL or set PEREGRINE_POSTGRES");
+    };
+    runtime()?.block_on(async {
+        let store = peregrine::alerts::store::AlertStore::open(&url)
+            .await
+            .context("cannot open the alert store")?;
+        let metrics = peregrine::metrics::Metrics::new();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            peregrine::serve::termination().await;
+            let _ = stop_tx.send(true);
+        });
+        peregrine::serve::sink::run(&settings, std::sync::Arc::new(store), &metrics, stop_rx).await
+    })
 }
 
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -365,6 +365,22 @@ def all_panels(dashboard):
         yield from p.get("panels", [])
 
 
+# The two datasources the dashboard reads, each through its variable:
+# Prometheus (metrics) and the PostgreSQL alert store (alerts, decisions).
+PROMETHEUS_REF = {"type": "prometheus", "uid": "${datasource}"}
+POSTGRES_TYPE = "grafana-postgresql-datasource"
+ALERTSTORE_REF = {"type": POSTGRES_TYPE, "uid": "${alertstore}"}
+# The only Grafana macros the SQL may use, and the formats of an SQL target.
+SQL_MACROS = {"__timeFilter", "__timeFrom", "__timeTo"}
+SQL_FORMATS = {"table", "time_series"}
+
+
+def is_prometheus(ref):
+    """A target, panel or variable on Prometheus; none named is the default
+    datasource, which provisioning makes Prometheus."""
+    return (ref or {}).get("type", "prometheus") == "prometheus"
+
+
 def cmd_dashboard_lint(a):
     d = json.loads(Path(a.dashboard).read_text())
     problems = []
@@ -372,24 +388,51 @@ def cmd_dashboard_lint(a):
     ds = variables.get("datasource", {})
     if ds.get("type") != "datasource" or ds.get("query") != "prometheus":
         problems.append("no `datasource` template variable of type datasource for prometheus")
+    store = variables.get("alertstore", {})
+    if store.get("type") != "datasource" or store.get("query") != POSTGRES_TYPE:
+        problems.append(f"no `alertstore` template variable of type datasource for {POSTGRES_TYPE}")
+    for v in variables.values():
+        if "datasource" in v and v["datasource"] not in (PROMETHEUS_REF, ALERTSTORE_REF):
+            problems.append(f"variable {v['name']} uses neither the datasource nor the alertstore variable")
     ids = [p["id"] for p in all_panels(d)]
     if len(ids) != len(set(ids)):
         problems.append("panel ids are not unique")
     panels = [p for p in all_panels(d) if p["type"] != "row"]
+    n_sql = 0
     for p in panels:
         where = f"panel {p.get('title')!r}"
         if not p.get("description"):
             problems.append(f"{where} has no description")
-        if p.get("datasource") != {"type": "prometheus", "uid": "${datasource}"}:
+        sql = (p.get("datasource") or {}).get("type") == POSTGRES_TYPE
+        n_sql += sql
+        if sql and p.get("datasource") != ALERTSTORE_REF:
+            problems.append(f"{where} does not use the alertstore variable")
+        if not sql and p.get("datasource") != PROMETHEUS_REF:
             problems.append(f"{where} does not use the datasource variable")
         if not p.get("targets"):
             problems.append(f"{where} has no query")
         for t in p.get("targets", []):
+            what = f"{where} query {t.get('refId')}"
             if t.get("datasource", p.get("datasource")) != p.get("datasource"):
-                problems.append(f"{where} query {t.get('refId')} uses another datasource")
+                problems.append(f"{what} uses another datasource")
+            if not sql:
+                if not t.get("expr"):
+                    problems.append(f"{what} has no expr")
+                continue
+            if not t.get("rawSql"):
+                problems.append(f"{what} has no rawSql")
+            if t.get("format") not in SQL_FORMATS:
+                problems.append(f"{what}: format must be one of {sorted(SQL_FORMATS)}, not {t.get('format')!r}")
+            for m in re.finditer(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)", t.get("rawSql", "")):
+                name = m.group(1) or m.group(2)
+                if name.startswith("__") and name not in SQL_MACROS:
+                    problems.append(f"{what}: macro ${name} is not one of {sorted(SQL_MACROS)}")
+                elif not name.startswith("__") and name not in variables:
+                    problems.append(f"{what}: ${name} is no template variable")
     rows = [p["title"] for p in all_panels(d) if p["type"] == "row"]
     exit_on(problems)
-    print(f"{len(panels)} panels in {len(rows)} rows ({', '.join(rows)}), each with a description and the datasource variable")
+    print(f"{len(panels)} panels in {len(rows)} rows ({', '.join(rows)}), each with a description and the datasource "
+          f"variable ({n_sql} of them on the alertstore variable, with rawSql and a format)")
 
 
 def cmd_provisioning(a):
@@ -403,9 +446,22 @@ def cmd_provisioning(a):
     proms = [s for s in ds.get("datasources", []) if s.get("type") == "prometheus"]
     if ds.get("apiVersion") != 1 or len(proms) != 1:
         problems.append(f"{ds_file}: expected apiVersion 1 and one prometheus datasource")
-    default = next(v for v in d["templating"]["list"] if v["name"] == "datasource")["current"]["value"]
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    default = variables["datasource"]["current"]["value"]
     if proms and proms[0].get("uid") != default:
         problems.append(f"the datasource uid {proms[0].get('uid')!r} is not the dashboard's default {default!r}")
+    # The alert store: one PostgreSQL datasource, the alertstore variable's
+    # default, its password from Grafana's environment, never in the file.
+    pgs = [s for s in ds.get("datasources", []) if s.get("type") == POSTGRES_TYPE]
+    others = [s.get("type") for s in ds.get("datasources", []) if s.get("type") not in ("prometheus", POSTGRES_TYPE)]
+    if len(pgs) != 1 or others:
+        problems.append(f"{ds_file}: expected one {POSTGRES_TYPE} datasource besides Prometheus, "
+                        f"found {len(pgs)} and other types {others}")
+    store_default = variables.get("alertstore", {}).get("current", {}).get("value")
+    if pgs and pgs[0].get("uid") != store_default:
+        problems.append(f"the alert store's uid {pgs[0].get('uid')!r} is not the alertstore variable's default {store_default!r}")
+    if pgs and not re.fullmatch(r"\$\{\w+\}", str(pgs[0].get("secureJsonData", {}).get("password", ""))):
+        problems.append("the alert store's secureJsonData.password must be an ${ENV_VAR} Grafana expands, not a literal")
     files = [p for p in db.get("providers", []) if p.get("type") == "file"]
     if db.get("apiVersion") != 1 or len(files) != 1 or not files[0].get("options", {}).get("path"):
         problems.append(f"{db_file}: expected apiVersion 1 and one file provider with a path")
@@ -413,7 +469,8 @@ def cmd_provisioning(a):
     if files and files[0]["options"]["path"] not in docs:
         problems.append(f"docs/operations.md does not say where to mount the dashboard ({files[0]['options']['path']})")
     exit_on(problems)
-    print(f"datasource {proms[0]['name']!r} (uid {proms[0]['uid']}), dashboards from {files[0]['options']['path']}")
+    print(f"datasource {proms[0]['name']!r} (uid {proms[0]['uid']}), alert store {pgs[0]['name']!r} "
+          f"(uid {pgs[0]['uid']}), dashboards from {files[0]['options']['path']}")
 
 
 # ---------------------------------------------------------------- local run
@@ -561,9 +618,11 @@ def substitute(expr):
 
 
 def dashboard_queries(dashboard):
+    """The dashboard's PromQL: the alert store's SQL (variables, panels and
+    targets on another datasource) is left out, never sent to Prometheus."""
     out = []
     for v in dashboard.get("templating", {}).get("list", []):
-        if v["type"] == "query":
+        if v["type"] == "query" and is_prometheus(v.get("datasource")):
             q = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
             m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", q.strip())
             if not m:
@@ -571,7 +630,8 @@ def dashboard_queries(dashboard):
             out.append((f"variable {v['name']}", f"group by ({m.group(2)}) ({m.group(1)})"))
     for p in all_panels(dashboard):
         for t in p.get("targets", []):
-            out.append((f"panel {p['title']!r} query {t['refId']}", t["expr"]))
+            if is_prometheus(t.get("datasource") or p.get("datasource")):
+                out.append((f"panel {p['title']!r} query {t['refId']}", t["expr"]))
     return out
 
 

@@ -1,5 +1,7 @@
 //! Alerts: what a scored transaction turns into when it needs attention.
 
+pub mod store;
+
 use crate::features::store::key_hash;
 use crate::ingest::Transaction;
 use crate::ingest::time::format_utc;

@@ -94,6 +94,17 @@ pub fn producer(s: &Settings) -> anyhow::Result<FutureProducer> {
     Ok(c.create()?)
 }
 
+/// The producer of analyst decisions' labels. Unlike [`producer`] its
+/// messages time out: an analyst waits for the answer, and a decision whose
+/// label failed is recorded and can be posted again.
+pub fn label_producer(s: &Settings) -> anyhow::Result<FutureProducer> {
+    let mut c = client_config(s, &[("linger.ms", "0")]);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "10000");
+    Ok(c.create()?)
+}
+
 /// Builds a producer and a consumer from the settings once, so that a
 /// property librdkafka does not know, or a value it refuses, stops the
 /// start with librdkafka's own message instead of a retry loop.

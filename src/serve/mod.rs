@@ -21,6 +21,7 @@
 
 pub mod cards;
 pub mod changelog;
+pub mod decisions;
 pub mod events;
 pub mod group;
 pub mod health;
@@ -30,6 +31,7 @@ pub mod labels;
 pub mod merchants;
 pub mod output;
 pub mod partition;
+pub mod sink;
 pub mod state;
 
 pub use state::{ServiceState, load_scorer};
@@ -91,6 +93,10 @@ pub async fn run_with(
         .kafka_enabled
         .then(|| tokio::spawn(pipeline(state.clone(), stop_rx.clone())));
     let status = tokio::spawn(status_lines(state.clone(), stop_rx.clone()));
+    let desk = settings
+        .postgres
+        .is_some()
+        .then(|| tokio::spawn(alert_desk(state.clone(), stop_rx.clone())));
     let failed = tokio::select! {
         _ = shutdown => None,
         why = failure(&state, &mut kafka) => Some(why),
@@ -129,6 +135,9 @@ pub async fn run_with(
         }
         let _ = http.await;
         let _ = status.await;
+        if let Some(d) = desk {
+            let _ = d.await;
+        }
     })
     .await;
     if let Some(why) = failed {
@@ -144,6 +153,36 @@ pub async fn run_with(
              uncommitted transactions will be read again on restart",
             settings.shutdown_timeout_secs
         ),
+    }
+}
+
+/// Opens the alert store, retrying while it is unreachable (scoring goes
+/// on; the alert routes answer 503 meanwhile), then runs the alert sink.
+async fn alert_desk(state: Arc<ServiceState>, mut stop: watch::Receiver<bool>) {
+    let Some(url) = state.settings.postgres.clone() else {
+        return;
+    };
+    let mut wait = Duration::from_secs(1);
+    let desk = loop {
+        match decisions::AlertDesk::open(&state.settings, &url).await {
+            Ok(d) => break Arc::new(d),
+            Err(e) => log(
+                "WARN",
+                format_args!("cannot open the alert store: {e:#}; retrying in {wait:?}"),
+            ),
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(30));
+    };
+    state.set_desk(desk.clone());
+    log("INFO", "alert store open");
+    if state.settings.kafka_enabled
+        && let Err(e) = sink::run(&state.settings, desk.store(), &state.metrics, stop).await
+    {
+        log("ERROR", format_args!("alert sink: {e:#}"));
     }
 }
 

@@ -20,6 +20,7 @@
 //! - the merchant table's lock (inside [`MerchantTable`]).
 //! - `latency`: held to record or read quantiles.
 
+use super::decisions::AlertDesk;
 use super::health::{Health, Progress};
 use super::http_cards::{HttpCards, Outcome};
 use super::merchants::table::MerchantTable;
@@ -66,6 +67,8 @@ pub struct ServiceState {
     http_scoring: tokio::sync::Semaphore,
     /// HTTP scoring requests in progress (waiting or running), at most.
     http_admission: tokio::sync::Semaphore,
+    /// The alert store and decisions, once opened (with `postgres` set).
+    desk: std::sync::OnceLock<Arc<AlertDesk>>,
 }
 
 pub struct Latencies {
@@ -149,7 +152,17 @@ impl ServiceState {
                 std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
             ),
             http_admission: tokio::sync::Semaphore::new(http_max_concurrency),
+            desk: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The alert store and decisions: none until opened, or without `postgres`.
+    pub fn desk(&self) -> Option<&Arc<AlertDesk>> {
+        self.desk.get()
+    }
+
+    pub fn set_desk(&self, desk: Arc<AlertDesk>) {
+        let _ = self.desk.set(desk);
     }
 
     pub fn health(&self) -> &Health {

@@ -2,6 +2,7 @@
 //! (tansu, started by `scripts/kafka-up`), each on topics of its own; the
 //! service's state across restarts and rebalances in [`state`].
 
+mod alert_store;
 mod faults;
 mod hostile;
 mod state;
@@ -205,6 +206,28 @@ fn produce_on(brokers: &str, data: &Path, n: &Names, extra: &[&str]) {
     ];
     args.extend_from_slice(extra);
     ok(&args);
+}
+
+/// [`produce`] in a thread of its own, with `extra` flags (a `--rate`),
+/// so that the test acts while the stream is under way.
+fn produce_in_background(data: &Path, n: &Names, extra: &[&str]) -> std::thread::JoinHandle<()> {
+    let (data, input, labels) = (data.to_path_buf(), n.input.clone(), n.labels.clone());
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    std::thread::spawn(move || {
+        let mut args = vec![
+            "produce",
+            "--brokers",
+            broker(),
+            "--data",
+            data.to_str().unwrap(),
+            "--topic",
+            &input,
+            "--label-topic",
+            &labels,
+        ];
+        args.extend(extra.iter().map(String::as_str));
+        ok(&args);
+    })
 }
 
 /// Writes `text` to `file` and sends each of its lines as it is.

@@ -288,24 +288,7 @@ fn instances_join_and_leave_without_changing_alerts() {
     let env = [CHECKPOINTS, TANSU_SLOW_REBALANCE];
     let first = Service::start(&n, "first", &FAST_GROUP, &env);
     first.wait_ready(Duration::from_secs(60));
-    let producer = {
-        let (data, input, labels) = (data.clone(), n.input.clone(), n.labels.clone());
-        std::thread::spawn(move || {
-            ok(&[
-                "produce",
-                "--brokers",
-                broker(),
-                "--data",
-                data.to_str().unwrap(),
-                "--topic",
-                &input,
-                "--label-topic",
-                &labels,
-                "--rate",
-                "2500",
-            ]);
-        })
-    };
+    let producer = produce_in_background(&data, &n, &["--rate", "2500"]);
     first.wait_for(Duration::from_secs(60), "first instance scoring", |s| {
         s.metric("peregrine_transactions_scored_total") > 3000.0
     });
@@ -405,24 +388,7 @@ fn http_scoring_beside_the_stream_never_stalls_it() {
         .step_by(97)
         .map(str::to_string)
         .collect();
-    let producer = {
-        let (data, input, labels) = (data.clone(), n.input.clone(), n.labels.clone());
-        std::thread::spawn(move || {
-            ok(&[
-                "produce",
-                "--brokers",
-                broker(),
-                "--data",
-                data.to_str().unwrap(),
-                "--topic",
-                &input,
-                "--label-topic",
-                &labels,
-                "--rate",
-                "3000",
-            ]);
-        })
-    };
+    let producer = produce_in_background(&data, &n, &["--rate", "3000"]);
     let until = Instant::now() + Duration::from_secs(30);
     let clients: Vec<_> = (0..16)
         .map(|c| {
@@ -497,27 +463,7 @@ fn a_partition_restoring_holds_up_no_other() {
     let changelog = format!("{}-cards-changelog", n.group);
     create_topics(broker(), &[&changelog], 6);
     fill_partition(&changelog, 0, 8_000_000);
-    let producer = {
-        let (data, input, labels) = (data.clone(), n.input.clone(), n.labels.clone());
-        std::thread::spawn(move || {
-            ok(&[
-                "produce",
-                "--brokers",
-                broker(),
-                "--data",
-                data.to_str().unwrap(),
-                "--topic",
-                &input,
-                "--label-topic",
-                &labels,
-                "--live",
-                "--rate",
-                "3000",
-                "--limit",
-                "60000",
-            ]);
-        })
-    };
+    let producer = produce_in_background(&data, &n, &["--rate", "3000", "--limit", "60000"]);
     // The stream is under way when the service starts.
     std::thread::sleep(Duration::from_secs(2));
     // Others stop waiting for a partition not heard from for a second.

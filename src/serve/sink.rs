@@ -1,0 +1,189 @@
+//! The alert sink: reads the alert topic in its own consumer group and
+//! writes every alert into the alert store. A batch is written in one
+//! statement, upserted on `alert_id`, and its offsets are committed only
+//! after the write: a sink killed at any point re-reads at most its last
+//! batch, and re-writing it changes nothing. Messages that are not alerts
+//! are kept in the store's `alert_rejects` with the reason.
+
+use super::kafka;
+use crate::alerts::store::{AlertRecord, AlertStore, Rejected, Sourced};
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::telemetry::log;
+use rdkafka::Message;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::OwnedMessage;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Messages written per statement at most.
+const BATCH: usize = 2000;
+/// How long a batch waits to fill once its first message is in.
+const LINGER: Duration = Duration::from_millis(100);
+
+/// Runs until `stop` turns true.
+pub async fn run(
+    settings: &Settings,
+    store: Arc<AlertStore>,
+    metrics: &Metrics,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let consumer: StreamConsumer =
+        kafka::group_config(settings, &settings.sink_group_id).create()?;
+    consumer.subscribe(&[&settings.alert_topic])?;
+    log(
+        "INFO",
+        format_args!(
+            "alert sink: {} into the alert store, group {}",
+            settings.alert_topic, settings.sink_group_id
+        ),
+    );
+    let topic = settings.alert_topic.as_str();
+    let mut written = None;
+    loop {
+        let mut batch: Vec<OwnedMessage> = Vec::new();
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            m = consumer.recv() => match m {
+                Ok(m) => batch.push(m.detach()),
+                Err(KafkaError::PartitionEOF(_)) => continue,
+                Err(e) => {
+                    log("WARN", format_args!("alert sink: {e}"));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+        }
+        let until = tokio::time::Instant::now() + LINGER;
+        while batch.len() < BATCH {
+            match tokio::time::timeout_at(until, consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(m.detach()),
+                Ok(Err(KafkaError::PartitionEOF(_))) => continue,
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        let (alerts, rejected) = sort_out(topic, &batch);
+        if !write(&store, topic, &alerts, &rejected, metrics, &mut stop).await {
+            break;
+        }
+        metrics
+            .sink_alerts
+            .with_label_values(&["stored"])
+            .inc_by(alerts.len() as u64);
+        metrics
+            .sink_alerts
+            .with_label_values(&["rejected"])
+            .inc_by(rejected.len() as u64);
+        // After a rebalance a partition in the batch may be another sink's
+        // now: its commit fails, and the new owner writes the same rows again.
+        let offsets = next_offsets(topic, &batch);
+        if let Err(e) = consumer.commit(&offsets, CommitMode::Async) {
+            log("WARN", format_args!("alert sink: commit: {e}"));
+        }
+        written = Some(offsets);
+    }
+    // The last batch written, committed for sure before the sink leaves;
+    // never the consumer's position, which may be past a batch not written.
+    if let Some(offsets) = written {
+        let _ = consumer.commit(&offsets, CommitMode::Sync);
+    }
+    Ok(())
+}
+
+/// Alerts and the messages that are not, each with its partition and offset.
+fn sort_out(
+    topic: &str,
+    batch: &[OwnedMessage],
+) -> (Vec<Sourced<AlertRecord>>, Vec<Sourced<Rejected>>) {
+    let (mut alerts, mut rejected) = (Vec::new(), Vec::new());
+    for m in batch {
+        let payload = m.payload().unwrap_or_default();
+        let (partition, offset) = (m.partition(), m.offset());
+        match AlertRecord::parse(payload) {
+            Ok(item) => alerts.push(Sourced {
+                partition,
+                offset,
+                item,
+            }),
+            Err(refusal) => {
+                log(
+                    "WARN",
+                    format_args!(
+                        "alert sink: {topic}/{partition}@{offset} refused: {}",
+                        refusal.0
+                    ),
+                );
+                rejected.push(Sourced {
+                    partition,
+                    offset,
+                    item: Rejected {
+                        reason: refusal.0,
+                        payload: payload.to_vec(),
+                    },
+                });
+            }
+        }
+    }
+    // One statement may not upsert the same row twice: the newest wins.
+    let mut newest: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, a) in alerts.iter().enumerate() {
+        newest.insert(a.item.alert_id.as_str(), i);
+    }
+    let keep: std::collections::BTreeSet<usize> = newest.into_values().collect();
+    let alerts = alerts
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| keep.contains(i))
+        .map(|(_, a)| a)
+        .collect();
+    (alerts, rejected)
+}
+
+/// Writes the batch, retrying until it lands or the sink is stopped
+/// (false): nothing is committed for a batch not written.
+async fn write(
+    store: &AlertStore,
+    topic: &str,
+    alerts: &[Sourced<AlertRecord>],
+    rejected: &[Sourced<Rejected>],
+    metrics: &Metrics,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match store.write(topic, alerts, rejected).await {
+            Ok(_) => return true,
+            Err(e) => {
+                metrics.sink_errors.inc();
+                log(
+                    "WARN",
+                    format_args!("alert sink: cannot write to the alert store: {e}; retrying"),
+                );
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => return false,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// The offset after each partition's last message of the batch.
+fn next_offsets(topic: &str, batch: &[OwnedMessage]) -> TopicPartitionList {
+    let mut last: BTreeMap<i32, i64> = BTreeMap::new();
+    for m in batch {
+        let o = last.entry(m.partition()).or_insert(m.offset());
+        *o = (*o).max(m.offset());
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in last {
+        let _ = tpl.add_partition_offset(topic, p, Offset::Offset(o + 1));
+    }
+    tpl
+}
