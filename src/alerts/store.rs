@@ -86,9 +86,31 @@ CREATE TABLE alert_rejects (
 /// together apply each version once.
 const MIGRATION_LOCK: i64 = 0x7065_7265_6772_696e; // "peregrin"
 
+/// The server's own message and SQLSTATE, where the client's says only
+/// "db error".
+fn db_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+impl StoreError {
+    /// The store refused the data itself (SQLSTATE classes 22 and 23: a
+    /// value out of range, a constraint): writing it again cannot succeed.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            StoreError::Db(e) => e
+                .code()
+                .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23")),
+            StoreError::NewerSchema { .. } => false,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("PostgreSQL: {0}")]
+    #[error("PostgreSQL: {}", db_message(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error(
         "the alert store's schema is at version {found}, newer than this build's {known}: \
@@ -117,11 +139,18 @@ pub struct AlertRecord {
     pub model_version: String,
     pub reasons: Value,
     pub produced_at: String,
+    /// The message as it came, kept in case the store refuses it.
+    #[serde(skip)]
+    pub raw: Vec<u8>,
 }
 
 impl AlertRecord {
     /// Reads an alert message; the refusal names the field that is wrong.
     pub fn parse(bytes: &[u8]) -> Result<AlertRecord, Refusal> {
+        // PostgreSQL's text and jsonb hold no NUL.
+        if bytes.contains(&0) || bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
+            return Err(Refusal("not an alert: contains NUL (\\u0000)".into()));
+        }
         let v: Value = serde_json::from_slice(bytes)
             .map_err(|e| Refusal(format!("not an alert: not JSON: {e}")))?;
         let Some(obj) = v.as_object() else {
@@ -154,8 +183,9 @@ impl AlertRecord {
         {
             return Err(Refusal("anomaly: expected a number".into()));
         }
-        let a: AlertRecord =
+        let mut a: AlertRecord =
             serde_json::from_value(v).map_err(|e| Refusal(format!("not an alert: {e}")))?;
+        a.raw = bytes.to_vec();
         for (field, v) in [
             ("alert_id", &a.alert_id),
             ("transaction_id", &a.transaction_id),
@@ -271,8 +301,8 @@ pub struct AlertQuery {
     pub decision: Option<String>,
     /// The analyst's: fraud, legit or undecided.
     pub outcome: Option<String>,
-    /// RFC 3339; alerts at or after it in event time.
-    pub since: Option<String>,
+    /// Alerts at or after this event time (UTC seconds).
+    pub since: Option<i64>,
     pub limit: i64,
 }
 
@@ -450,7 +480,7 @@ impl AlertStore {
                        WHERE ($1::text IS NULL OR card_id = $1)
                          AND ($2::text IS NULL OR decision = $2)
                          AND ($3::text IS NULL OR coalesce(outcome, 'undecided') = $3)
-                         AND ($4::text IS NULL OR event_time >= $4::timestamptz)
+                         AND ($4::bigint IS NULL OR event_time >= to_timestamp($4::bigint))
                        ORDER BY event_time DESC, alert_id
                        LIMIT $5) a",
                 &[&q.card_id, &q.decision, &q.outcome, &q.since, &q.limit],
@@ -531,6 +561,7 @@ mod tests {
         let refused = |text: &str| AlertRecord::parse(text.as_bytes()).unwrap_err().0;
         assert!(refused("not json").starts_with("not an alert: not JSON"));
         assert!(refused("[1]").contains("expected a JSON object"));
+        assert!(refused(&ALERT.replace("c1", "c\\u0000")).contains("NUL"));
         let with = |k: &str, v: &str| {
             let mut o: serde_json::Map<String, Value> = serde_json::from_str(ALERT).unwrap();
             o.insert(k.into(), serde_json::from_str(v).unwrap());

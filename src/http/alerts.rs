@@ -89,13 +89,13 @@ pub async fn list(
         return bad("limit", format!("limit must be 1 to {MAX_LIMIT}"));
     }
     if let Some(c) = q.card_id.filter(|c| !c.is_empty()) {
-        if c.len() > MAX_TEXT {
-            return bad("card_id", format!("card_id is over {MAX_TEXT} bytes"));
+        if c.len() > MAX_TEXT || c.contains('\0') {
+            return bad("card_id", format!("card_id: 1 to {MAX_TEXT} bytes, no NUL"));
         }
         filter.card_id = Some(c);
     }
     match q.decision.as_deref() {
-        None | Some("") => {}
+        None => {}
         Some(d @ ("review" | "block" | "allow")) => filter.decision = Some(d.to_string()),
         Some(d @ ("fraud" | "legit" | "undecided")) => filter.outcome = Some(d.to_string()),
         Some(d) => {
@@ -108,11 +108,11 @@ pub async fn list(
             );
         }
     }
-    if let Some(s) = q.since.filter(|s| !s.is_empty()) {
-        if parse_timestamp(s.as_bytes()).is_none() {
-            return bad("since", "since: expected an RFC 3339 timestamp");
+    if let Some(s) = q.since {
+        match parse_timestamp(s.as_bytes()) {
+            Some(t) => filter.since = Some(t.utc),
+            None => return bad("since", "since: expected an RFC 3339 timestamp"),
         }
-        filter.since = Some(s);
     }
     let desk = match desk(&shared) {
         Ok(d) => d,
@@ -152,18 +152,22 @@ pub async fn decide(
             );
         }
     };
-    if alert_id.is_empty() || alert_id.len() > MAX_TEXT {
+    // PostgreSQL's text holds no NUL: refused here, named, not a 503 later.
+    let fits = |t: &str, max: usize| !t.is_empty() && t.len() <= max && !t.contains('\0');
+    if !fits(&alert_id, MAX_TEXT) {
         return bad(
             "alert_id",
-            format!("alert_id must be 1 to {MAX_TEXT} bytes"),
+            format!("alert_id: 1 to {MAX_TEXT} bytes, no NUL"),
         );
     }
-    let analyst = req.analyst.trim();
-    if analyst.is_empty() || analyst.len() > MAX_TEXT {
-        return bad("analyst", format!("analyst must be 1 to {MAX_TEXT} bytes"));
+    let analyst = req.analyst.as_str();
+    if !fits(analyst, MAX_TEXT) {
+        return bad("analyst", format!("analyst: 1 to {MAX_TEXT} bytes, no NUL"));
     }
-    if req.note.as_ref().is_some_and(|n| n.len() > MAX_NOTE) {
-        return bad("note", format!("note is over {MAX_NOTE} bytes"));
+    if let Some(note) = req.note.as_deref().filter(|n| !n.is_empty())
+        && !fits(note, MAX_NOTE)
+    {
+        return bad("note", format!("note: at most {MAX_NOTE} bytes, no NUL"));
     }
     let desk = match desk(&shared) {
         Ok(d) => d,

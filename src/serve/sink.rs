@@ -68,17 +68,16 @@ pub async fn run(
             }
         }
         let (alerts, rejected) = sort_out(topic, &batch);
-        if !write(&store, topic, &alerts, &rejected, metrics, &mut stop).await {
+        let Some((stored, refused)) =
+            write(&store, topic, alerts, rejected, metrics, &mut stop).await
+        else {
             break;
-        }
-        metrics
-            .sink_alerts
-            .with_label_values(&["stored"])
-            .inc_by(alerts.len() as u64);
-        metrics
-            .sink_alerts
+        };
+        let counted = &metrics.sink_alerts;
+        counted.with_label_values(&["stored"]).inc_by(stored as u64);
+        counted
             .with_label_values(&["rejected"])
-            .inc_by(rejected.len() as u64);
+            .inc_by(refused as u64);
         // After a rebalance a partition in the batch may be another sink's
         // now: its commit fails, and the new owner writes the same rows again.
         let offsets = next_offsets(topic, &batch);
@@ -145,19 +144,47 @@ fn sort_out(
 }
 
 /// Writes the batch, retrying until it lands or the sink is stopped
-/// (false): nothing is committed for a batch not written.
+/// (false): nothing is committed for a batch not written. A batch the
+/// store refuses for its data is written alert by alert, and the alerts it
+/// refuses are kept as rejected with its reason, so that one bad alert
+/// cannot hold the partition.
 async fn write(
     store: &AlertStore,
     topic: &str,
-    alerts: &[Sourced<AlertRecord>],
-    rejected: &[Sourced<Rejected>],
+    alerts: Vec<Sourced<AlertRecord>>,
+    mut rejected: Vec<Sourced<Rejected>>,
     metrics: &Metrics,
     stop: &mut watch::Receiver<bool>,
-) -> bool {
+) -> Option<(usize, usize)> {
     let mut wait = Duration::from_millis(200);
+    let mut alerts = alerts;
     loop {
-        match store.write(topic, alerts, rejected).await {
-            Ok(_) => return true,
+        match store.write(topic, &alerts, &rejected).await {
+            Ok(_) => return Some((alerts.len(), rejected.len())),
+            Err(e) if e.is_data_error() && !alerts.is_empty() => {
+                log(
+                    "WARN",
+                    format_args!(
+                        "alert sink: the store refused a batch: {e}; writing it alert by alert"
+                    ),
+                );
+                let mut kept = Vec::new();
+                for a in alerts {
+                    match store.write(topic, std::slice::from_ref(&a), &[]).await {
+                        Err(e) if e.is_data_error() => rejected.push(Sourced {
+                            partition: a.partition,
+                            offset: a.offset,
+                            item: Rejected {
+                                reason: format!("refused by the alert store: {e}"),
+                                payload: a.item.raw.clone(),
+                            },
+                        }),
+                        _ => kept.push(a),
+                    }
+                }
+                alerts = kept;
+                continue;
+            }
             Err(e) => {
                 metrics.sink_errors.inc();
                 log(
@@ -167,7 +194,7 @@ async fn write(
             }
         }
         tokio::select! {
-            _ = stop.changed() => return false,
+            _ = stop.changed() => return None,
             _ = tokio::time::sleep(wait) => {}
         }
         wait = (wait * 2).min(Duration::from_secs(10));

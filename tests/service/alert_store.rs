@@ -160,14 +160,23 @@ fn the_sink_stores_each_alert_once_across_a_kill() {
     drop(sink); // SIGKILL
     let at_kill = count(&db, "SELECT count(*) FROM alerts");
     producer.join().unwrap();
-    produce_raw(&dir.join("poison.txt"), "{\"alert_id\": 7}\n", &n.alerts);
+    // Not an alert; and an alert whose time PostgreSQL refuses (year 0),
+    // which must not hold the partition.
+    let poison = format!(
+        "{{\"alert_id\": 7}}\n{}\n",
+        r#"{"alert_id":"al-year-zero","transaction_id":"t","card_id":"c","merchant_id":"m","amount":1,"event_time":"0000-01-01T00:00:00Z","score":0.9,"decision":"block","model_version":"v","reasons":{},"produced_at":"2026-01-01T00:00:00Z"}"#
+    );
+    produce_raw(&dir.join("poison.txt"), &poison, &n.alerts);
     svc.wait_for(Duration::from_secs(120), "every transaction scored", |s| {
         s.metric("peregrine_transactions_scored_total") as usize >= total
     });
     let produced = svc.metric("peregrine_alerts_total") as usize;
-    let msgs = read_topic_until(&n.alerts, Duration::from_secs(60), |m| m.len() > produced);
-    let (want, other) = alerts_on_topic(&msgs);
+    let msgs = read_topic_until(&n.alerts, Duration::from_secs(60), |m| {
+        m.len() > produced + 1
+    });
+    let (mut want, other) = alerts_on_topic(&msgs);
     assert_eq!(other.len(), 1, "the one message that is not an alert");
+    assert!(want.remove("al-year-zero").is_some());
     assert!(
         at_kill > 0 && at_kill < want.len(),
         "killed mid-stream: {at_kill} of {} stored",
@@ -177,7 +186,7 @@ fn the_sink_stores_each_alert_once_across_a_kill() {
     let _sink = Sink::start(&n, &db, "second");
     wait_until(Duration::from_secs(90), "every alert stored", || {
         count(&db, "SELECT count(*) FROM alerts") >= want.len()
-            && count(&db, "SELECT count(*) FROM alert_rejects") >= 1
+            && count(&db, "SELECT count(*) FROM alert_rejects") >= 2
     });
     // A little longer: nothing more may arrive.
     std::thread::sleep(Duration::from_secs(2));
@@ -207,9 +216,14 @@ fn the_sink_stores_each_alert_once_across_a_kill() {
     }
     let rejected = sql(
         &db,
-        "SELECT reason, convert_from(payload, 'UTF8') FROM alert_rejects",
+        "SELECT reason, convert_from(payload, 'UTF8') FROM alert_rejects ORDER BY kafka_offset",
     );
-    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected.len(), 2, "{rejected:?}");
+    assert!(
+        rejected[1][0].as_deref().unwrap().contains("out of range"),
+        "the store's reason: {:?}",
+        rejected[1]
+    );
     assert!(
         rejected[0][0].as_deref().unwrap().contains("alert_id"),
         "the reason names the field: {:?}",
