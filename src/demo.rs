@@ -476,7 +476,11 @@ fn summary(
     writeln!(
         out,
         "\nNext: run `peregrine serve` next to your Kafka (see README), or train your own model: \
-         `peregrine simulate --out data.csv.gz`, then `peregrine train ...`, `peregrine eval ...`."
+         `peregrine simulate --out data.csv.gz`, then `peregrine train ...`, `peregrine eval ...`.\n\
+         To review alerts one by one and feed decisions back as labels, add an alert store: \
+         `scripts/pg-up` starts a PostgreSQL and prints its URL; then `peregrine serve --postgres URL` \
+         (or `peregrine sink --alert-topic fraud-alerts --postgres URL` beside it) on a real broker \
+         (README, \"The alert store and analyst decisions\")."
     )?;
     Ok(())
 }
