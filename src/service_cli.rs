@@ -146,6 +146,9 @@ pub struct SinkArgs {
     /// Consumer group of the sinks (default peregrine-alert-sink).
     #[arg(long)]
     group_id: Option<String>,
+    /// Serve GET /metrics (Prometheus) and GET /healthz on this address.
+    #[arg(long)]
+    http_addr: Option<String>,
     /// A librdkafka property, KEY=VALUE, repeatable.
     #[arg(short = 'X', value_name = "KEY=VALUE")]
     librdkafka: Vec<String>,
@@ -173,7 +176,23 @@ pub fn sink(a: SinkArgs) -> anyhow::Result<()> {
         let store = peregrine::alerts::store::AlertStore::open(&url)
             .await
             .context("cannot open the alert store")?;
-        let metrics = peregrine::metrics::Metrics::new();
+        let metrics = std::sync::Arc::new(peregrine::metrics::Metrics::new());
+        if let Some(addr) = &a.http_addr {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            let m = metrics.clone();
+            let app = axum::Router::new()
+                .route(
+                    "/metrics",
+                    axum::routing::get(move || std::future::ready(m.render())),
+                )
+                .route(
+                    "/healthz",
+                    axum::routing::get(|| std::future::ready("alive")),
+                );
+            tokio::spawn(async move { axum::serve(listener, app).await });
+        }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             peregrine::serve::termination().await;

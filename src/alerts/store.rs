@@ -11,6 +11,7 @@ use crate::ingest::time::parse_timestamp;
 use serde::Deserialize;
 use serde_json::Value;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, NoTls};
 
@@ -48,8 +49,10 @@ CREATE TABLE alerts (
     analyst         text,
     note            text,
     decided_at      timestamptz,
-    -- The outcome last published as a label, and when.
-    label_outcome   text,
+    -- The outcomes whose label is claimed (being or been published): each
+    -- is published once, so a fraud is never counted twice.
+    labels_claimed  text[] NOT NULL DEFAULT '{}',
+    -- When the last label was published.
     label_published_at timestamptz
 );
 CREATE INDEX alerts_by_time ON alerts (event_time DESC);
@@ -81,6 +84,11 @@ CREATE TABLE alert_rejects (
 );
 "#,
 )];
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest any statement may run; a batch of the sink takes
+/// milliseconds.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The advisory lock the migrations run under, so that instances starting
 /// together apply each version once.
@@ -147,12 +155,12 @@ pub struct AlertRecord {
 impl AlertRecord {
     /// Reads an alert message; the refusal names the field that is wrong.
     pub fn parse(bytes: &[u8]) -> Result<AlertRecord, Refusal> {
-        // PostgreSQL's text and jsonb hold no NUL.
-        if bytes.contains(&0) || bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
-            return Err(Refusal("not an alert: contains NUL (\\u0000)".into()));
-        }
         let v: Value = serde_json::from_slice(bytes)
             .map_err(|e| Refusal(format!("not an alert: not JSON: {e}")))?;
+        // PostgreSQL's text and jsonb hold no NUL.
+        if has_nul(&v) {
+            return Err(Refusal("not an alert: a string holds NUL (\\u0000)".into()));
+        }
         let Some(obj) = v.as_object() else {
             return Err(Refusal("not an alert: expected a JSON object".into()));
         };
@@ -251,6 +259,21 @@ impl AlertRecord {
     }
 }
 
+/// Whether any string (or key) in the value holds NUL.
+fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(has_nul),
+        Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+/// A refusal's reason as the store can hold it: no NUL.
+pub fn storable(reason: &str) -> String {
+    reason.replace('\0', "\\0")
+}
+
 /// A message of the alert topic, where it came from.
 pub struct Sourced<T> {
     pub partition: i32,
@@ -289,8 +312,9 @@ pub struct Decided {
     pub merchant_id: String,
     /// The transaction's time (UTC seconds).
     pub event_time: i64,
-    /// The outcome already published as a label for this alert, if any.
-    pub label_outcome: Option<String>,
+    /// Whether this outcome's label was claimed before (by an earlier
+    /// decision): then it is not published again.
+    pub claimed_before: bool,
 }
 
 /// `GET /v1/alerts`'s filters, checked.
@@ -304,6 +328,16 @@ pub struct AlertQuery {
     /// Alerts at or after this event time (UTC seconds).
     pub since: Option<i64>,
     pub limit: i64,
+}
+
+async fn schema_version(c: &Client) -> Result<i32, StoreError> {
+    let row = c
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM peregrine_migrations",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// The store: a connection string and the current connection, made again
@@ -329,14 +363,29 @@ impl AlertStore {
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        let (client, connection) = tokio_postgres::connect(&self.url, NoTls).await?;
+        let mut config: tokio_postgres::Config = self.url.parse()?;
+        // A database gone (a failover, a dropped path) is noticed in seconds,
+        // not after TCP's hours: the connection then breaks and is made again.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        config
+            .keepalives_idle(Duration::from_secs(30))
+            .tcp_user_timeout(Duration::from_secs(30));
+        let (client, connection) = config.connect(NoTls).await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 crate::telemetry::log("WARN", format_args!("alert store connection: {e}"));
             }
         });
-        // Times leave the store in UTC, as every other time here.
-        client.batch_execute("SET TIME ZONE 'UTC'").await?;
+        // Times leave the store in UTC, as every other time here; no
+        // statement may hold the sink or a request for long.
+        client
+            .batch_execute(&format!(
+                "SET TIME ZONE 'UTC'; SET statement_timeout = {}",
+                STATEMENT_TIMEOUT.as_millis()
+            ))
+            .await?;
         let client = Arc::new(client);
         *slot = Some(client.clone());
         Ok(client)
@@ -345,24 +394,12 @@ impl AlertStore {
     /// The schema's version: the newest migration applied, 0 for none.
     pub async fn schema_version(&self) -> Result<i32, StoreError> {
         let c = self.client().await?;
-        let row = c
-            .query_one(
-                "SELECT coalesce(max(version), 0) FROM peregrine_migrations",
-                &[],
-            )
-            .await?;
-        Ok(row.get(0))
+        schema_version(&c).await
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
         let c = self.client().await?;
-        c.batch_execute(
-            "CREATE TABLE IF NOT EXISTS peregrine_migrations (
-                 version integer PRIMARY KEY,
-                 name text NOT NULL,
-                 applied_at timestamptz NOT NULL DEFAULT now())",
-        )
-        .await?;
+        // The lock first: two instances creating the table at once collide.
         c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
             .await?;
         let result = self.apply_migrations(&c).await;
@@ -372,8 +409,15 @@ impl AlertStore {
     }
 
     async fn apply_migrations(&self, c: &Client) -> Result<(), StoreError> {
+        c.batch_execute(
+            "CREATE TABLE IF NOT EXISTS peregrine_migrations (
+                 version integer PRIMARY KEY,
+                 name text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
         let known = MIGRATIONS.last().map_or(0, |m| m.0);
-        let found = self.schema_version().await?;
+        let found = schema_version(c).await?;
         if found > known {
             return Err(StoreError::NewerSchema { found, known });
         }
@@ -449,13 +493,17 @@ impl AlertStore {
                      $16::bigint[])
                      AS a(id, tx, card, merchant, amount, time, score, anomaly, decision,
                           version, reasons, rules, top, produced, part, off)
+                 -- A replayed older alert does not overwrite a newer one; an id
+                 -- shared by another transaction (a hash collision) is not taken.
                  ON CONFLICT (alert_id) DO UPDATE SET
                      score = excluded.score, anomaly = excluded.anomaly,
                      decision = excluded.decision, model_version = excluded.model_version,
                      reasons = excluded.reasons, rules = excluded.rules,
                      top_reasons = excluded.top_reasons, produced_at = excluded.produced_at,
                      kafka_partition = excluded.kafka_partition,
-                     kafka_offset = excluded.kafka_offset",
+                     kafka_offset = excluded.kafka_offset
+                 WHERE alerts.transaction_id = excluded.transaction_id
+                   AND alerts.produced_at <= excluded.produced_at",
                 &[
                     &ids, &txs, &cards, &merchants, &amounts, &times, &scores, &anomalies,
                     &decisions, &versions, &reasons, &rules, &tops, &produced, &partitions,
@@ -501,16 +549,21 @@ impl AlertStore {
         let c = self.client().await?;
         let row = c
             .query_opt(
-                "WITH decided AS (
-                     UPDATE alerts SET outcome = $2, analyst = $3, note = $4, decided_at = now()
-                     WHERE alert_id = $1
-                     RETURNING alert_id, transaction_id, card_id, merchant_id,
-                               extract(epoch FROM event_time)::bigint AS event_time,
-                               label_outcome),
+                "WITH before AS (
+                     SELECT alert_id, labels_claimed FROM alerts WHERE alert_id = $1 FOR UPDATE),
+                 decided AS (
+                     UPDATE alerts a SET outcome = $2, analyst = $3, note = $4, decided_at = now(),
+                         labels_claimed = CASE WHEN $2 = ANY(b.labels_claimed)
+                             THEN b.labels_claimed ELSE b.labels_claimed || $2::text END
+                     FROM before b
+                     WHERE a.alert_id = b.alert_id
+                     RETURNING a.alert_id, a.transaction_id, a.card_id, a.merchant_id,
+                               extract(epoch FROM a.event_time)::bigint AS event_time,
+                               $2 = ANY(b.labels_claimed) AS claimed_before),
                  history AS (
                      INSERT INTO alert_decisions (alert_id, outcome, analyst, note)
                      SELECT alert_id, $2, $3, $4 FROM decided)
-                 SELECT transaction_id, card_id, merchant_id, event_time, label_outcome
+                 SELECT transaction_id, card_id, merchant_id, event_time, claimed_before
                  FROM decided",
                 &[&alert_id, &outcome.as_str(), &analyst, &note],
             )
@@ -520,19 +573,28 @@ impl AlertStore {
             card_id: r.get(1),
             merchant_id: r.get(2),
             event_time: r.get(3),
-            label_outcome: r.get(4),
+            claimed_before: r.get(4),
         }))
     }
 
-    /// Marks the decision's label as published.
-    pub async fn label_published(
-        &self,
-        alert_id: &str,
-        outcome: &Outcome,
-    ) -> Result<(), StoreError> {
+    /// Marks the label as published.
+    pub async fn label_published(&self, alert_id: &str) -> Result<(), StoreError> {
         let c = self.client().await?;
         c.execute(
-            "UPDATE alerts SET label_outcome = $2, label_published_at = now() WHERE alert_id = $1",
+            "UPDATE alerts SET label_published_at = now() WHERE alert_id = $1",
+            &[&alert_id],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Gives a claim back after its label could not be published, so that
+    /// the decision posted again publishes it.
+    pub async fn release_claim(&self, alert_id: &str, outcome: &Outcome) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute(
+            "UPDATE alerts SET labels_claimed = array_remove(labels_claimed, $2::text) \
+             WHERE alert_id = $1",
             &[&alert_id, &outcome.as_str()],
         )
         .await?;
@@ -562,6 +624,8 @@ mod tests {
         assert!(refused("not json").starts_with("not an alert: not JSON"));
         assert!(refused("[1]").contains("expected a JSON object"));
         assert!(refused(&ALERT.replace("c1", "c\\u0000")).contains("NUL"));
+        // An escaped backslash before `u0000` is not NUL.
+        assert!(AlertRecord::parse(ALERT.replace("c1", "c\\\\u0000").as_bytes()).is_ok());
         let with = |k: &str, v: &str| {
             let mut o: serde_json::Map<String, Value> = serde_json::from_str(ALERT).unwrap();
             o.insert(k.into(), serde_json::from_str(v).unwrap());

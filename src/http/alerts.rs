@@ -59,9 +59,15 @@ fn desk(shared: &AppState) -> Result<Arc<AlertDesk>, Box<Response>> {
     })
 }
 
+/// 503 for a store that failed: the detail (server messages, hosts) goes
+/// to the log, not to the client.
 fn unavailable(e: impl std::fmt::Display) -> Response {
     log("WARN", format_args!("alert store: {e}"));
-    error(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), None)
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the alert store is unavailable; the service log says why",
+        None,
+    )
 }
 
 fn bad(field: &str, message: impl Into<String>) -> Response {
@@ -195,6 +201,9 @@ pub async fn decide(
             format!("no alert {id} in the alert store"),
             Some("alert_id"),
         ),
-        Err(e) => unavailable(e),
+        Err(e @ DecisionError::Label { .. }) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), None)
+        }
+        Err(DecisionError::Store(e)) => unavailable(e),
     }
 }

@@ -8,6 +8,7 @@ use crate::alerts::store::{AlertQuery, AlertStore, Decided, Outcome, StoreError}
 use crate::config::Settings;
 use crate::ingest::label::Label;
 use crate::metrics::Metrics;
+use crate::telemetry::log;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 use std::sync::Arc;
@@ -47,7 +48,7 @@ pub enum DecisionError {
     #[error("the alert store is unavailable: {0}")]
     Store(#[from] StoreError),
     #[error(
-        "the decision is recorded, but its label could not be published to {topic}: {why}; \
+        "the decision is recorded, but its label could not be published to {topic} ({why}); \
          post the decision again to publish it"
     )]
     Label { topic: String, why: String },
@@ -79,9 +80,12 @@ impl AlertDesk {
         self.store.find(q).await
     }
 
-    /// Records the decision, then publishes its label unless this outcome's
-    /// was already published. The label's time is the transaction's, so the
-    /// merchant windows count it where the fraud happened; it is reported now.
+    /// Records the decision and claims its label in one statement, then
+    /// publishes the label unless this outcome's was claimed before: two
+    /// posts at once, or fraud → legit → fraud, publish a fraud once. The
+    /// label's time is the transaction's, so the merchant windows count it
+    /// where the fraud happened; it is reported now. The publication runs
+    /// in a task of its own, so a client that hangs up does not cut it short.
     pub async fn decide(
         &self,
         alert_id: &str,
@@ -95,7 +99,25 @@ impl AlertDesk {
             .decide(alert_id, &outcome, analyst, note)
             .await?
             .ok_or_else(|| DecisionError::NotFound(alert_id.to_string()))?;
-        let result = self.publish(alert_id, &outcome, &decided).await;
+        let result = match (&self.labels, decided.claimed_before) {
+            (None, _) => Ok(LabelResult::Disabled),
+            (Some(_), true) => Ok(LabelResult::Unchanged),
+            (Some((producer, topic)), false) => {
+                let (producer, topic) = (producer.clone(), topic.clone());
+                let (store, id) = (self.store.clone(), alert_id.to_string());
+                let o = outcome.clone();
+                tokio::spawn(
+                    async move { publish(&store, &producer, &topic, &id, &o, &decided).await },
+                )
+                .await
+                .unwrap_or_else(|e| {
+                    Err(DecisionError::Label {
+                        topic: String::new(),
+                        why: format!("the publishing task failed: {e}"),
+                    })
+                })
+            }
+        };
         let label = match &result {
             Ok(r) => r.as_str(),
             Err(_) => "failed",
@@ -106,46 +128,55 @@ impl AlertDesk {
             .inc();
         result
     }
+}
 
-    async fn publish(
-        &self,
-        alert_id: &str,
-        outcome: &Outcome,
-        decided: &Decided,
-    ) -> Result<LabelResult, DecisionError> {
-        let Some((producer, topic)) = &self.labels else {
-            return Ok(LabelResult::Disabled);
-        };
-        if decided.label_outcome.as_deref() == Some(outcome.as_str()) {
-            return Ok(LabelResult::Unchanged);
+/// Publishes a claimed label, and marks it published; gives the claim back
+/// if it could not be sent, so that posting the decision again sends it.
+async fn publish(
+    store: &AlertStore,
+    producer: &FutureProducer,
+    topic: &str,
+    alert_id: &str,
+    outcome: &Outcome,
+    decided: &Decided,
+) -> Result<LabelResult, DecisionError> {
+    let now = crate::ingest::time::parse_timestamp(now_rfc3339().as_bytes())
+        .map_or(decided.event_time, |t| t.utc);
+    let label = Label {
+        transaction_id: decided.transaction_id.clone(),
+        card_id: decided.card_id.clone(),
+        merchant_id: decided.merchant_id.clone(),
+        is_fraud: *outcome == Outcome::Fraud,
+        reported_at: now.max(decided.event_time),
+        transaction_time: Some(decided.event_time),
+    };
+    let payload = label.to_json().to_string();
+    // Keyed by card, as the label topic's other producers key it.
+    let record = FutureRecord::to(topic)
+        .key(decided.card_id.as_str())
+        .payload(payload.as_str());
+    if let Err((e, _)) = producer.send(record, Duration::from_secs(10)).await {
+        log(
+            "WARN",
+            format_args!("decision on {alert_id}: its label was not published to {topic}: {e}"),
+        );
+        if let Err(e) = store.release_claim(alert_id, outcome).await {
+            log(
+                "ERROR",
+                format_args!("decision on {alert_id}: the label's claim stays: {e}"),
+            );
         }
-        let now = crate::ingest::time::parse_timestamp(now_rfc3339().as_bytes())
-            .map_or(decided.event_time, |t| t.utc);
-        let label = Label {
-            transaction_id: decided.transaction_id.clone(),
-            card_id: decided.card_id.clone(),
-            merchant_id: decided.merchant_id.clone(),
-            is_fraud: *outcome == Outcome::Fraud,
-            reported_at: now.max(decided.event_time),
-            transaction_time: Some(decided.event_time),
-        };
-        let payload = label.to_json().to_string();
-        let failed = |why: String| DecisionError::Label {
-            topic: topic.clone(),
-            why,
-        };
-        // Keyed by card, as the label topic's other producers key it.
-        let record = FutureRecord::to(topic)
-            .key(decided.card_id.as_str())
-            .payload(payload.as_str());
-        producer
-            .send(record, Duration::from_secs(10))
-            .await
-            .map_err(|(e, _)| failed(e.to_string()))?;
-        self.store
-            .label_published(alert_id, outcome)
-            .await
-            .map_err(|e| failed(format!("published, but not marked in the store: {e}")))?;
-        Ok(LabelResult::Published)
+        return Err(DecisionError::Label {
+            topic: topic.to_string(),
+            why: "the label topic did not take it in time".into(),
+        });
     }
+    if let Err(e) = store.label_published(alert_id).await {
+        // Published: only the time of it is missing.
+        log(
+            "WARN",
+            format_args!("decision on {alert_id}: label published, not marked: {e}"),
+        );
+    }
+    Ok(LabelResult::Published)
 }

@@ -6,12 +6,15 @@
 //! mod.rs          wiring: start, run until stopped, drain
 //! http (crate)    the HTTP API, over the state
 //! group           the group consumer and its rebalances
-//! cards, merchants::stage, labels
-//!                 the partition tasks (their lifecycle in partition)
-//! changelog, output, events, merchants (records), kafka
-//!                 changelogs, producing, wire formats, Kafka clients
-//! state, merchants::table
-//!                 the state, behind methods, with one lock order
+//! cards, merchants::stage, labels, sink
+//!                 the partition tasks (their lifecycle in partition), and
+//!                 the alert sink (alert topic → the alert store)
+//! changelog, output, events, merchants (records)
+//!                 changelogs, producing, wire formats
+//! state, merchants::table, decisions
+//!                 the state, behind methods, with one lock order; the
+//!                 alert store and the decisions it turns into labels
+//! kafka           Kafka clients and topics, from the settings alone
 //! ```
 //!
 //! Kafka is the distributed state engine, as for Kafka Streams: card state
@@ -182,7 +185,9 @@ async fn alert_desk(state: Arc<ServiceState>, mut stop: watch::Receiver<bool>) {
     if state.settings.kafka_enabled
         && let Err(e) = sink::run(&state.settings, desk.store(), &state.metrics, stop).await
     {
-        log("ERROR", format_args!("alert sink: {e:#}"));
+        // A sink that cannot run (its consumer refused) would leave the
+        // store silently behind: the instance stops, saying why.
+        state.set_failed(format!("the alert sink: {e:#}"));
     }
 }
 

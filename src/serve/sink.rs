@@ -6,7 +6,7 @@
 //! are kept in the store's `alert_rejects` with the reason.
 
 use super::kafka;
-use crate::alerts::store::{AlertRecord, AlertStore, Rejected, Sourced};
+use crate::alerts::store::{AlertRecord, AlertStore, Rejected, Sourced, storable};
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::telemetry::log;
@@ -43,7 +43,10 @@ pub async fn run(
         ),
     );
     let topic = settings.alert_topic.as_str();
-    let mut written = None;
+    // The offset after the last message written, per partition: committed
+    // after every batch for the partitions still assigned, so that a quiet
+    // partition whose commit failed is committed with the next batch.
+    let mut written: BTreeMap<i32, i64> = BTreeMap::new();
     loop {
         let mut batch: Vec<OwnedMessage> = Vec::new();
         tokio::select! {
@@ -78,20 +81,37 @@ pub async fn run(
         counted
             .with_label_values(&["rejected"])
             .inc_by(refused as u64);
-        // After a rebalance a partition in the batch may be another sink's
-        // now: its commit fails, and the new owner writes the same rows again.
-        let offsets = next_offsets(topic, &batch);
-        if let Err(e) = consumer.commit(&offsets, CommitMode::Async) {
-            log("WARN", format_args!("alert sink: commit: {e}"));
+        for m in &batch {
+            let next = written.entry(m.partition()).or_insert(0);
+            *next = (*next).max(m.offset() + 1);
         }
-        written = Some(offsets);
+        commit(&consumer, topic, &written, CommitMode::Async);
     }
-    // The last batch written, committed for sure before the sink leaves;
-    // never the consumer's position, which may be past a batch not written.
-    if let Some(offsets) = written {
-        let _ = consumer.commit(&offsets, CommitMode::Sync);
-    }
+    // What was written, committed for sure before the sink leaves; never
+    // the consumer's position, which may be past a batch not written.
+    commit(&consumer, topic, &written, CommitMode::Sync);
     Ok(())
+}
+
+/// Commits the written offsets of the partitions this sink is assigned. A
+/// partition revoked is left to its new owner, whose committed offset it
+/// must not move back; if the owner reads a batch again, rewriting it
+/// changes nothing.
+fn commit(consumer: &StreamConsumer, topic: &str, written: &BTreeMap<i32, i64>, mode: CommitMode) {
+    let Ok(assigned) = consumer.assignment() else {
+        return;
+    };
+    let mut tpl = TopicPartitionList::new();
+    for (&p, &next) in written {
+        if assigned.find_partition(topic, p).is_some() {
+            let _ = tpl.add_partition_offset(topic, p, Offset::Offset(next));
+        }
+    }
+    if tpl.count() > 0
+        && let Err(e) = consumer.commit(&tpl, mode)
+    {
+        log("WARN", format_args!("alert sink: commit: {e}"));
+    }
 }
 
 /// Alerts and the messages that are not, each with its partition and offset.
@@ -121,7 +141,7 @@ fn sort_out(
                     partition,
                     offset,
                     item: Rejected {
-                        reason: refusal.0,
+                        reason: storable(&refusal.0),
                         payload: payload.to_vec(),
                     },
                 });
@@ -159,7 +179,11 @@ async fn write(
     let mut wait = Duration::from_millis(200);
     let mut alerts = alerts;
     loop {
-        match store.write(topic, &alerts, &rejected).await {
+        let written = tokio::select! {
+            _ = stop.changed() => return None,
+            w = store.write(topic, &alerts, &rejected) => w,
+        };
+        match written {
             Ok(_) => return Some((alerts.len(), rejected.len())),
             Err(e) if e.is_data_error() && !alerts.is_empty() => {
                 log(
@@ -168,6 +192,7 @@ async fn write(
                         "alert sink: the store refused a batch: {e}; writing it alert by alert"
                     ),
                 );
+                let alerts_before = alerts.len();
                 let mut kept = Vec::new();
                 for a in alerts {
                     match store.write(topic, std::slice::from_ref(&a), &[]).await {
@@ -175,15 +200,21 @@ async fn write(
                             partition: a.partition,
                             offset: a.offset,
                             item: Rejected {
-                                reason: format!("refused by the alert store: {e}"),
+                                reason: storable(&format!("refused by the alert store: {e}")),
                                 payload: a.item.raw.clone(),
                             },
                         }),
                         _ => kept.push(a),
                     }
                 }
+                let refused = kept.len() < alerts_before;
                 alerts = kept;
-                continue;
+                if refused {
+                    continue;
+                }
+                // Each alert alone was taken: the batch failed for another
+                // reason, retried after the pause below.
+                metrics.sink_errors.inc();
             }
             Err(e) => {
                 metrics.sink_errors.inc();
@@ -199,18 +230,4 @@ async fn write(
         }
         wait = (wait * 2).min(Duration::from_secs(10));
     }
-}
-
-/// The offset after each partition's last message of the batch.
-fn next_offsets(topic: &str, batch: &[OwnedMessage]) -> TopicPartitionList {
-    let mut last: BTreeMap<i32, i64> = BTreeMap::new();
-    for m in batch {
-        let o = last.entry(m.partition()).or_insert(m.offset());
-        *o = (*o).max(m.offset());
-    }
-    let mut tpl = TopicPartitionList::new();
-    for (p, o) in last {
-        let _ = tpl.add_partition_offset(topic, p, Offset::Offset(o + 1));
-    }
-    tpl
 }

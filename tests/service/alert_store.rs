@@ -85,15 +85,17 @@ fn stored(url: &str, query: &str) -> usize {
     try_sql(url, query).map_or(0, |rows| rows[0][0].as_deref().unwrap().parse().unwrap())
 }
 
-/// A running `peregrine sink`, killed when dropped.
-struct Sink(Child);
+/// A running `peregrine sink`, with its metrics address; killed when dropped.
+struct Sink(Child, String);
 
 impl Sink {
     fn start(n: &Names, db: &str, name: &str) -> Sink {
         let log = workdir("logs").join(format!("{}-sink-{name}.log", n.group));
+        let http = format!("127.0.0.1:{}", free_port());
         let child = Command::new(BIN)
             .args(["sink", "--brokers", broker(), "--alert-topic", &n.alerts])
             .args(["--postgres", db, "--group-id", &format!("{}-sink", n.group)])
+            .args(["--http-addr", &http])
             // A killed sink leaves the group after 6 s, not Kafka's 45 s default.
             .args([
                 "-X",
@@ -105,7 +107,20 @@ impl Sink {
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
             .unwrap();
-        Sink(child)
+        Sink(child, http)
+    }
+
+    /// A series of its `/metrics`, as exposed; 0 when absent.
+    fn series(&self, series: &str) -> f64 {
+        let (_, text) = http(&self.1, "GET", "/metrics", &[], b"");
+        text.lines()
+            .filter_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .sum()
     }
 }
 
@@ -183,7 +198,7 @@ fn the_sink_stores_each_alert_once_across_a_kill() {
         want.len()
     );
 
-    let _sink = Sink::start(&n, &db, "second");
+    let sink = Sink::start(&n, &db, "second");
     wait_until(Duration::from_secs(90), "every alert stored", || {
         count(&db, "SELECT count(*) FROM alerts") >= want.len()
             && count(&db, "SELECT count(*) FROM alert_rejects") >= 2
@@ -230,6 +245,11 @@ fn the_sink_stores_each_alert_once_across_a_kill() {
         rejected[0]
     );
     assert_eq!(rejected[0][1].as_deref(), Some("{\"alert_id\": 7}"));
+    assert_eq!(
+        sink.series("peregrine_sink_alerts_total{outcome=\"rejected\"}"),
+        2.0,
+        "the restarted sink counted both"
+    );
     let migrations = count(&db, "SELECT max(version) FROM peregrine_migrations");
     assert_eq!(migrations, 1, "the schema at its version");
 }
@@ -427,8 +447,67 @@ fn decisions_become_labels_and_the_dashboard_reads_the_store() {
         svc.series("peregrine_decisions_total{label=\"published\",outcome=\"fraud\"}"),
         1.0
     );
+    // Legit, then fraud again: the legit label goes out, the fraud's not twice.
+    for (outcome, label) in [("legit", "published"), ("fraud", "unchanged")] {
+        let body = format!(r#"{{"outcome": "{outcome}", "analyst": "ana"}}"#);
+        let (status, got) = svc.post_as(Some(ANALYST_TOKEN), &path, &body);
+        assert_eq!(
+            (status, got["label"].as_str()),
+            (200, Some(label)),
+            "{outcome}"
+        );
+    }
+    // Four analysts deciding one alert at once: one label.
+    let third = alerts
+        .iter()
+        .find(|x| x["alert_id"] != id && x["alert_id"] != other["alert_id"])
+        .unwrap();
+    let third_path = format!(
+        "/v1/alerts/{}/decision",
+        third["alert_id"].as_str().unwrap()
+    );
+    let answers: Vec<Value> = (0..4)
+        .map(|i| {
+            let (addr, path) = (svc.http.clone(), third_path.clone());
+            std::thread::spawn(move || {
+                let body = format!(r#"{{"outcome": "fraud", "analyst": "analyst-{i}"}}"#);
+                let auth = format!("Bearer {ANALYST_TOKEN}");
+                let (status, text) = http(
+                    &addr,
+                    "POST",
+                    &path,
+                    &[("Authorization", &auth)],
+                    body.as_bytes(),
+                );
+                assert_eq!(status, 200, "{text}");
+                serde_json::from_str::<Value>(&text).unwrap()["label"].clone()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    assert_eq!(
+        answers.iter().filter(|l| *l == "published").count(),
+        1,
+        "{answers:?}"
+    );
+    let third_tx = third["transaction_id"].clone();
     let later = read_topic_until(&n.labels, Duration::from_secs(5), |_| false);
-    assert_eq!(of_tx(&later).len(), 1, "one label per outcome");
+    let labels_of = |tx: &Value| -> Vec<i64> {
+        later
+            .iter()
+            .filter(|m| m["payload"]["transaction_id"] == *tx)
+            .filter(|m| m["payload"]["reported_at"].as_str().unwrap() > "2026")
+            .map(|m| m["payload"]["is_fraud"].as_i64().unwrap())
+            .collect()
+    };
+    assert_eq!(
+        labels_of(&Value::from(tx)),
+        [1, 0],
+        "fraud once, then legit"
+    );
+    assert_eq!(labels_of(&third_tx), [1], "one label for four decisions");
 
     wait_until(
         Duration::from_secs(30),
