@@ -444,13 +444,16 @@ impl AlertStore {
 
     /// Writes a batch of alerts (upserted on `alert_id`: an alert stored
     /// again keeps its analyst's decision) and of refused messages, in one
-    /// statement, so both land or neither does.
+    /// statement, so both land or neither does. Returns the alerts not
+    /// stored because their id already names another transaction (a
+    /// collision of the 64-bit id), each with that transaction, for the
+    /// caller to keep as refused.
     pub async fn write(
         &self,
         topic: &str,
         alerts: &[Sourced<AlertRecord>],
         rejected: &[Sourced<Rejected>],
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Vec<(usize, String)>, StoreError> {
         let c = self.client().await?;
         let col = |f: &dyn Fn(&Sourced<AlertRecord>) -> String| -> Vec<String> {
             alerts.iter().map(f).collect()
@@ -475,8 +478,7 @@ impl AlertStore {
         let r_offsets: Vec<i64> = rejected.iter().map(|r| r.offset).collect();
         let r_reasons: Vec<&str> = rejected.iter().map(|r| r.item.reason.as_str()).collect();
         let r_payloads: Vec<&[u8]> = rejected.iter().map(|r| r.item.payload.as_slice()).collect();
-        let n = c
-            .execute(
+        c.execute(
                 "WITH refused AS (
                      INSERT INTO alert_rejects (kafka_topic, kafka_partition, kafka_offset, reason, payload)
                      SELECT $17, * FROM unnest($18::integer[], $19::bigint[], $20::text[], $21::bytea[])
@@ -511,7 +513,22 @@ impl AlertStore {
                 ],
             )
             .await?;
-        Ok(n)
+        if alerts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let taken = c
+            .query(
+                "SELECT b.i, a.transaction_id
+                 FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS b(id, tx, i)
+                 JOIN alerts a ON a.alert_id = b.id
+                 WHERE a.transaction_id <> b.tx",
+                &[&ids, &txs],
+            )
+            .await?;
+        Ok(taken
+            .iter()
+            .map(|r| (r.get::<_, i64>(0) as usize - 1, r.get(1)))
+            .collect())
     }
 
     /// Alerts newest first, as JSON objects.

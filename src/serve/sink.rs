@@ -184,7 +184,32 @@ async fn write(
             w = store.write(topic, &alerts, &rejected) => w,
         };
         match written {
-            Ok(_) => return Some((alerts.len(), rejected.len())),
+            Ok(taken) if taken.is_empty() => return Some((alerts.len(), rejected.len())),
+            Ok(taken) => {
+                // Alerts whose id another transaction holds: kept as refused,
+                // written on the next round with nothing else.
+                let stored = alerts.len() - taken.len();
+                let refused = taken
+                    .into_iter()
+                    .map(|(i, other)| {
+                        let a = &alerts[i];
+                        Sourced {
+                            partition: a.partition,
+                            offset: a.offset,
+                            item: Rejected {
+                                reason: storable(&format!(
+                                    "alert_id {} already names transaction {other}, not {}",
+                                    a.item.alert_id, a.item.transaction_id
+                                )),
+                                payload: a.item.raw.clone(),
+                            },
+                        }
+                    })
+                    .collect::<Vec<_>>();
+                let (_, more) =
+                    Box::pin(write(store, topic, Vec::new(), refused, metrics, stop)).await?;
+                return Some((stored, rejected.len() + more));
+            }
             Err(e) if e.is_data_error() && !alerts.is_empty() => {
                 log(
                     "WARN",

@@ -250,6 +250,36 @@ fn the_sink_stores_each_alert_once_across_a_kill() {
         2.0,
         "the restarted sink counted both"
     );
+    // An alert whose id another transaction's alert holds (a collision of
+    // the 64-bit id) is refused visibly; the stored one stays.
+    let (taken, first) = want.iter().next().unwrap();
+    let mut collision = first.clone();
+    collision["transaction_id"] = Value::from("another-transaction");
+    collision["produced_at"] = Value::from("2099-01-01T00:00:00Z");
+    produce_raw(
+        &dir.join("collision.txt"),
+        &format!("{collision}\n"),
+        &n.alerts,
+    );
+    wait_until(Duration::from_secs(30), "the collision refused", || {
+        count(&db, "SELECT count(*) FROM alert_rejects") == 3
+    });
+    let reason = sql(
+        &db,
+        "SELECT reason FROM alert_rejects ORDER BY rejected_at DESC LIMIT 1",
+    );
+    assert!(
+        reason[0][0]
+            .as_deref()
+            .unwrap()
+            .contains(&format!("{taken} already names transaction")),
+        "{reason:?}"
+    );
+    let kept = sql(
+        &db,
+        &format!("SELECT transaction_id FROM alerts WHERE alert_id = '{taken}'"),
+    );
+    assert_eq!(kept[0][0].as_deref(), first["transaction_id"].as_str());
     let migrations = count(&db, "SELECT max(version) FROM peregrine_migrations");
     assert_eq!(migrations, 1, "the schema at its version");
 }
