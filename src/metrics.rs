@@ -47,9 +47,54 @@ pub struct Metrics {
     pub scores_not_finite: IntCounter,
     pub merchant_future_events: IntCounter,
     pub produce_errors: IntCounterVec,
-    pub sink_alerts: IntCounterVec,
-    pub sink_errors: IntCounter,
+    pub sink: SinkMetrics,
     pub decisions: IntCounterVec,
+}
+
+/// The alert sink's metrics: part of the service's, or alone in a
+/// registry of their own for `peregrine sink`.
+pub struct SinkMetrics {
+    pub alerts: IntCounterVec,
+    pub errors: IntCounter,
+}
+
+impl SinkMetrics {
+    pub fn register(r: &Registry) -> SinkMetrics {
+        let m = SinkMetrics {
+            alerts: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "peregrine_sink_alerts_total",
+                        "Alert-topic messages the alert sink wrote to the alert store: stored (upserted on alert_id) or rejected (kept in alert_rejects with the reason).",
+                    ),
+                    &["outcome"],
+                )
+                .expect("valid counter"),
+            ),
+            errors: register(
+                r,
+                IntCounter::new(
+                    "peregrine_sink_errors_total",
+                    "Alert-store writes that failed and were retried; offsets are committed only after a write succeeds.",
+                )
+                .expect("valid counter"),
+            ),
+        };
+        for o in ["stored", "rejected"] {
+            m.alerts.with_label_values(&[o]);
+        }
+        m
+    }
+}
+
+/// The text exposition format of a registry.
+pub fn render(r: &Registry) -> String {
+    let mut buf = Vec::new();
+    // Encoding into a Vec fails only on invalid metric families, which
+    // registration already rejected.
+    let _ = TextEncoder::new().encode(&r.gather(), &mut buf);
+    String::from_utf8(buf).unwrap_or_default()
 }
 
 /// The optional fields of a transaction: a wrong one is left out and counted.
@@ -288,15 +333,7 @@ impl Metrics {
                 "Produce errors other than a full local queue, by librdkafka error code; the message is retried each second.",
                 &["error"],
             ),
-            sink_alerts: counter_vec(
-                "peregrine_sink_alerts_total",
-                "Alert-topic messages the alert sink wrote to the alert store: stored (upserted on alert_id) or rejected (kept in alert_rejects with the reason).",
-                &["outcome"],
-            ),
-            sink_errors: counter(
-                "peregrine_sink_errors_total",
-                "Alert-store writes that failed and were retried; offsets are committed only after a write succeeds.",
-            ),
+            sink: SinkMetrics::register(&r),
             decisions: counter_vec(
                 "peregrine_decisions_total",
                 "Analyst decisions recorded, by outcome and by what became of their label: published, unchanged (the same outcome's label was already published) or failed (recorded; post again to publish).",
@@ -342,9 +379,6 @@ impl Metrics {
         ] {
             self.labels.with_label_values(&[o]);
         }
-        for o in ["stored", "rejected"] {
-            self.sink_alerts.with_label_values(&[o]);
-        }
         for o in ["fraud", "legit"] {
             for l in ["published", "unchanged", "failed"] {
                 self.decisions.with_label_values(&[o, l]);
@@ -362,11 +396,7 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        // Encoding into a Vec fails only on invalid metric families, which
-        // registration already rejected.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
+        render(&self.registry)
     }
 }
 

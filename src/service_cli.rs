@@ -176,16 +176,18 @@ pub fn sink(a: SinkArgs) -> anyhow::Result<()> {
         let store = peregrine::alerts::store::AlertStore::open(&url)
             .await
             .context("cannot open the alert store")?;
-        let metrics = std::sync::Arc::new(peregrine::metrics::Metrics::new());
+        // The sink's own metrics only, not the scoring service's.
+        let registry = prometheus::Registry::new();
+        let metrics = peregrine::metrics::SinkMetrics::register(&registry);
         if let Some(addr) = &a.http_addr {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
-            let m = metrics.clone();
+            let r = registry.clone();
             let app = axum::Router::new()
                 .route(
                     "/metrics",
-                    axum::routing::get(move || std::future::ready(m.render())),
+                    axum::routing::get(move || std::future::ready(peregrine::metrics::render(&r))),
                 )
                 .route(
                     "/healthz",

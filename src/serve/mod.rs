@@ -183,7 +183,7 @@ async fn alert_desk(state: Arc<ServiceState>, mut stop: watch::Receiver<bool>) {
     state.set_desk(desk.clone());
     log("INFO", "alert store open");
     if state.settings.kafka_enabled
-        && let Err(e) = sink::run(&state.settings, desk.store(), &state.metrics, stop).await
+        && let Err(e) = sink::run(&state.settings, desk.store(), &state.metrics.sink, stop).await
     {
         // A sink that cannot run (its consumer refused) would leave the
         // store silently behind: the instance stops, saying why.

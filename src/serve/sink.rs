@@ -8,7 +8,7 @@
 use super::kafka;
 use crate::alerts::store::{AlertRecord, AlertStore, Rejected, Sourced, storable};
 use crate::config::Settings;
-use crate::metrics::Metrics;
+use crate::metrics::SinkMetrics;
 use crate::telemetry::log;
 use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -29,7 +29,7 @@ const LINGER: Duration = Duration::from_millis(100);
 pub async fn run(
     settings: &Settings,
     store: Arc<AlertStore>,
-    metrics: &Metrics,
+    metrics: &SinkMetrics,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let consumer: StreamConsumer =
@@ -76,7 +76,7 @@ pub async fn run(
         else {
             break;
         };
-        let counted = &metrics.sink_alerts;
+        let counted = &metrics.alerts;
         counted.with_label_values(&["stored"]).inc_by(stored as u64);
         counted
             .with_label_values(&["rejected"])
@@ -173,7 +173,7 @@ async fn write(
     topic: &str,
     alerts: Vec<Sourced<AlertRecord>>,
     mut rejected: Vec<Sourced<Rejected>>,
-    metrics: &Metrics,
+    metrics: &SinkMetrics,
     stop: &mut watch::Receiver<bool>,
 ) -> Option<(usize, usize)> {
     let mut wait = Duration::from_millis(200);
@@ -239,10 +239,10 @@ async fn write(
                 }
                 // Each alert alone was taken: the batch failed for another
                 // reason, retried after the pause below.
-                metrics.sink_errors.inc();
+                metrics.errors.inc();
             }
             Err(e) => {
-                metrics.sink_errors.inc();
+                metrics.errors.inc();
                 log(
                     "WARN",
                     format_args!("alert sink: cannot write to the alert store: {e}; retrying"),
