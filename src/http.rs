@@ -467,6 +467,13 @@ fn same_secret(given: &[u8], secret: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// A request body that must be a JSON object, read into `T`. Through a
+/// map: serde would also take a struct from an array.
+fn from_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, serde_json::Error> {
+    let object = serde_json::from_slice::<serde_json::Map<String, Value>>(body)?;
+    serde_json::from_value(Value::Object(object))
+}
+
 /// The admin bearer token's check: 401 without valid credentials (with
 /// `WWW-Authenticate`), 403 when no token is configured at all.
 fn authorize(shared: &ServiceState, headers: &HeaderMap, what: &str) -> Result<(), Box<Response>> {
@@ -606,9 +613,7 @@ async fn reload(
     let req: ReloadRequest = if body.iter().all(u8::is_ascii_whitespace) {
         ReloadRequest::default()
     } else {
-        // Through a map: serde would also take a struct from an array.
-        let object = serde_json::from_slice::<serde_json::Map<String, Value>>(&body);
-        match object.and_then(|o| serde_json::from_value(Value::Object(o))) {
+        match from_object(&body) {
             Ok(r) => r,
             Err(e) => {
                 return error(

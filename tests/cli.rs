@@ -614,17 +614,7 @@ fn features_files_declare_the_columns() {
     )
     .unwrap();
     let ruled = dir.join("ruled.jsonl");
-    ok(&[
-        "replay",
-        "--data",
-        s(&data),
-        "--model",
-        s(&model),
-        "--rules",
-        s(&rules),
-        "--out",
-        s(&ruled),
-    ]);
+    replay_to(&data, &model, &rules, &ruled);
     let hits = std::fs::read_to_string(&ruled)
         .unwrap()
         .lines()

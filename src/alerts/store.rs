@@ -288,7 +288,7 @@ pub struct Rejected {
 }
 
 /// An analyst's decision on an alert.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     Fraud,
@@ -330,6 +330,7 @@ pub struct AlertQuery {
     pub limit: i64,
 }
 
+/// The schema's version: the newest migration applied, 0 for none.
 async fn schema_version(c: &Client) -> Result<i32, StoreError> {
     let row = c
         .query_one(
@@ -389,12 +390,6 @@ impl AlertStore {
         let client = Arc::new(client);
         *slot = Some(client.clone());
         Ok(client)
-    }
-
-    /// The schema's version: the newest migration applied, 0 for none.
-    pub async fn schema_version(&self) -> Result<i32, StoreError> {
-        let c = self.client().await?;
-        schema_version(&c).await
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {

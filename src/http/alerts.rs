@@ -1,7 +1,7 @@
 //! The analysts' routes, over the alert store: the alerts, newest first,
 //! and a decision on one, which also becomes a label.
 
-use super::{AppState, check_bearer, error};
+use super::{AppState, check_bearer, error, from_object};
 use crate::alerts::store::{AlertQuery, Outcome};
 use crate::ingest::time::parse_timestamp;
 use crate::serve::decisions::{AlertDesk, DecisionError};
@@ -144,9 +144,7 @@ pub async fn decide(
         Ok(b) => b,
         Err(e) => return error(e.status(), e.body_text(), None),
     };
-    // Through a map: serde would also take a struct from an array.
-    let object = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body);
-    let req: DecisionRequest = match object.and_then(|o| serde_json::from_value(o.into())) {
+    let req: DecisionRequest = match from_object(&body) {
         Ok(r) => r,
         Err(e) => {
             return error(
@@ -182,7 +180,7 @@ pub async fn decide(
     let decided = desk
         .decide(
             &alert_id,
-            req.outcome.clone(),
+            req.outcome,
             analyst,
             req.note.as_deref(),
             &shared.metrics,

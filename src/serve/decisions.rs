@@ -3,9 +3,9 @@
 //! windows learn from it as from any other label.
 
 use super::kafka;
-use crate::alerts::now_rfc3339;
 use crate::alerts::store::{AlertQuery, AlertStore, Decided, Outcome, StoreError};
 use crate::config::Settings;
+use crate::ingest::decode::now_utc;
 use crate::ingest::label::Label;
 use crate::metrics::Metrics;
 use crate::telemetry::log;
@@ -105,7 +105,7 @@ impl AlertDesk {
             (Some((producer, topic)), false) => {
                 let (producer, topic) = (producer.clone(), topic.clone());
                 let (store, id) = (self.store.clone(), alert_id.to_string());
-                let o = outcome.clone();
+                let o = outcome;
                 tokio::spawn(
                     async move { publish(&store, &producer, &topic, &id, &o, &decided).await },
                 )
@@ -140,14 +140,12 @@ async fn publish(
     outcome: &Outcome,
     decided: &Decided,
 ) -> Result<LabelResult, DecisionError> {
-    let now = crate::ingest::time::parse_timestamp(now_rfc3339().as_bytes())
-        .map_or(decided.event_time, |t| t.utc);
     let label = Label {
         transaction_id: decided.transaction_id.clone(),
         card_id: decided.card_id.clone(),
         merchant_id: decided.merchant_id.clone(),
         is_fraud: *outcome == Outcome::Fraud,
-        reported_at: now.max(decided.event_time),
+        reported_at: now_utc().max(decided.event_time),
         transaction_time: Some(decided.event_time),
     };
     let payload = label.to_json().to_string();

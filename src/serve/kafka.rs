@@ -82,26 +82,30 @@ fn client_config(s: &Settings, defaults: &[(&str, &str)]) -> ClientConfig {
 }
 
 /// The producer of alerts, dead letters, merchant events and changelogs.
+/// A short linger: every hop of the merchant path waits for it. No message
+/// timeout, so a broker outage delays output instead of losing it, and a
+/// partition's records land in the order sent.
 pub fn producer(s: &Settings) -> anyhow::Result<FutureProducer> {
-    // A short linger: every hop of the merchant path waits for it.
-    let mut c = client_config(s, &[("linger.ms", "2")]);
-    // Not overridable: at-least-once and the changelogs' order rest on
-    // them. No message timeout, so a broker outage delays output instead
-    // of losing it, and a partition's records land in the order sent.
-    c.set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("message.timeout.ms", "0");
-    Ok(c.create()?)
+    idempotent_producer(s, "2", "0")
 }
 
 /// The producer of analyst decisions' labels. Unlike [`producer`] its
 /// messages time out: an analyst waits for the answer, and a decision whose
 /// label failed is recorded and can be posted again.
 pub fn label_producer(s: &Settings) -> anyhow::Result<FutureProducer> {
-    let mut c = client_config(s, &[("linger.ms", "0")]);
+    idempotent_producer(s, "0", "10000")
+}
+
+fn idempotent_producer(
+    s: &Settings,
+    linger_ms: &str,
+    message_timeout_ms: &str,
+) -> anyhow::Result<FutureProducer> {
+    let mut c = client_config(s, &[("linger.ms", linger_ms)]);
+    // Not overridable: at-least-once and the changelogs' order rest on them.
     c.set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("message.timeout.ms", "10000");
+        .set("message.timeout.ms", message_timeout_ms);
     Ok(c.create()?)
 }
 

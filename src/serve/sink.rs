@@ -149,22 +149,31 @@ fn sort_out(
         }
     }
     // One statement may not upsert the same row twice: the newest wins.
-    let mut newest: BTreeMap<&str, usize> = BTreeMap::new();
-    for (i, a) in alerts.iter().enumerate() {
-        newest.insert(a.item.alert_id.as_str(), i);
-    }
-    let keep: std::collections::BTreeSet<usize> = newest.into_values().collect();
-    let alerts = alerts
+    let mut seen = std::collections::HashSet::new();
+    let mut alerts: Vec<_> = alerts
         .into_iter()
-        .enumerate()
-        .filter(|(i, _)| keep.contains(i))
-        .map(|(_, a)| a)
+        .rev()
+        .filter(|a| seen.insert(a.item.alert_id.clone()))
         .collect();
+    alerts.reverse();
     (alerts, rejected)
 }
 
+/// An alert kept as refused, with the reason.
+fn refused(a: &Sourced<AlertRecord>, reason: &str) -> Sourced<Rejected> {
+    Sourced {
+        partition: a.partition,
+        offset: a.offset,
+        item: Rejected {
+            reason: storable(reason),
+            payload: a.item.raw.clone(),
+        },
+    }
+}
+
 /// Writes the batch, retrying until it lands or the sink is stopped
-/// (false): nothing is committed for a batch not written. A batch the
+/// (`None`), and returns how many alerts were stored and how many kept as
+/// refused: nothing is committed for a batch not written. A batch the
 /// store refuses for its data is written alert by alert, and the alerts it
 /// refuses are kept as rejected with its reason, so that one bad alert
 /// cannot hold the partition.
@@ -178,37 +187,34 @@ async fn write(
 ) -> Option<(usize, usize)> {
     let mut wait = Duration::from_millis(200);
     let mut alerts = alerts;
+    let (mut stored, mut refused_total) = (0, 0);
     loop {
         let written = tokio::select! {
             _ = stop.changed() => return None,
             w = store.write(topic, &alerts, &rejected) => w,
         };
         match written {
-            Ok(taken) if taken.is_empty() => return Some((alerts.len(), rejected.len())),
             Ok(taken) => {
+                stored += alerts.len() - taken.len();
+                refused_total += rejected.len();
                 // Alerts whose id another transaction holds: kept as refused,
                 // written on the next round with nothing else.
-                let stored = alerts.len() - taken.len();
-                let refused = taken
+                rejected = taken
                     .into_iter()
                     .map(|(i, other)| {
                         let a = &alerts[i];
-                        Sourced {
-                            partition: a.partition,
-                            offset: a.offset,
-                            item: Rejected {
-                                reason: storable(&format!(
-                                    "alert_id {} already names transaction {other}, not {}",
-                                    a.item.alert_id, a.item.transaction_id
-                                )),
-                                payload: a.item.raw.clone(),
-                            },
-                        }
+                        let why = format!(
+                            "alert_id {} already names transaction {other}, not {}",
+                            a.item.alert_id, a.item.transaction_id
+                        );
+                        refused(a, &why)
                     })
-                    .collect::<Vec<_>>();
-                let (_, more) =
-                    Box::pin(write(store, topic, Vec::new(), refused, metrics, stop)).await?;
-                return Some((stored, rejected.len() + more));
+                    .collect();
+                if rejected.is_empty() {
+                    return Some((stored, refused_total));
+                }
+                alerts = Vec::new();
+                continue;
             }
             Err(e) if e.is_data_error() && !alerts.is_empty() => {
                 log(
@@ -221,14 +227,9 @@ async fn write(
                 let mut kept = Vec::new();
                 for a in alerts {
                     match store.write(topic, std::slice::from_ref(&a), &[]).await {
-                        Err(e) if e.is_data_error() => rejected.push(Sourced {
-                            partition: a.partition,
-                            offset: a.offset,
-                            item: Rejected {
-                                reason: storable(&format!("refused by the alert store: {e}")),
-                                payload: a.item.raw.clone(),
-                            },
-                        }),
+                        Err(e) if e.is_data_error() => {
+                            rejected.push(refused(&a, &format!("refused by the alert store: {e}")))
+                        }
                         _ => kept.push(a),
                     }
                 }

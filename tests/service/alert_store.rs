@@ -13,21 +13,7 @@ const ANALYST_TOKEN: &str = "analyst-token-for-tests-0001";
 /// `scripts/pg-up` starts on a fixed loopback port.
 fn server() -> &'static str {
     static SERVER: OnceLock<String> = OnceLock::new();
-    SERVER.get_or_init(|| {
-        if let Ok(url) = std::env::var("POSTGRES_TEST_URL") {
-            return url;
-        }
-        let out = Command::new(format!("{ROOT}/scripts/pg-up"))
-            .args(["--port", "15432"])
-            .output()
-            .expect("scripts/pg-up runs");
-        assert!(
-            out.status.success(),
-            "scripts/pg-up failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    })
+    SERVER.get_or_init(|| shared_server("POSTGRES_TEST_URL", "pg-up", 15432, str::to_string))
 }
 
 /// A new database of the test's own; its connection string.
@@ -112,15 +98,7 @@ impl Sink {
 
     /// A series of its `/metrics`, as exposed; 0 when absent.
     fn series(&self, series: &str) -> f64 {
-        let (_, text) = http(&self.1, "GET", "/metrics", &[], b"");
-        text.lines()
-            .filter_map(|l| {
-                l.strip_prefix(series)?
-                    .strip_prefix(' ')?
-                    .parse::<f64>()
-                    .ok()
-            })
-            .sum()
+        series_at(&self.1, series)
     }
 }
 

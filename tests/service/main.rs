@@ -25,20 +25,34 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 fn broker() -> &'static str {
     static BROKER: OnceLock<String> = OnceLock::new();
     BROKER.get_or_init(|| {
-        if let Ok(b) = std::env::var("KAFKA_TEST_BROKER") {
-            return b;
-        }
-        let out = Command::new(format!("{ROOT}/scripts/kafka-up"))
-            .args(["--port", "19192"])
-            .output()
-            .expect("scripts/kafka-up runs");
-        assert!(
-            out.status.success(),
-            "scripts/kafka-up failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        "127.0.0.1:19192".to_string()
+        shared_server("KAFKA_TEST_BROKER", "kafka-up", 19192, |_| {
+            "127.0.0.1:19192".to_string()
+        })
     })
+}
+
+/// A server all tests share: `var`'s value if set, else one that
+/// `scripts/<script> --port <port>` starts on loopback, its address made
+/// from what the script printed.
+fn shared_server(
+    var: &str,
+    script: &str,
+    port: u16,
+    address: impl FnOnce(&str) -> String,
+) -> String {
+    if let Ok(v) = std::env::var(var) {
+        return v;
+    }
+    let out = Command::new(format!("{ROOT}/scripts/{script}"))
+        .args(["--port", &port.to_string()])
+        .output()
+        .unwrap_or_else(|e| panic!("scripts/{script} runs: {e}"));
+    assert!(
+        out.status.success(),
+        "scripts/{script} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    address(String::from_utf8_lossy(&out.stdout).trim())
 }
 
 fn tansu() -> String {
@@ -389,15 +403,7 @@ impl Service {
     /// The value of one series, named with its labels as exposed
     /// (`name{label="value"}`); 0 when absent.
     fn series(&self, series: &str) -> f64 {
-        let (_, text) = self.get("/metrics");
-        text.lines()
-            .filter_map(|l| {
-                l.strip_prefix(series)?
-                    .strip_prefix(' ')?
-                    .parse::<f64>()
-                    .ok()
-            })
-            .sum()
+        series_at(&self.http, series)
     }
 
     fn wait_ready(&self, limit: Duration) {
@@ -464,6 +470,20 @@ impl Drop for Service {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The value of one series of the `/metrics` at `addr`, named with its
+/// labels as exposed; 0 when absent.
+fn series_at(addr: &str, series: &str) -> f64 {
+    let (_, text) = http(addr, "GET", "/metrics", &[], b"");
+    text.lines()
+        .filter_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .parse::<f64>()
+                .ok()
+        })
+        .sum()
 }
 
 /// A plain HTTP/1.1 request on loopback.
