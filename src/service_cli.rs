@@ -287,6 +287,16 @@ pub fn produce(a: ProduceArgs) -> anyhow::Result<()> {
     let mut reader =
         TransactionReader::open(data).with_context(|| format!("cannot read {}", data.display()))?;
     let mut tx = Transaction::default();
+    if a.live {
+        // Connected before the first timestamp is taken: live records
+        // otherwise wait in the queue for the connection and the producer
+        // id, and that start-up (about half a second) lands in the
+        // latencies measured downstream.
+        producer
+            .client()
+            .fetch_metadata(Some(&a.topic), Duration::from_secs(10))
+            .with_context(|| format!("cannot read the metadata of {}", a.topic))?;
+    }
     let started = Instant::now();
     let (mut n, mut labels, mut seen) = (0u64, 0u64, 0u64);
     let limit = a.limit.unwrap_or(u64::MAX);
@@ -410,6 +420,12 @@ pub struct ConsumeArgs {
     /// Consume and drop: print only the count and the rate.
     #[arg(long)]
     count_only: bool,
+    /// Read from the end, drop what is read, and print how long messages
+    /// took from their timestamps to this consumer (p50, p99 and max, in
+    /// ms): a broker's own share of an end-to-end latency. Meant for an
+    /// empty topic that a live producer then fills.
+    #[arg(long, conflicts_with = "count_only")]
+    latency: bool,
     /// Print this consumer group's committed offsets and lag per partition instead.
     #[arg(long)]
     group_offsets: Option<String>,
@@ -440,8 +456,13 @@ pub fn consume(a: ConsumeArgs) -> anyhow::Result<()> {
         bail!("topic {} has no partitions (does it exist?)", a.topic);
     }
     let mut tpl = TopicPartitionList::new();
+    let start = if a.latency {
+        Offset::End
+    } else {
+        Offset::Beginning
+    };
     for p in &partitions {
-        tpl.add_partition_offset(&a.topic, *p, Offset::Beginning)?;
+        tpl.add_partition_offset(&a.topic, *p, start)?;
     }
     if let Some(group) = &a.group_offsets {
         let c: BaseConsumer = client(&a.brokers, &a.librdkafka)?
@@ -471,6 +492,7 @@ pub fn consume(a: ConsumeArgs) -> anyhow::Result<()> {
     let max = a.max.unwrap_or(u64::MAX);
     let idle = Duration::from_millis(a.idle_ms);
     let mut n = 0u64;
+    let mut lag = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000, 2)?;
     let mut first: Option<Instant> = None;
     let mut last = Instant::now();
     while n < max && last.elapsed() < idle {
@@ -481,6 +503,16 @@ pub fn consume(a: ConsumeArgs) -> anyhow::Result<()> {
         last = Instant::now();
         first.get_or_insert(last);
         n += 1;
+        if a.latency {
+            if let Some(ms) = m.timestamp().to_millis() {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                // A clock step back reads as 0, not as a refused value.
+                lag.saturating_record((now - ms).max(0) as u64);
+            }
+            continue;
+        }
         if a.count_only {
             continue;
         }
@@ -505,13 +537,20 @@ pub fn consume(a: ConsumeArgs) -> anyhow::Result<()> {
     }
     out.flush()?;
     let secs = first.map_or(0.0, |f| last.duration_since(f).as_secs_f64());
-    let summary = serde_json::json!({
+    let mut summary = serde_json::json!({
         "topic": a.topic,
         "messages": n,
         "seconds": secs,
         "per_second": if secs > 0.0 { n as f64 / secs } else { 0.0 },
     });
-    if a.count_only {
+    if a.latency {
+        summary["timestamp_to_read_ms"] = serde_json::json!({
+            "p50": lag.value_at_quantile(0.5),
+            "p99": lag.value_at_quantile(0.99),
+            "max": lag.max(),
+        });
+    }
+    if a.count_only || a.latency {
         writeln!(out, "{summary}")?;
     } else {
         eprintln!("{summary}");

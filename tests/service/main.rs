@@ -1131,3 +1131,45 @@ fn broker_down_at_start_then_up() {
         .args(["--port", &port.to_string()])
         .output();
 }
+
+/// `consume --latency` times each record from its timestamp to its
+/// arrival: the broker's own share of an end-to-end latency, for the
+/// benchmark. (It starts at the end of the topic; where tansu resumes a
+/// fetch inside a stored batch is not Kafka's, so the test starts on an
+/// empty topic.)
+#[test]
+fn consume_latency_times_each_record_sent() {
+    let dir = workdir("hop");
+    let data = simulate(&dir, 50, 10, 3);
+    let n = names("hop");
+    topics(&n, 3);
+    let topic = n.input.clone();
+    let consumer = std::thread::spawn(move || {
+        Command::new(BIN)
+            .args(["consume", "--brokers", broker(), "--topic", &topic])
+            .args(["--latency", "--idle-ms", "4000"])
+            .output()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    produce(&data, &n, &["--live", "--rate", "300", "--limit", "300"]);
+    let out = consumer.join().unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["messages"], 300, "{summary}");
+    let ms = &summary["timestamp_to_read_ms"];
+    let (p50, p99, max) = (
+        ms["p50"].as_u64().unwrap(),
+        ms["p99"].as_u64().unwrap(),
+        ms["max"].as_u64().unwrap(),
+    );
+    assert!(p50 <= p99 && p99 <= max, "{summary}");
+    // `produce` lingers up to 10 ms before a batch leaves: some record waited.
+    assert!(max >= 1, "{summary}");
+    // Sent at 300/s over a second: a record read a second or more after
+    // its timestamp would mean the consumer timed the batch, not the record.
+    assert!(p50 < 1_000, "{summary}");
+}
