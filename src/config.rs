@@ -90,6 +90,10 @@ pub struct Settings {
     /// HTTP scoring requests in progress at most; more are refused at once
     /// with 503 and `Retry-After`, so an overload is shed, not queued.
     pub http_max_concurrency: usize,
+    /// Threads of the HTTP API's own runtime; 0 chooses: half the cores
+    /// beside Kafka (a flood of requests then cannot take more than half
+    /// the machine from the partitions), every core without it.
+    pub http_threads: usize,
     /// Milliseconds an HTTP scoring request may take, its wait for a
     /// scoring slot included, before it is answered 503.
     pub http_timeout_ms: u64,
@@ -139,6 +143,7 @@ impl Default for Settings {
             max_amount: 1e9,
             partition_stall_secs: 60,
             http_max_concurrency: 256,
+            http_threads: 0,
             http_timeout_ms: 2000,
             http_max_cards: 100_000,
             http_card_idle_secs: 31 * 86_400,
@@ -166,6 +171,7 @@ const TYPED_KEYS: &[&str] = &[
     "max_amount",
     "partition_stall_secs",
     "http_max_concurrency",
+    "http_threads",
     "http_timeout_ms",
     "http_max_cards",
     "http_card_idle_secs",
@@ -206,6 +212,7 @@ const KEYS: &[&str] = &[
     "max_amount",
     "partition_stall_secs",
     "http_max_concurrency",
+    "http_threads",
     "http_timeout_ms",
     "http_max_cards",
     "http_card_idle_secs",
@@ -235,6 +242,20 @@ pub enum ConfigError {
 }
 
 impl Settings {
+    /// The HTTP runtime's threads: `http_threads`, or when it is 0 half the
+    /// cores beside Kafka and every core without it.
+    pub fn http_threads(&self) -> usize {
+        if self.http_threads > 0 {
+            return self.http_threads;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if self.kafka_enabled {
+            (cores / 2).max(1)
+        } else {
+            cores
+        }
+    }
+
     /// The file's settings over the defaults, then the environment's over those.
     pub fn load(
         file: Option<&std::path::Path>,
@@ -479,6 +500,7 @@ impl fmt::Debug for Settings {
             .field("max_amount", &self.max_amount)
             .field("partition_stall_secs", &self.partition_stall_secs)
             .field("http_max_concurrency", &self.http_max_concurrency)
+            .field("http_threads", &self.http_threads)
             .field("http_timeout_ms", &self.http_timeout_ms)
             .field("http_max_cards", &self.http_max_cards)
             .field("http_card_idle_secs", &self.http_card_idle_secs)
@@ -545,6 +567,18 @@ mod tests {
         assert_eq!(s.librdkafka["sasl.password"], "hunter2");
         let logged = format!("{s:?}");
         assert!(!logged.contains("hunter2"), "{logged}");
+    }
+
+    #[test]
+    fn http_threads_leave_the_kafka_path_half_the_cores_unless_set() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let beside_kafka = Settings::load(None, env(&[])).unwrap();
+        assert!(beside_kafka.kafka_enabled);
+        assert_eq!(beside_kafka.http_threads(), (cores / 2).max(1));
+        let alone = Settings::load(None, env(&[("PEREGRINE_KAFKA_ENABLED", "false")])).unwrap();
+        assert_eq!(alone.http_threads(), cores);
+        let set = Settings::load(None, env(&[("PEREGRINE_HTTP_THREADS", "3")])).unwrap();
+        assert_eq!(set.http_threads(), 3);
     }
 
     #[test]

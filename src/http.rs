@@ -68,6 +68,49 @@ pub async fn serve(
     }
 }
 
+/// The HTTP API on a runtime of its own. The Kafka partitions' tasks keep
+/// the service's runtime busy while they score a backlog; on the same
+/// workers, a request (a probe, or a refusal under overload) would wait in
+/// their run queue for slices of scoring. On threads of its own it waits
+/// only for the operating system's scheduler. Its threads are
+/// `http_threads`; see [`Settings::http_threads`](crate::config::Settings).
+pub struct HttpServer {
+    runtime: tokio::runtime::Runtime,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HttpServer {
+    /// Serves on `listener` until `stop` turns true.
+    pub fn start(
+        shared: AppState,
+        listener: tokio::net::TcpListener,
+        stop: watch::Receiver<bool>,
+    ) -> std::io::Result<HttpServer> {
+        // A listener belongs to the runtime that registered it.
+        let listener = listener.into_std()?;
+        let threads = shared.settings.http_threads();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("http")
+            .enable_all()
+            .build()?;
+        let listener = {
+            let _inside = runtime.enter();
+            tokio::net::TcpListener::from_std(listener)?
+        };
+        let task = runtime.spawn(serve(shared, listener, stop));
+        Ok(HttpServer { runtime, task })
+    }
+
+    /// Waits until the server has stopped, then ends its runtime.
+    pub async fn stopped(self) {
+        let HttpServer { runtime, task } = self;
+        let _ = task.await;
+        // Dropping a runtime inside another blocks, which tokio refuses.
+        runtime.shutdown_background();
+    }
+}
+
 fn error(status: StatusCode, message: impl Into<String>, field: Option<&str>) -> Response {
     let mut body = json!({ "error": message.into() });
     if let Some(f) = field {

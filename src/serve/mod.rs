@@ -91,7 +91,8 @@ pub async fn run_with(
         "INFO",
         format_args!("HTTP API on http://{}", listener.local_addr()?),
     );
-    let http = tokio::spawn(crate::http::serve(state.clone(), listener, stop_rx.clone()));
+    let http = crate::http::HttpServer::start(state.clone(), listener, stop_rx.clone())
+        .context("cannot start the HTTP server's runtime")?;
     let mut kafka = settings
         .kafka_enabled
         .then(|| tokio::spawn(pipeline(state.clone(), stop_rx.clone())));
@@ -136,7 +137,7 @@ pub async fn run_with(
                 Ok(Ok(())) => {}
             }
         }
-        let _ = http.await;
+        http.stopped().await;
         let _ = status.await;
         if let Some(d) = desk {
             let _ = d.await;
