@@ -62,6 +62,9 @@ pub struct Batch {
     /// What the state said about each transaction; the features follow
     /// from it by [`Batch::derive`], on whichever thread takes the batch.
     pub observed: Vec<Observed>,
+    /// Whether the cards' stage folded each transaction into the state (not
+    /// too late, not a repeat): only those count for their merchant.
+    pub admitted: Vec<bool>,
     pub features: Vec<Features>,
     pub len: usize,
 }
@@ -72,6 +75,7 @@ impl Batch {
             txs: vec![Transaction::default(); BATCH],
             keys: vec![Keys::default(); BATCH],
             observed: vec![Observed::default(); BATCH],
+            admitted: vec![false; BATCH],
             features: vec![Features::default(); BATCH],
             len: 0,
         }
@@ -115,13 +119,18 @@ pub fn stream_batches(
     let started = Instant::now();
     let mut reader =
         TransactionReader::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut engine = Engine::with_plan(cfg, plan);
     let bar = progress(show_progress);
-    let (mut rows, mut late) = (0u64, 0u64);
-    // Parsing runs on its own thread, a batch ahead of the features.
+    let mut rows = 0u64;
+    // Three stages on threads of their own, a batch or two apart: parsing;
+    // the cards' state; the merchants' state and `sink`. The state is split
+    // because it is the longest stage, and a card's and a merchant's halves
+    // of an event need nothing from each other but whether the card's half
+    // admitted it. Each half keeps event time in its own engine, from the
+    // same events in the same order, so the two agree.
     let (parsed_tx, parsed) = mpsc::sync_channel::<Result<Batch, crate::ingest::ReadError>>(2);
+    let (carded_tx, carded) = mpsc::sync_channel::<Result<Batch, crate::ingest::ReadError>>(2);
     let (empty_tx, empty) = mpsc::channel::<Batch>();
-    std::thread::scope(|scope| -> anyhow::Result<()> {
+    let (card_stats, late, merchant_stats) = std::thread::scope(|scope| {
         scope.spawn(move || {
             loop {
                 let mut batch = empty.try_recv().unwrap_or_default();
@@ -145,53 +154,111 @@ pub fn stream_batches(
                 }
             }
         });
-        for parsed in parsed {
-            let mut batch = parsed.with_context(|| format!("reading {}", path.display()))?;
-            let n = batch.len;
-            for start in (0..n).step_by(PREFETCH) {
-                let end = (start + PREFETCH).min(n);
-                let keys = &batch.keys[start..end];
-                for k in keys {
-                    engine.prefetch_keys(*k);
-                }
-                for k in keys {
-                    engine.prefetch(*k);
-                }
-                for k in keys {
-                    engine.prefetch_history(*k);
-                }
-                let txs = &batch.txs[start..end];
-                let features = &mut batch.features[start..end];
-                let observed = &mut batch.observed[start..end];
-                for (((tx, out), k), f) in txs.iter().zip(observed).zip(keys).zip(features) {
-                    *out = match engine.observe_keyed(tx, *k, f) {
-                        Ok(o) => o,
-                        Err(_) => {
-                            late += 1;
-                            engine.peek_observed(tx, *k, f)
-                        }
-                    };
-                    if tx.is_fraud == Some(true) {
-                        engine.schedule_label(&tx.merchant_id, tx.time.utc);
+        let cards = scope.spawn(move || {
+            let mut engine = Engine::with_plan(cfg, plan);
+            let mut late = 0u64;
+            for parsed in parsed {
+                let mut batch = match parsed {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = carded_tx.send(Err(e));
+                        break;
+                    }
+                };
+                let n = batch.len;
+                for start in (0..n).step_by(PREFETCH) {
+                    let end = (start + PREFETCH).min(n);
+                    let keys = &batch.keys[start..end];
+                    for k in keys {
+                        engine.prefetch_keys(*k);
+                    }
+                    for k in keys {
+                        engine.prefetch(*k);
+                    }
+                    for k in keys {
+                        engine.prefetch_history(*k);
+                    }
+                    let rows = (batch.txs[start..end].iter())
+                        .zip(&mut batch.observed[start..end])
+                        .zip(&mut batch.admitted[start..end])
+                        .zip(keys)
+                        .zip(&mut batch.features[start..end]);
+                    for ((((tx, out), admitted), k), f) in rows {
+                        (*out, *admitted) = match engine.observe_card_keyed(tx, *k, f) {
+                            Ok(o) => (o, true),
+                            Err(_) => {
+                                late += 1;
+                                (engine.peek_observed(tx, *k, f), false)
+                            }
+                        };
                     }
                 }
+                if carded_tx.send(Ok(batch)).is_err() {
+                    break;
+                }
             }
-            rows += n as u64;
-            bar.set_position(rows);
-            if n > 0 {
-                let back = sink(batch)?;
-                // The reader may be done; a lost recycle is only a lost buffer.
-                let _ = empty_tx.send(back);
+            (engine.stats(), late)
+        });
+        let mut engine = Engine::new(cfg);
+        let merchants = (|| -> anyhow::Result<()> {
+            for carded in carded {
+                let mut batch = carded.with_context(|| format!("reading {}", path.display()))?;
+                let n = batch.len;
+                for start in (0..n).step_by(PREFETCH) {
+                    let end = (start + PREFETCH).min(n);
+                    let keys = &batch.keys[start..end];
+                    for k in keys {
+                        engine.prefetch_keys(*k);
+                    }
+                    for k in keys {
+                        engine.prefetch(*k);
+                    }
+                    for k in keys {
+                        engine.prefetch_history(*k);
+                    }
+                    let rows = (batch.txs[start..end].iter())
+                        .zip(&mut batch.observed[start..end])
+                        .zip(&batch.admitted[start..end])
+                        .zip(keys);
+                    for (((tx, out), &admitted), k) in rows {
+                        out.set_merchant(engine.observe_merchant(
+                            tx.time.utc,
+                            k.merchant,
+                            admitted,
+                        ));
+                        if tx.is_fraud == Some(true) {
+                            engine.schedule_label(&tx.merchant_id, tx.time.utc);
+                        }
+                    }
+                }
+                rows += n as u64;
+                bar.set_position(rows);
+                if n > 0 {
+                    let back = sink(batch)?;
+                    // The reader may be done; a lost recycle is only a lost buffer.
+                    let _ = empty_tx.send(back);
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })();
+        // On an error the channel to the cards' stage is gone, so it stops.
+        let (card_stats, late) = cards
+            .join()
+            .map_err(|_| anyhow::anyhow!("the cards' stage panicked"))?;
+        merchants?;
+        anyhow::Ok((card_stats, late, engine.stats()))
     })?;
     bar.finish_and_clear();
     Ok(StreamSummary {
         rows,
         late,
         seconds: started.elapsed().as_secs_f64(),
-        engine: engine.stats(),
+        engine: EngineStats {
+            labels_applied: merchant_stats.labels_applied,
+            labels_too_old: merchant_stats.labels_too_old,
+            merchants_expired: merchant_stats.merchants_expired,
+            ..card_stats
+        },
     })
 }
 

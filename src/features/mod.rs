@@ -401,6 +401,54 @@ impl Engine {
         Ok(observed)
     }
 
+    /// The card half of [`Engine::observe_keyed`], for a pipeline that runs
+    /// the merchant half ([`Engine::observe_merchant`]) on another thread,
+    /// in an engine of its own that sees the same events in the same order.
+    /// The lateness and duplicate checks are the card's; the merchant's view
+    /// is left empty for that half to fill in ([`Observed::set_merchant`]).
+    pub fn observe_card_keyed(
+        &mut self,
+        tx: &Transaction,
+        keys: Keys,
+        f: &mut Features,
+    ) -> Result<Observed, Refused> {
+        self.admit_card(tx.time.utc, keys)?;
+        let cfg = self.cfg;
+        let card = self.cards.get_or_default(keys.card);
+        let settled = self.watermark - cfg.allowed_lateness_secs;
+        let declared = self.program.as_deref().map(|p| (p, &mut self.scratch, f));
+        let (observed, applied) = observe_and_fold(
+            card,
+            MerchantView::default(),
+            tx,
+            keys,
+            settled,
+            &cfg,
+            declared,
+        );
+        self.stats.recent_overflows += u64::from(applied.recent_overflow);
+        self.stats.window_overflows += u64::from(applied.window_overflow);
+        self.stats.events += 1;
+        Ok(observed)
+    }
+
+    /// The merchant half of [`Engine::observe_keyed`]: the merchant's view
+    /// of an event at `t`. An event the card half admitted moves this
+    /// engine's event time and is added to its merchant; a refused one
+    /// only reads the merchant, as [`Engine::peek_observed`] does.
+    pub fn observe_merchant(&mut self, t: i64, merchant_key: u64, admitted: bool) -> MerchantView {
+        if !admitted {
+            return self.merchant_view(merchant_key, t);
+        }
+        self.advance(t);
+        let oldest_hour = self.oldest_merchant_hour();
+        let merchant = self.merchants.get_or_default(merchant_key);
+        let view = merchant.view(t, self.cfg.label_delay_secs);
+        merchant.add_transaction(t);
+        merchant.expire(oldest_hour);
+        view
+    }
+
     /// Whether this engine holds state for the card.
     pub fn has_card(&self, card_id: &str) -> bool {
         self.cards.get(key_hash(card_id)).is_some()
@@ -684,6 +732,11 @@ fn observe(
 }
 
 impl Observed {
+    /// The merchant's view, from the merchant half of a split pipeline.
+    pub fn set_merchant(&mut self, merchant: MerchantView) {
+        self.merchant = merchant;
+    }
+
     /// The built-in features of `tx` into `out`'s first slots, from what
     /// the state said about it: the one feature computation, for every
     /// path. The declared slots are left as they are: the engine fills
