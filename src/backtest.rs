@@ -105,7 +105,8 @@ impl Default for Batch {
     }
 }
 
-/// Streams `path` through a fresh engine a batch at a time; `sink` takes
+/// Streams `path` through fresh engines (a card's half and a merchant's
+/// half of the state) a batch at a time; `sink` takes
 /// each batch, with its features not yet derived ([`Batch::derive`]), and
 /// hands back one to fill next (the same, or a recycled one).
 /// Fraud labels in the file become known one label delay after their transaction.
@@ -121,8 +122,9 @@ pub fn stream_batches(
         TransactionReader::open(path).with_context(|| format!("reading {}", path.display()))?;
     let bar = progress(show_progress);
     let mut rows = 0u64;
-    // Three stages on threads of their own, a batch or two apart: parsing;
-    // the cards' state; the merchants' state and `sink`. The state is split
+    // Three stages, a batch or two apart: parsing and the cards' state on
+    // threads of their own, the merchants' state and `sink` on this one
+    // (so `sink` need not be `Send`). The state is split
     // because it is the longest stage, and a card's and a merchant's halves
     // of an event need nothing from each other but whether the card's half
     // admitted it. Each half keeps event time in its own engine, from the
@@ -131,7 +133,7 @@ pub fn stream_batches(
     let (carded_tx, carded) = mpsc::sync_channel::<Result<Batch, crate::ingest::ReadError>>(2);
     let (empty_tx, empty) = mpsc::channel::<Batch>();
     let (card_stats, late, merchant_stats) = std::thread::scope(|scope| {
-        scope.spawn(move || {
+        let parsing = scope.spawn(move || {
             loop {
                 let mut batch = empty.try_recv().unwrap_or_default();
                 let mut n = 0;
@@ -241,10 +243,10 @@ pub fn stream_batches(
             }
             Ok(())
         })();
-        // On an error the channel to the cards' stage is gone, so it stops.
-        let (card_stats, late) = cards
-            .join()
-            .map_err(|_| anyhow::anyhow!("the cards' stage panicked"))?;
+        // On an error here the channel to the cards' stage is gone, so it
+        // stops, and the parsing with it: both are joined either way.
+        let (card_stats, late) = cards.join().map_err(|p| panicked("the cards' stage", p))?;
+        parsing.join().map_err(|p| panicked("parsing", p))?;
         merchants?;
         anyhow::Ok((card_stats, late, engine.stats()))
     })?;
@@ -253,13 +255,19 @@ pub fn stream_batches(
         rows,
         late,
         seconds: started.elapsed().as_secs_f64(),
-        engine: EngineStats {
-            labels_applied: merchant_stats.labels_applied,
-            labels_too_old: merchant_stats.labels_too_old,
-            merchants_expired: merchant_stats.merchants_expired,
-            ..card_stats
-        },
+        // Each engine counted only its half.
+        engine: card_stats.merge(merchant_stats),
     })
+}
+
+/// A stage's panic as an error, with its message when it has one.
+fn panicked(stage: &str, payload: Box<dyn std::any::Any + Send>) -> anyhow::Error {
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|m| m.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    anyhow::anyhow!("{stage} panicked: {message}")
 }
 
 /// Streams `path`, calling `each` with every transaction and its features.

@@ -75,7 +75,8 @@ pub async fn serve(
 /// only for the operating system's scheduler. Its threads are
 /// `http_threads`; see [`Settings::http_threads`](crate::config::Settings).
 pub struct HttpServer {
-    runtime: tokio::runtime::Runtime,
+    /// Taken when the server is dropped: see the `Drop` impl.
+    runtime: Option<tokio::runtime::Runtime>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -99,15 +100,26 @@ impl HttpServer {
             tokio::net::TcpListener::from_std(listener)?
         };
         let task = runtime.spawn(serve(shared, listener, stop));
-        Ok(HttpServer { runtime, task })
+        Ok(HttpServer {
+            runtime: Some(runtime),
+            task,
+        })
     }
 
-    /// Waits until the server has stopped, then ends its runtime.
-    pub async fn stopped(self) {
-        let HttpServer { runtime, task } = self;
-        let _ = task.await;
-        // Dropping a runtime inside another blocks, which tokio refuses.
-        runtime.shutdown_background();
+    /// Waits until the server has stopped; dropping it then ends its runtime.
+    pub async fn stopped(mut self) {
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for HttpServer {
+    /// Also when a drain past its deadline drops the server unfinished:
+    /// dropping a runtime would wait for its tasks, and tokio refuses that
+    /// (a panic) on another runtime's thread.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 

@@ -289,9 +289,8 @@ pub fn produce(a: ProduceArgs) -> anyhow::Result<()> {
     let mut tx = Transaction::default();
     if a.live {
         // Connected before the first timestamp is taken: live records
-        // otherwise wait in the queue for the connection and the producer
-        // id, and that start-up (about half a second) lands in the
-        // latencies measured downstream.
+        // otherwise wait in the queue for the connection, and that start-up
+        // (about half a second) lands in the latencies measured downstream.
         producer
             .client()
             .fetch_metadata(Some(&a.topic), Duration::from_secs(10))
@@ -456,12 +455,15 @@ pub fn consume(a: ConsumeArgs) -> anyhow::Result<()> {
         bail!("topic {} has no partitions (does it exist?)", a.topic);
     }
     let mut tpl = TopicPartitionList::new();
-    let start = if a.latency {
-        Offset::End
-    } else {
-        Offset::Beginning
-    };
     for p in &partitions {
+        // The end as it is now: `Offset::End` would be resolved at the first
+        // fetch, after records sent meanwhile.
+        let start = if a.latency {
+            let (_, high) = consumer.fetch_watermarks(&a.topic, *p, Duration::from_secs(10))?;
+            Offset::Offset(high)
+        } else {
+            Offset::Beginning
+        };
         tpl.add_partition_offset(&a.topic, *p, start)?;
     }
     if let Some(group) = &a.group_offsets {

@@ -152,7 +152,7 @@ impl Default for FeatureConfig {
 }
 
 /// Counters of what the engine had to do beyond the ordinary path.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct EngineStats {
     pub events: u64,
     pub too_late: u64,
@@ -164,6 +164,23 @@ pub struct EngineStats {
     pub labels_too_old: u64,
     pub cards_expired: u64,
     pub merchants_expired: u64,
+}
+
+impl EngineStats {
+    /// The counts of two engines that shared the work, as one engine's.
+    pub fn merge(self, other: EngineStats) -> EngineStats {
+        EngineStats {
+            events: self.events + other.events,
+            too_late: self.too_late + other.too_late,
+            duplicates: self.duplicates + other.duplicates,
+            recent_overflows: self.recent_overflows + other.recent_overflows,
+            window_overflows: self.window_overflows + other.window_overflows,
+            labels_applied: self.labels_applied + other.labels_applied,
+            labels_too_old: self.labels_too_old + other.labels_too_old,
+            cards_expired: self.cards_expired + other.cards_expired,
+            merchants_expired: self.merchants_expired + other.merchants_expired,
+        }
+    }
 }
 
 /// An event older than the watermark minus the allowed lateness.
@@ -307,8 +324,13 @@ impl Engine {
     /// [`Engine::prefetch_history`]. Asking for all three at once would
     /// wait for each load in turn.
     pub fn prefetch_keys(&self, keys: Keys) {
-        self.cards.prefetch_key(keys.card);
-        self.merchants.prefetch_key(keys.merchant);
+        // An engine of a split pipeline holds only one of the two.
+        if !self.cards.is_empty() {
+            self.cards.prefetch_key(keys.card);
+        }
+        if !self.merchants.is_empty() {
+            self.merchants.prefetch_key(keys.merchant);
+        }
     }
 
     /// Starts loading the state of these keys.
@@ -381,24 +403,9 @@ impl Engine {
         keys: Keys,
         f: &mut Features,
     ) -> Result<Observed, Refused> {
-        let t = tx.time.utc;
-        self.admit_card(t, keys)?;
-        let cfg = self.cfg;
-        let oldest_hour = self.oldest_merchant_hour();
-        let merchant_key = keys.merchant;
-        let card = self.cards.get_or_default(keys.card);
-        let merchant = self.merchants.get_or_default(merchant_key);
-        let settled = self.watermark - cfg.allowed_lateness_secs;
-        let declared = self.program.as_deref().map(|p| (p, &mut self.scratch, f));
-        let merchant_view = merchant.view(t, cfg.label_delay_secs);
-        let (observed, applied) =
-            observe_and_fold(card, merchant_view, tx, keys, settled, &cfg, declared);
-        self.stats.recent_overflows += u64::from(applied.recent_overflow);
-        self.stats.window_overflows += u64::from(applied.window_overflow);
-        merchant.add_transaction(t);
-        merchant.expire(oldest_hour);
-        self.stats.events += 1;
-        Ok(observed)
+        self.admit_card(tx.time.utc, keys)?;
+        let merchant = self.fold_merchant(tx.time.utc, keys.merchant);
+        Ok(self.fold_card(tx, keys, merchant, f))
     }
 
     /// The card half of [`Engine::observe_keyed`], for a pipeline that runs
@@ -413,23 +420,7 @@ impl Engine {
         f: &mut Features,
     ) -> Result<Observed, Refused> {
         self.admit_card(tx.time.utc, keys)?;
-        let cfg = self.cfg;
-        let card = self.cards.get_or_default(keys.card);
-        let settled = self.watermark - cfg.allowed_lateness_secs;
-        let declared = self.program.as_deref().map(|p| (p, &mut self.scratch, f));
-        let (observed, applied) = observe_and_fold(
-            card,
-            MerchantView::default(),
-            tx,
-            keys,
-            settled,
-            &cfg,
-            declared,
-        );
-        self.stats.recent_overflows += u64::from(applied.recent_overflow);
-        self.stats.window_overflows += u64::from(applied.window_overflow);
-        self.stats.events += 1;
-        Ok(observed)
+        Ok(self.fold_card(tx, keys, MerchantView::default(), f))
     }
 
     /// The merchant half of [`Engine::observe_keyed`]: the merchant's view
@@ -441,12 +432,38 @@ impl Engine {
             return self.merchant_view(merchant_key, t);
         }
         self.advance(t);
+        self.fold_merchant(t, merchant_key)
+    }
+
+    /// The merchant's view of an admitted event, then the event added to it.
+    fn fold_merchant(&mut self, t: i64, merchant_key: u64) -> MerchantView {
         let oldest_hour = self.oldest_merchant_hour();
         let merchant = self.merchants.get_or_default(merchant_key);
         let view = merchant.view(t, self.cfg.label_delay_secs);
         merchant.add_transaction(t);
         merchant.expire(oldest_hour);
         view
+    }
+
+    /// The card's view of an admitted event, with its merchant's view
+    /// given, then the event folded into the card; declared columns into `f`.
+    fn fold_card(
+        &mut self,
+        tx: &Transaction,
+        keys: Keys,
+        merchant: MerchantView,
+        f: &mut Features,
+    ) -> Observed {
+        let cfg = self.cfg;
+        let card = self.cards.get_or_default(keys.card);
+        let settled = self.watermark - cfg.allowed_lateness_secs;
+        let declared = self.program.as_deref().map(|p| (p, &mut self.scratch, f));
+        let (observed, applied) =
+            observe_and_fold(card, merchant, tx, keys, settled, &cfg, declared);
+        self.stats.recent_overflows += u64::from(applied.recent_overflow);
+        self.stats.window_overflows += u64::from(applied.window_overflow);
+        self.stats.events += 1;
+        observed
     }
 
     /// Whether this engine holds state for the card.
@@ -465,22 +482,11 @@ impl Engine {
     ) -> Result<Features, Refused> {
         let keys = Keys::of(tx);
         self.admit_card(tx.time.utc, keys)?;
-        let cfg = self.cfg;
-        let card = self.cards.get_or_default(keys.card);
-        let settled = self.watermark - cfg.allowed_lateness_secs;
         let mut f = Features::default();
-        let declared = self
-            .program
-            .as_deref()
-            .map(|p| (p, &mut self.scratch, &mut f));
-        let (observed, applied) =
-            observe_and_fold(card, merchant, tx, keys, settled, &cfg, declared);
-        self.stats.recent_overflows += u64::from(applied.recent_overflow);
-        self.stats.window_overflows += u64::from(applied.window_overflow);
+        let observed = self.fold_card(tx, keys, merchant, &mut f);
         if let Some(c) = &mut self.changes {
             c.changed.insert(keys.card.max(1));
         }
-        self.stats.events += 1;
         observed.derive(tx, &mut f);
         Ok(f)
     }
