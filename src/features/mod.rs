@@ -335,20 +335,34 @@ impl Engine {
 
     /// Starts loading the state of these keys.
     pub fn prefetch(&self, keys: Keys) {
-        if let Some(c) = self.cards.get(keys.card) {
+        if let Some(c) = self.card_of(keys) {
             store::prefetch(c, std::mem::size_of_val(c));
         }
-        if let Some(m) = self.merchants.get(keys.merchant) {
+        if let Some(m) = self.merchant_of(keys) {
             store::prefetch(m, std::mem::size_of_val(m));
         }
     }
 
+    /// The card's state, without a lookup in an engine that holds no cards.
+    fn card_of(&self, keys: Keys) -> Option<&CardState> {
+        (!self.cards.is_empty())
+            .then(|| self.cards.get(keys.card))
+            .flatten()
+    }
+
+    /// The merchant's state, likewise.
+    fn merchant_of(&self, keys: Keys) -> Option<&MerchantState> {
+        (!self.merchants.is_empty())
+            .then(|| self.merchants.get(keys.merchant))
+            .flatten()
+    }
+
     /// Starts loading the history the state of these keys points to.
     pub fn prefetch_history(&self, keys: Keys) {
-        if let Some(c) = self.cards.get(keys.card) {
+        if let Some(c) = self.card_of(keys) {
             c.prefetch_history();
         }
-        if let Some(m) = self.merchants.get(keys.merchant) {
+        if let Some(m) = self.merchant_of(keys) {
             m.prefetch_history();
         }
     }
