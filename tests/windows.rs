@@ -415,9 +415,10 @@ fn the_interpreted_default_file_interprets_the_card_features() {
         .filter(|(s, _)| **s >= N_FEATURES)
         .map(|(_, n)| n.as_str())
         .collect();
-    // All but the merchant's ten features and the speed.
-    assert_eq!(interpreted.len(), 19, "{interpreted:?}");
+    // All but the merchant's ten features.
+    assert_eq!(interpreted.len(), 20, "{interpreted:?}");
     assert!(interpreted.contains(&"card.amount_zscore_30d"));
+    assert!(interpreted.contains(&"card.geo_velocity_kmh"));
     assert!(interpreted.contains(&"card.large_count_30d"));
 }
 

@@ -149,22 +149,23 @@ impl CardView {
     /// 0 when either place is unknown. Computed apart from the view since
     /// it needs no state: on another thread in a backtest.
     pub fn velocity_kmh(&self, lat: f32, lon: f32) -> f64 {
-        let Some(dt) = self.secs_since_prev else {
-            return 0.0;
-        };
-        // Beyond 30 days a card may have expired, so no speed either way.
-        if dt > 30 * DAY || lat.is_nan() || self.prev_lat.is_nan() {
-            return 0.0;
+        match self.secs_since_prev {
+            Some(dt) => speed_kmh((self.prev_lat, self.prev_lon), (lat, lon), dt),
+            None => 0.0,
         }
-        let km = haversine_km(
-            self.prev_lat as f64,
-            self.prev_lon as f64,
-            lat as f64,
-            lon as f64,
-        );
-        // A minute's floor keeps two swipes in the same second finite.
-        km / (dt.max(60) as f64 / 3600.0)
     }
+}
+
+/// Speed in km/h from a place to another `secs` later; 0 when either place
+/// is unknown (NaN) or the first is over 30 days old.
+pub fn speed_kmh(from: (f32, f32), to: (f32, f32), secs: i64) -> f64 {
+    // Beyond 30 days a card may have expired, so no speed either way.
+    if secs > 30 * DAY || [from.0, from.1, to.0, to.1].iter().any(|v| v.is_nan()) {
+        return 0.0;
+    }
+    let km = haversine_km(from.0 as f64, from.1 as f64, to.0 as f64, to.1 as f64);
+    // A minute's floor keeps two swipes in the same second finite.
+    km / (secs.max(60) as f64 / 3600.0)
 }
 
 /// What folding one event into a card's state had to give up.

@@ -9,7 +9,7 @@
 //! windows are.
 
 use super::AMOUNT_CEILING;
-use super::card::Reader;
+use super::card::{Reader, speed_kmh};
 use super::expr::Expr;
 use super::store::key_hash;
 use crate::ingest::{AttrValue, Channel, Transaction};
@@ -35,6 +35,9 @@ pub enum Field {
     Country,
     MerchantId,
     Currency,
+    /// Degrees; NaN when the transaction has no place (both or neither).
+    Lat,
+    Lon,
 }
 
 const FIELDS: [(&str, Field); 9] = [
@@ -49,8 +52,14 @@ const FIELDS: [(&str, Field); 9] = [
     ("currency", Field::Currency),
 ];
 const N_FIELDS: usize = FIELDS.len();
+/// The place's fields, in the last two slots of the attributes' region:
+/// there the slots of every other name stay where earlier releases put
+/// them, and with them the layout of the declared logs they stored.
+const GEO: [(&str, Field); 2] = [("lat", Field::Lat), ("lon", Field::Lon)];
+/// Slots between the fields and the items: attributes, then `GEO`.
+const ATTRIBUTE_REGION: usize = 32;
 /// Names under `attributes` one features file may read.
-pub const MAX_ATTRIBUTES: usize = 32;
+pub const MAX_ATTRIBUTES: usize = ATTRIBUTE_REGION - GEO.len();
 
 pub fn hash_code(s: &str) -> f64 {
     // 24 bits: exact in the f32 a stored column keeps.
@@ -67,12 +76,17 @@ fn country_code(s: &str) -> Option<f64> {
 
 impl Field {
     pub fn of(name: &str) -> Option<Field> {
-        FIELDS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
+        FIELDS
+            .iter()
+            .chain(&GEO)
+            .find(|(n, _)| *n == name)
+            .map(|(_, f)| *f)
     }
 
     fn name(self) -> &'static str {
         FIELDS
             .iter()
+            .chain(&GEO)
             .find(|(_, f)| *f == self)
             .map_or("", |(n, _)| n)
     }
@@ -106,6 +120,17 @@ impl Field {
             Field::Country => country_code(&tx.country).unwrap_or(-1.0),
             Field::MerchantId => text(&tx.merchant_id),
             Field::Currency => text(&tx.currency),
+            Field::Lat | Field::Lon => match (tx.lat, tx.lon) {
+                (Some(lat), Some(lon)) => {
+                    if self == Field::Lat {
+                        lat
+                    } else {
+                        lon
+                    }
+                }
+                // As the built-in speed reads a place: whole, or not at all.
+                _ => f64::NAN,
+            },
         }
     }
 }
@@ -148,6 +173,8 @@ pub enum AggKind {
     Distinct,
     Share,
     TimeSinceLast,
+    /// km/h from the previous event's place, as `card.geo_velocity_kmh`.
+    SpeedKmh,
 }
 
 impl AggKind {
@@ -162,6 +189,7 @@ impl AggKind {
             "distinct" => AggKind::Distinct,
             "share" => AggKind::Share,
             "time_since_last" => AggKind::TimeSinceLast,
+            "speed_kmh" => AggKind::SpeedKmh,
             _ => return None,
         })
     }
@@ -203,6 +231,8 @@ struct Stored {
     keys: Vec<usize>,
     of: Option<usize>,
     filter: Option<usize>,
+    /// Latitude and longitude, for `speed_kmh`.
+    place: Option<(usize, usize)>,
 }
 
 /// A compiled features file's interpreted part.
@@ -235,10 +265,13 @@ pub struct Scratch {
 
 impl Program {
     pub fn field_slot(f: Field) -> usize {
-        FIELDS
-            .iter()
-            .position(|(_, g)| *g == f)
-            .expect("every field is listed")
+        match GEO.iter().position(|(_, g)| *g == f) {
+            Some(k) => N_FIELDS + MAX_ATTRIBUTES + k,
+            None => FIELDS
+                .iter()
+                .position(|(_, g)| *g == f)
+                .expect("every field is listed"),
+        }
     }
 
     pub fn attribute_slot(k: usize) -> usize {
@@ -246,7 +279,7 @@ impl Program {
     }
 
     pub fn item_slot(i: usize) -> usize {
-        N_FIELDS + MAX_ATTRIBUTES + i
+        N_FIELDS + ATTRIBUTE_REGION + i
     }
 
     pub fn new(
@@ -280,6 +313,10 @@ impl Program {
                 s.keys = key_columns.iter().map(&mut column).collect();
                 s.of = of.as_ref().map(&mut column);
                 s.filter = filter.as_ref().map(&mut column);
+                if *kind == AggKind::SpeedKmh {
+                    let slot = |f| Expr::Var(Program::field_slot(f));
+                    s.place = Some((column(&slot(Field::Lat)), column(&slot(Field::Lon))));
+                }
                 span = span.max(match kind {
                     AggKind::TimeSinceLast => cap.map_or(*window, |c| c.ceil() as i64),
                     _ => *window,
@@ -340,20 +377,31 @@ impl Program {
                     None => -1.0,
                 }),
         );
-        values.resize(N_FIELDS + MAX_ATTRIBUTES + self.items.len(), 0.0);
+        values.resize(N_FIELDS + ATTRIBUTE_REGION + self.items.len(), 0.0);
+        for (_, f) in GEO {
+            values[Program::field_slot(f)] = f.value(tx, local);
+        }
         current.clear();
         current.resize(self.stored.len(), 0.0);
         done.clear();
         done.resize(self.stored.len(), false);
         let log = log.filter(|l| l.layout == self.layout);
         let t = tx.time.utc;
-        let first_item = N_FIELDS + MAX_ATTRIBUTES;
+        let first_item = N_FIELDS + ATTRIBUTE_REGION;
         for (i, item) in self.items.iter().enumerate() {
             let v = match &item.kind {
                 ItemKind::Value(e) | ItemKind::Derived(e) | ItemKind::Tag(e) => e.eval(values),
                 ItemKind::Agg { .. } => {
                     let s = &self.stored_of[i];
-                    for &c in s.keys.iter().chain(&s.of).chain(&s.filter) {
+                    let place = s.place.iter().flat_map(|&(a, b)| [a, b]);
+                    for c in s
+                        .keys
+                        .iter()
+                        .chain(&s.of)
+                        .chain(&s.filter)
+                        .copied()
+                        .chain(place)
+                    {
                         if !done[c] {
                             current[c] = self.stored[c].eval(values);
                             done[c] = true;
@@ -408,6 +456,21 @@ impl Program {
         let of = s.of.unwrap_or(0);
         let value = |row: &[u32]| f32::from_bits(row[of]) as f64;
         let v = match kind {
+            AggKind::SpeedKmh => {
+                let Some((la, lo)) = s.place else {
+                    return missing;
+                };
+                let mut previous = None;
+                scan.each(|row, ts| {
+                    previous = Some((f32::from_bits(row[la]), f32::from_bits(row[lo]), ts));
+                    false
+                });
+                let Some((lat, lon, ts)) = previous else {
+                    return missing;
+                };
+                let here = (current[la] as f32, current[lo] as f32);
+                speed_kmh((lat, lon), here, t - ts)
+            }
             AggKind::TimeSinceLast => {
                 let mut last = None;
                 scan.each(|_, ts| {

@@ -547,7 +547,7 @@ impl<'a> Compiler<'a> {
                 name,
                 "agg",
                 format!(
-                    "`{agg}` is not an aggregation this build interprets (count, sum, mean, std, min, max, distinct, share, time_since_last); the merchant's label windows and speed_kmh are built in only"
+                    "`{agg}` is not an aggregation this build interprets (count, sum, mean, std, min, max, distinct, share, time_since_last, speed_kmh); the merchant's label windows are built in only"
                 ),
             );
         };
@@ -589,15 +589,35 @@ impl<'a> Compiler<'a> {
                 "card windows count what is known at once; label-delayed windows are the merchant's built-in ones",
             );
         }
+        if kind == AggKind::SpeedKmh {
+            // The built-in speed's definition: from the previous event, if
+            // it is at most 30 days old (so the window closes a second later).
+            for (key, set) in [
+                ("window", d.window.is_some()),
+                ("current", d.current.is_some()),
+            ] {
+                if set {
+                    return fail(
+                        name,
+                        key,
+                        "`speed_kmh` is from the previous event within 30 days; it takes none",
+                    );
+                }
+            }
+        }
         let window = match (&d.window, kind) {
             (Some(w), _) => parse_duration(w).or_else(|e| fail(name, "window", e))?,
             (None, AggKind::TimeSinceLast) => MAX_WINDOW,
+            (None, AggKind::SpeedKmh) => MAX_WINDOW + 1,
             (None, _) => return fail(name, "window", "an aggregation needs a window"),
         };
-        if window > MAX_WINDOW {
+        if window > MAX_WINDOW && kind != AggKind::SpeedKmh {
             return fail(name, "window", "at most 30d");
         }
-        let needs_of = !matches!(kind, AggKind::Count | AggKind::TimeSinceLast);
+        let needs_of = !matches!(
+            kind,
+            AggKind::Count | AggKind::TimeSinceLast | AggKind::SpeedKmh
+        );
         let of = match (&d.of, needs_of) {
             (Some(text), true) => Some(self.expr(name, "of", text, Scope::Event)?),
             (None, true) => return fail(name, "of", format!("`{agg}` needs `of`")),
@@ -639,8 +659,8 @@ enum Scope {
     Features,
 }
 
-/// Whether the interpreter can compute a declaration (the merchant's and
-/// the speed are the built-in engine's alone).
+/// Whether the interpreter can compute a declaration (the merchant's are
+/// the built-in engine's alone).
 fn interpretable(d: &Decl) -> bool {
     let card = d
         .entity
@@ -702,6 +722,68 @@ mod tests {
         assert!(e.contains("`format` 2 is not supported"), "{e}");
         let e = Plan::compile("format = 1\ncolour = 1").unwrap_err().0;
         assert!(e.contains("unknown field `colour`"), "{e}");
+    }
+
+    /// `speed_kmh` on a card entity narrower than the card, and the place
+    /// as fields.
+    #[test]
+    fn speed_is_declared_per_entity_from_its_previous_place() {
+        use crate::features::{Engine, FeatureConfig};
+        use crate::ingest::{Channel, Transaction};
+        let plan = Plan::compile(
+            "format = 1
+[[feature]]
+name = \"card_channel.speed_kmh\"
+entity = \"card_id+channel\"
+agg = \"speed_kmh\"
+[[feature]]
+name = \"north\"
+value = \"lat > 45\"
+",
+        )
+        .unwrap();
+        let mut engine = Engine::with_plan(FeatureConfig::default(), &plan);
+        let mut speeds = Vec::new();
+        let mut north = Vec::new();
+        // Paris in person, then Berlin online an hour later, then Lyon in
+        // person two hours after Paris, then a payment with no place.
+        let events = [
+            (Channel::Pos, Some((48.8566, 2.3522)), 0),
+            (Channel::Ecom, Some((52.52, 13.405)), 3600),
+            (Channel::Pos, Some((45.764, 4.8357)), 7200),
+            (Channel::Pos, None, 7300),
+        ];
+        for (i, (channel, place, dt)) in events.into_iter().enumerate() {
+            let tx = Transaction {
+                transaction_id: i.to_string(),
+                card_id: "c".into(),
+                merchant_id: "m".into(),
+                amount: 5.0,
+                channel: Some(channel),
+                lat: place.map(|p| p.0),
+                lon: place.map(|p| p.1),
+                time: crate::ingest::EventTime {
+                    utc: 1_522_540_800 + dt,
+                    offset: 0,
+                },
+                ..Transaction::default()
+            };
+            let f = engine.process(&tx).unwrap();
+            speeds.push(f.0[plan.slots[0]]);
+            north.push(f.0[plan.slots[1]]);
+        }
+        // No earlier in-person or online event, then Paris to Lyon (about
+        // 392 km) in two hours, not Berlin to Lyon; no place, no speed.
+        assert_eq!(speeds[..2], [0.0, 0.0]);
+        assert!((speeds[2] - 196.0).abs() < 2.0, "{speeds:?}");
+        assert_eq!(speeds[3], 0.0);
+        // A missing place compares as false.
+        assert_eq!(north, [1.0, 1.0, 1.0, 0.0]);
+        let e = Plan::compile(
+            "format = 1\n[[feature]]\nname = \"s\"\nagg = \"speed_kmh\"\nwindow = \"1d\"",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("takes none"), "{e}");
     }
 
     /// Attributes as values and as part of a card entity: a device's count
