@@ -171,15 +171,7 @@ pub fn stream_batches(
                 for start in (0..n).step_by(PREFETCH) {
                     let end = (start + PREFETCH).min(n);
                     let keys = &batch.keys[start..end];
-                    for k in keys {
-                        engine.prefetch_keys(*k);
-                    }
-                    for k in keys {
-                        engine.prefetch(*k);
-                    }
-                    for k in keys {
-                        engine.prefetch_history(*k);
-                    }
+                    engine.prefetch_run(keys);
                     let rows = (batch.txs[start..end].iter())
                         .zip(&mut batch.observed[start..end])
                         .zip(&mut batch.admitted[start..end])
@@ -209,15 +201,7 @@ pub fn stream_batches(
                 for start in (0..n).step_by(PREFETCH) {
                     let end = (start + PREFETCH).min(n);
                     let keys = &batch.keys[start..end];
-                    for k in keys {
-                        engine.prefetch_keys(*k);
-                    }
-                    for k in keys {
-                        engine.prefetch(*k);
-                    }
-                    for k in keys {
-                        engine.prefetch_history(*k);
-                    }
+                    engine.prefetch_run(keys);
                     let rows = (batch.txs[start..end].iter())
                         .zip(&mut batch.observed[start..end])
                         .zip(&batch.admitted[start..end])

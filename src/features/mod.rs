@@ -318,12 +318,23 @@ impl Engine {
                 .is_some_and(|c| c.has_seen(keys.short_id(), t as u32))
     }
 
-    /// Starts loading the index entries of these keys; see [`store::prefetch`].
-    /// A lookup is three dependent loads, so a run of events is prefetched
-    /// in three passes: this, then [`Engine::prefetch`], then
-    /// [`Engine::prefetch_history`]. Asking for all three at once would
-    /// wait for each load in turn.
-    pub fn prefetch_keys(&self, keys: Keys) {
+    /// Starts loading the state of a run of events; see [`store::prefetch`].
+    /// A lookup is three dependent loads (index entry, state, history), so
+    /// the run is prefetched in three passes: asking for all three per event
+    /// would wait for each load in turn.
+    pub fn prefetch_run(&self, run: &[Keys]) {
+        for &k in run {
+            self.prefetch_keys(k);
+        }
+        for &k in run {
+            self.prefetch(k);
+        }
+        for &k in run {
+            self.prefetch_history(k);
+        }
+    }
+
+    fn prefetch_keys(&self, keys: Keys) {
         // An engine of a split pipeline holds only one of the two.
         if !self.cards.is_empty() {
             self.cards.prefetch_key(keys.card);
@@ -333,8 +344,7 @@ impl Engine {
         }
     }
 
-    /// Starts loading the state of these keys.
-    pub fn prefetch(&self, keys: Keys) {
+    fn prefetch(&self, keys: Keys) {
         if let Some(c) = self.card_of(keys) {
             store::prefetch(c, std::mem::size_of_val(c));
         }
@@ -357,8 +367,7 @@ impl Engine {
             .flatten()
     }
 
-    /// Starts loading the history the state of these keys points to.
-    pub fn prefetch_history(&self, keys: Keys) {
+    fn prefetch_history(&self, keys: Keys) {
         if let Some(c) = self.card_of(keys) {
             c.prefetch_history();
         }
