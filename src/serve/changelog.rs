@@ -216,8 +216,10 @@ pub fn read_to_end(
         };
         let msg = match r {
             Ok(m) => m,
+            // librdkafka's end is a moment's view (on tansu, seen below
+            // records still to read); the broker's high watermark decides.
             Err(rdkafka::error::KafkaError::PartitionEOF(p)) if p == partition => {
-                if position.at_end() {
+                if unstall(reader, topic, partition, &mut position)? {
                     break;
                 }
                 continue;
@@ -240,6 +242,23 @@ pub fn read_to_end(
     Ok(())
 }
 
+/// What a quiet partition does ([`StartGuard::when_quiet`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Quiet {
+    /// Read to its end, not reported yet: report it.
+    End,
+    /// At its end already reported, or still seeking back: nothing to do.
+    Wait,
+    /// Records lie ahead but none was read at or before the wanted offset
+    /// yet: seek back here for it.
+    SeekBack(i64),
+    /// Records lie ahead of this next offset: the partition runs, and a
+    /// fetch stuck there is repositioned.
+    Below(i64),
+    /// Records lie ahead, and no offset is known to watch.
+    Behind,
+}
+
 /// What to do with a message read after positioning a partition.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Take {
@@ -248,6 +267,57 @@ pub enum Take {
     Skip,
     /// Seek here and read again.
     SeekTo(i64),
+}
+
+/// A partition's low and high watermarks. The high one is the larger of
+/// the broker's answer to a ListOffsets request and the high watermark of
+/// librdkafka's last fetch response for the partition. Workaround for
+/// tansu 0.6 (kept with [`StartGuard`]'s): its ListOffsets(latest) answers
+/// with the base offset of the batch stored last by the clock, which after
+/// a burst of writes can lie thousands of records below the end, so that a
+/// partition positioned further on was taken for one read to its end and
+/// waited for ever; its fetch responses carry the true high watermark.
+/// Against Kafka the two agree, and the second costs no request.
+pub fn watermarks<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> rdkafka::error::KafkaResult<(i64, i64)> {
+    let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+    Ok((low, high.max(fetched_high(consumer, topic, partition))))
+}
+
+/// The high watermark in librdkafka's last fetch response for the
+/// partition (`rd_kafka_get_watermark_offsets`, which the crate does not
+/// wrap), or -1 before one came.
+fn fetched_high<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    partition: i32,
+) -> i64 {
+    let Ok(topic) = std::ffi::CString::new(topic) else {
+        return -1;
+    };
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client handle lives as long as `consumer`, which is
+    // borrowed for the call; the topic is a NUL-terminated string and the
+    // two out-parameters are live locals. The call only reads librdkafka's
+    // cached state under its own locks.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    if err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        high
+    } else {
+        -1
+    }
 }
 
 /// For a partition that gave nothing for a while: true when it is read to
@@ -260,12 +330,13 @@ pub fn unstall(
     partition: i32,
     guard: &mut StartGuard,
 ) -> anyhow::Result<bool> {
-    let (low, high) = reader.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
-    if guard.next_offset().unwrap_or(low) >= high {
-        return Ok(guard.at_end());
-    }
-    if let Some(o) = guard.stalled() {
-        reader.seek(topic, partition, Offset::Offset(o), Duration::from_secs(10))?;
+    let (low, high) = watermarks(reader, topic, partition, Duration::from_secs(10))?;
+    match guard.when_quiet(false, low, high) {
+        Quiet::End => return Ok(true),
+        Quiet::SeekBack(o) => {
+            reader.seek(topic, partition, Offset::Offset(o), Duration::from_secs(10))?
+        }
+        Quiet::Wait | Quiet::Below(_) | Quiet::Behind => {}
     }
     Ok(false)
 }
@@ -382,6 +453,23 @@ impl StartGuard {
             return None;
         }
         self.step_back(STALL_STEP)
+    }
+
+    /// What a partition that gave nothing for a while does, given its
+    /// watermarks (see [`watermarks`]) and whether its end was reported.
+    pub fn when_quiet(&mut self, ended: bool, low: i64, high: i64) -> Quiet {
+        if self.next_offset().unwrap_or(low) >= high {
+            return if self.at_end() && !ended {
+                Quiet::End
+            } else {
+                Quiet::Wait
+            };
+        }
+        // Records lie ahead, whatever end was reported before.
+        match self.stalled() {
+            Some(o) => Quiet::SeekBack(o),
+            None => self.next_offset().map_or(Quiet::Behind, Quiet::Below),
+        }
     }
 
     /// Whether an end-of-partition means the wanted records were all read:
@@ -560,6 +648,32 @@ pub async fn send<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A quiet partition is judged by its watermarks each time, and an end
+    /// reported while records lay ahead is taken back: a partition once
+    /// taken for read to its end waited for ever when tansu's ListOffsets
+    /// answered far below the end after a restart.
+    #[test]
+    fn a_quiet_partition_ends_only_at_its_high_watermark() {
+        // Positioned at 5145, nothing read: an answer of 4684 said "end".
+        let mut g = StartGuard::new(Some(5145), Some(0));
+        assert_eq!(g.when_quiet(false, 0, 4684), Quiet::End);
+        // Reported, and the high watermark is 8182: seek back for the
+        // first record, and keep stepping back while nothing comes.
+        assert_eq!(g.when_quiet(true, 0, 8182), Quiet::SeekBack(5081));
+        assert_eq!(g.when_quiet(false, 0, 8182), Quiet::SeekBack(5017));
+        assert_eq!(g.take(5000), Take::Skip);
+        assert_eq!(g.take(5145), Take::Yes);
+        // Started and below the end: watched for a stuck fetch.
+        assert_eq!(g.when_quiet(false, 0, 8182), Quiet::Below(5146));
+        // At the end: reported once, then nothing until records come.
+        assert_eq!(g.when_quiet(false, 0, 5146), Quiet::End);
+        assert_eq!(g.when_quiet(true, 0, 5146), Quiet::Wait);
+        assert_eq!(g.when_quiet(true, 0, 5150), Quiet::Below(5146));
+        // Positioned at the start of an empty partition.
+        let mut g = StartGuard::new(None, Some(0));
+        assert_eq!(g.when_quiet(false, 0, 0), Quiet::End);
+    }
 
     #[test]
     fn guard_takes_from_the_wanted_offset() {

@@ -37,9 +37,13 @@ const QUIET: Duration = Duration::from_secs(1);
 /// The same, before the first record after positioning (see
 /// [`StartGuard::stalled`]).
 const QUIET_AT_START: Duration = Duration::from_millis(250);
+/// The same, once the end was reported: an end-of-partition is a moment's
+/// view, and one taken for good while records lay ahead would leave the
+/// partition waiting for ever.
+const QUIET_AT_END: Duration = Duration::from_secs(5);
 use tokio::sync::watch;
 
-use super::changelog::{StartGuard, Take};
+use super::changelog::{Quiet, StartGuard, Take, watermarks};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -301,7 +305,9 @@ impl PartitionInput {
             let received = if self.watermark_check.is_some() {
                 Err(())
             } else {
-                let quiet = if self.guard.started() {
+                let quiet = if self.ended {
+                    QUIET_AT_END
+                } else if self.guard.started() {
                     QUIET
                 } else {
                     QUIET_AT_START
@@ -315,16 +321,11 @@ impl PartitionInput {
             let received = match received {
                 Ok(r) => r,
                 Err(()) => {
-                    if self.ended {
-                        continue;
-                    }
                     let (consumer, topic, p) =
                         (self.consumer.clone(), self.topic.clone(), self.partition);
                     let check = self.watermark_check.get_or_insert_with(|| {
                         tokio::task::spawn_blocking(move || {
-                            consumer
-                                .fetch_watermarks(&topic, p, Duration::from_secs(5))
-                                .ok()
+                            watermarks(consumer.as_ref(), &topic, p, Duration::from_secs(5)).ok()
                         })
                     });
                     let watermarks = check.await.ok().flatten();
@@ -332,18 +333,24 @@ impl PartitionInput {
                     let Some((low, high)) = watermarks else {
                         continue;
                     };
-                    if self.guard.next_offset().unwrap_or(low) >= high {
-                        if self.guard.at_end() {
+                    match self.guard.when_quiet(self.ended, low, high) {
+                        Quiet::End => {
                             self.ended = true;
                             return Next::End;
                         }
-                    } else if let Some(o) = self.guard.stalled() {
-                        self.log_seeking_back("nothing");
-                        if let Err(e) = self.seek(Offset::Offset(o)).await {
-                            log("WARN", format_args!("{e:#}"));
+                        Quiet::Wait => {}
+                        Quiet::SeekBack(o) => {
+                            self.ended = false;
+                            self.log_seeking_back("nothing");
+                            if let Err(e) = self.seek(Offset::Offset(o)).await {
+                                log("WARN", format_args!("{e:#}"));
+                            }
                         }
-                    } else if let Some(at) = self.guard.next_offset() {
-                        self.reposition_if_stuck(at, low, high).await;
+                        Quiet::Below(at) => {
+                            self.ended = false;
+                            self.reposition_if_stuck(at, low, high).await;
+                        }
+                        Quiet::Behind => self.ended = false,
                     }
                     continue;
                 }
