@@ -306,7 +306,7 @@ impl Metrics {
             ),
             partitions_stalled: gauge(
                 "peregrine_partitions_stalled",
-                "Running input partitions holding records read and none finished for partition_stall_secs; each makes /readyz fail.",
+                "Running input partitions with records waiting (read and not finished, or on the broker and not read) and none finished for partition_stall_secs; each makes /readyz fail.",
             ),
             duplicates: counter(
                 "peregrine_duplicates_total",

@@ -365,6 +365,7 @@ impl CardTask {
             self.score(max_lag).await;
             self.forward().await;
             self.publish_progress(false).await;
+            self.progress.unread(input.unread_since());
             if phase.phase() == Phase::Restoring
                 && (self.folded + 1 >= self.rebuild_until || self.idle)
                 && self.pending.front().is_none_or(|f| !f.rebuild_only)

@@ -78,6 +78,7 @@ impl Health {
             read: AtomicI64::new(done),
             done: AtomicI64::new(done),
             since_ms: AtomicU64::new(now),
+            unread_since_ms: AtomicU64::new(0),
         })
     }
 
@@ -129,6 +130,10 @@ pub struct Progress {
     /// Since when records have waited: the last finish, or the moment the
     /// partition fell behind after it had caught up.
     since_ms: AtomicU64,
+    /// Since when records on the broker have waited with nothing read,
+    /// plus one (0: none): a fetch that is stuck holds no record read, so
+    /// `read` and `done` alone would never tell.
+    unread_since_ms: AtomicU64,
 }
 
 impl Progress {
@@ -150,19 +155,50 @@ impl Progress {
         self.since_ms.store(self.now(), Ordering::Release);
     }
 
-    /// How long records have waited with none finished, if any wait.
+    /// Records on the broker have waited unread since `since` (see
+    /// [`crate::serve::partition::PartitionInput::unread_since`]), or none do.
+    pub fn unread(&self, since: Option<Instant>) {
+        let ms = since.map_or(0, |t| {
+            t.saturating_duration_since(self.started).as_millis() as u64 + 1
+        });
+        self.unread_since_ms.store(ms, Ordering::Release);
+    }
+
+    /// How long records have waited with none finished, if any wait:
+    /// records read and not finished, or records on the broker not read.
     pub fn stalled_for(&self) -> Option<Duration> {
+        let now = self.now();
         let behind = self.read.load(Ordering::Acquire) > self.done.load(Ordering::Acquire);
-        behind.then(|| {
-            let since = self.since_ms.load(Ordering::Acquire);
-            Duration::from_millis(self.now().saturating_sub(since))
-        })
+        let finishing = behind.then(|| now.saturating_sub(self.since_ms.load(Ordering::Acquire)));
+        let unread = match self.unread_since_ms.load(Ordering::Acquire) {
+            0 => None,
+            since => Some(now.saturating_sub(since - 1)),
+        };
+        finishing.max(unread).map(Duration::from_millis)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A partition whose fetch is stuck reads nothing, so nothing is
+    /// read and unfinished: the records waiting on the broker count.
+    #[test]
+    fn records_left_unread_on_the_broker_count_as_a_stall() {
+        let h = Health::new();
+        let p = h.progress(9);
+        h.add_partition(2, p.clone());
+        assert!(h.stalled(Duration::ZERO).is_empty());
+        p.unread(Some(Instant::now()));
+        assert_eq!(h.stalled(Duration::ZERO).len(), 1);
+        assert!(
+            h.stalled(Duration::from_secs(60)).is_empty(),
+            "not for long yet"
+        );
+        p.unread(None);
+        assert!(h.stalled(Duration::ZERO).is_empty(), "read again");
+    }
 
     #[test]
     fn a_partition_is_stalled_only_while_records_wait() {

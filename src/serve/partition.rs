@@ -212,6 +212,9 @@ pub struct PartitionInput {
     /// The next offset when a quiet check last found the partition below
     /// its high watermark after it started (see [`PartitionInput::next`]).
     quiet_below_high: Option<i64>,
+    /// Since when quiet checks have found records on the broker that
+    /// nothing read: a fetch that is stuck, not a partition that is idle.
+    unread_since: Option<std::time::Instant>,
     read: prometheus::IntCounter,
     redelivered: prometheus::IntCounter,
 }
@@ -234,6 +237,7 @@ impl PartitionInput {
             watermark_check: None,
             seeking_logged: false,
             quiet_below_high: None,
+            unread_since: None,
             read: ctx.state.metrics.records_read.with_label_values(&[topic]),
             redelivered: ctx.state.metrics.redelivered.clone(),
         }
@@ -333,7 +337,14 @@ impl PartitionInput {
                     let Some((low, high)) = watermarks else {
                         continue;
                     };
-                    match self.guard.when_quiet(self.ended, low, high) {
+                    let quiet = self.guard.when_quiet(self.ended, low, high);
+                    if matches!(quiet, Quiet::End | Quiet::Wait) {
+                        self.unread_since = None;
+                    } else {
+                        self.unread_since
+                            .get_or_insert_with(std::time::Instant::now);
+                    }
+                    match quiet {
                         Quiet::End => {
                             self.ended = true;
                             return Next::End;
@@ -359,6 +370,7 @@ impl PartitionInput {
                 Ok(m) => {
                     self.read.inc();
                     self.quiet_below_high = None;
+                    self.unread_since = None;
                     match self.guard.take(m.offset()) {
                         Take::Yes => {
                             self.ended = false;
@@ -436,6 +448,12 @@ impl PartitionInput {
                 ),
             );
         }
+    }
+
+    /// Since when records on the broker have waited with nothing read, as
+    /// far as the quiet checks tell (within a few seconds).
+    pub fn unread_since(&self) -> Option<std::time::Instant> {
+        self.unread_since
     }
 
     /// [`PartitionInput::next`] if one is ready now.

@@ -276,7 +276,7 @@ impl ServiceState {
             self.metrics.partitions_stalled.set(stalled.len() as i64);
             for (p, d) in stalled {
                 waiting_for.push(format!(
-                    "input partition {p}: records read and none finished for {}s",
+                    "input partition {p}: records waiting and none finished for {}s",
                     d.as_secs()
                 ));
             }
