@@ -216,10 +216,8 @@ pub fn read_to_end(
         };
         let msg = match r {
             Ok(m) => m,
-            // librdkafka's end is a moment's view (on tansu, seen below
-            // records still to read); the broker's high watermark decides.
             Err(rdkafka::error::KafkaError::PartitionEOF(p)) if p == partition => {
-                if unstall(reader, topic, partition, &mut position)? {
+                if position.at_end() {
                     break;
                 }
                 continue;

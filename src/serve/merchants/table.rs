@@ -424,13 +424,10 @@ pub fn materialise(
         let msg = match r {
             Ok(m) => m,
             Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
-                // librdkafka's end is a moment's view; until the table has
-                // caught up, the broker's high watermark decides.
-                let ended = match guards.get_mut(&p) {
-                    Some(guard) if unread.contains(&p) => unstall(reader, topic, p, guard)?,
-                    _ => false,
-                };
-                if ended && unread.remove(&p) && unread.is_empty() {
+                if guards.get(&p).is_some_and(StartGuard::at_end)
+                    && unread.remove(&p)
+                    && unread.is_empty()
+                {
                     table.set_caught_up();
                     log(
                         "INFO",
