@@ -39,7 +39,15 @@ const T0: i64 = 1_530_403_200; // 2018-07-01
 
 /// Loads `cards` cards, each paying `per_card` times at random moments of
 /// 30 days, at `merchants` merchants; returns live heap bytes per card.
-fn load(cards: u64, per_card: u64, merchants: u64, plan: Option<&Plan>) -> (f64, f64, f64) {
+/// Amounts are whole cents, as card schemes carry them, unless
+/// `any_float`.
+fn load(
+    cards: u64,
+    per_card: u64,
+    merchants: u64,
+    plan: Option<&Plan>,
+    any_float: bool,
+) -> (f64, f64, f64) {
     let before = LIVE.load(Ordering::Relaxed);
     let started = Instant::now();
     let mut engine = match plan {
@@ -60,6 +68,9 @@ fn load(cards: u64, per_card: u64, merchants: u64, plan: Option<&Plan>) -> (f64,
             offset: 0,
         };
         tx.amount = rng.uniform(1.0, 200.0);
+        if !any_float {
+            tx.amount = (tx.amount * 100.0).round() / 100.0;
+        }
         tx.lat = Some(48.0 + rng.f64());
         tx.lon = Some(2.0 + rng.f64());
         // Categories and channels for the extended file's habits.
@@ -83,18 +94,19 @@ fn main() {
         .expect("the extended file compiles");
     println!("cards  events/card  merchants  file  live heap per card  (load rate)");
     let runs = [
-        (30, 1, None),
-        (60, 1, None),
-        (30, 100_000, None),
-        (30, 1, Some(&extended)),
-        (60, 1, Some(&extended)),
+        (30, 1, None, false),
+        (60, 1, None, false),
+        (60, 1, None, true),
+        (30, 100_000, None, false),
+        (30, 1, Some(&extended), false),
+        (60, 1, Some(&extended), false),
     ];
-    for (per_card, merchants, plan) in runs {
-        let (per, n, rate) = load(cards, per_card, merchants, plan);
-        let file = if plan.is_some() {
-            "extended"
-        } else {
-            "default"
+    for (per_card, merchants, plan, any_float) in runs {
+        let (per, n, rate) = load(cards, per_card, merchants, plan, any_float);
+        let file = match (plan.is_some(), any_float) {
+            (true, _) => "extended",
+            (false, true) => "default, amounts any f32",
+            (false, false) => "default",
         };
         println!(
             "{n:>8.0}  {per_card:>6}  {merchants:>9}  {file:>8}  {per:>10.0} bytes  ({:.2} M events/s)",

@@ -1,10 +1,13 @@
 //! Per-card window state: the card's events of the last 30 days, as time
-//! and amount, for the 7- and 30-day windows, exact to the second; and its
-//! recent raw events, with merchant and place, for the 1-hour and 1-day
-//! windows.
+//! and amount, bit-packed, for the 7- and 30-day windows, exact to the
+//! second; and, for its recent events (the log's tail), their merchant and
+//! place, for the 1-hour and 1-day windows.
+
+mod log;
 
 use super::declared::DeclaredLog;
 use super::geo::haversine_km;
+use log::{Event, Log};
 
 pub const DAY: i64 = 86_400;
 /// Amount at least this many times the card's 30-day mean counts as large.
@@ -13,11 +16,12 @@ pub const LARGE_RATIO: f64 = 2.5;
 pub const LARGE_MIN_HISTORY: u32 = 3;
 /// The longest window over the logged events.
 const LOG_SPAN: i64 = 30 * DAY;
-/// Events a card's log holds at most (16 kB): a card past it, more than 68
+/// Events a card's log holds at most: a card past it, more than 68
 /// payments a day for 30 days, loses its oldest first, and its 7- and
 /// 30-day windows undercount (counted as `window_overflows`).
 pub const MAX_LOGGED: usize = 2048;
 
+/// An event as it is folded into a card.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Recent {
     pub ts: u32,
@@ -32,28 +36,14 @@ pub struct Recent {
     pub id: u32,
 }
 
-/// An event of the card's last 30 days: its time, and its amount (at most
-/// `AMOUNT_CEILING`, so never negative) with the sign bit set when the
-/// amount counted as large for the card. Eight bytes: a card with 60
-/// payments a month holds 480 bytes of them.
+/// What a card keeps of a recent event beside the log, which holds its
+/// time and amount: 16 bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-struct Logged {
-    ts: u32,
-    signed_amount: f32,
-}
-
-impl Logged {
-    fn new(ts: u32, amount: f32, large: bool) -> Logged {
-        let a = amount.abs();
-        Logged {
-            ts,
-            signed_amount: if large { -a } else { a },
-        }
-    }
-
-    fn amount(self) -> f32 {
-        self.signed_amount.abs()
-    }
+struct Detail {
+    merchant: u32,
+    lat: f32,
+    lon: f32,
+    id: u32,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -66,13 +56,14 @@ struct Prev {
 #[derive(Debug, Clone, Default)]
 pub struct CardState {
     /// Events within the 30-day window of the newest event time minus the
-    /// allowed lateness, oldest first; at most [`MAX_LOGGED`]. Its last is
-    /// the newest event applied: eviction takes only the oldest.
-    log: Vec<Logged>,
-    /// Raw events within the last day plus the allowed lateness, oldest first.
-    recent: Vec<Recent>,
-    /// The newest event evicted from `recent`, for "time since previous"
-    /// and speed; `ts` 0 when none.
+    /// allowed lateness, oldest first; at most [`MAX_LOGGED`]. Its tail is
+    /// the events within the last day plus the allowed lateness.
+    log: Log,
+    /// The tail's details, in the log's order: the first `log.tail_len()`
+    /// entries; the rest is room to grow.
+    recent: Box<[Detail]>,
+    /// The newest event that left the tail, for "time since previous" and
+    /// speed; `ts` 0 when none.
     before: Prev,
     /// The fields a features file's declared aggregations read, when it
     /// declares any.
@@ -96,34 +87,6 @@ impl PaneSum {
             self.sum / self.count as f64
         }
     }
-
-    /// Sums a run of logged events, four at a time without a branch: the
-    /// windows' one loop over a card's month.
-    fn of(events: &[Logged]) -> PaneSum {
-        let (mut sum, mut sumsq, mut large) = ([0f64; 4], [0f64; 4], 0u32);
-        let chunks = events.chunks_exact(4);
-        let rest = chunks.remainder();
-        for c in chunks {
-            for k in 0..4 {
-                let a = c[k].amount() as f64;
-                sum[k] += a;
-                sumsq[k] += a * a;
-                large += c[k].signed_amount.to_bits() >> 31;
-            }
-        }
-        for (k, e) in rest.iter().enumerate() {
-            let a = e.amount() as f64;
-            sum[k] += a;
-            sumsq[k] += a * a;
-            large += e.signed_amount.to_bits() >> 31;
-        }
-        PaneSum {
-            count: events.len() as u32,
-            sum: (sum[0] + sum[1]) + (sum[2] + sum[3]),
-            sumsq: (sumsq[0] + sumsq[1]) + (sumsq[2] + sumsq[3]),
-            large,
-        }
-    }
 }
 
 /// Everything the card contributes to one event's features.
@@ -134,7 +97,8 @@ pub struct CardView {
     pub sum_1d: f64,
     pub distinct_merchants_1d: u32,
     /// The card's earlier events (excluding the event itself) in the last
-    /// 7 and 30 days: times in `(t − 7 d, t]` and `(t − 30 d, t]`.
+    /// 7 and 30 days: times in `(t − 7 d, t]` and `(t − 30 d, t]`. The
+    /// 7-day `sumsq` is not kept (0): no feature reads the 7-day spread.
     pub prev_7d: PaneSum,
     pub prev_30d: PaneSum,
     pub secs_since_prev: Option<i64>,
@@ -195,27 +159,28 @@ impl CardState {
 
     pub fn newest_day(&self) -> u32 {
         self.log
-            .last()
-            .map_or(0, |e| (e.ts as i64).div_euclid(DAY) as u32)
+            .last_ts()
+            .map_or(0, |ts| (ts as i64).div_euclid(DAY) as u32)
     }
 
     pub fn prefetch_history(&self) {
         super::store::prefetch(
             self.recent.as_ptr(),
-            self.recent.len() * std::mem::size_of::<Recent>(),
+            self.log.tail_len() * std::mem::size_of::<Detail>(),
         );
-        // The windows read the whole log: a card's month is a few lines.
-        super::store::prefetch(
-            self.log.as_ptr(),
-            self.log.len() * std::mem::size_of::<Logged>(),
-        );
+        let hot = self.log.hot_bytes();
+        super::store::prefetch(hot.as_ptr(), hot.len());
     }
 
     /// Whether a transaction with this id hash is among the recent events:
     /// those of the exact windows' span, the only span in which an event
     /// is not too late to change the state anyway.
     pub fn has_seen(&self, id: u32, ts: u32) -> bool {
-        id != 0 && self.recent.iter().any(|r| r.id == id && r.ts == ts)
+        id != 0
+            && self.recent[..self.log.tail_len()]
+                .iter()
+                .enumerate()
+                .any(|(j, r)| r.id == id && self.log.tail_ts(j) == Some(ts))
     }
 
     /// The card's contribution to the features of an event at `t`, before
@@ -227,45 +192,16 @@ impl CardState {
             prev_lon: f32::NAN,
             ..CardView::default()
         };
-        // Both windows end at t (the whole log but for a late event); the
-        // 30-day one starts after t − 30 d, and the 7-day one within it.
-        // The edges are found by short walks, not binary searches: the log
-        // ends at or just after t, only a few expired events precede the
-        // 30-day window, and a week is the last quarter of the month.
-        let log = &self.log[..];
-        let mut end = log.len();
-        while end > 0 && log[end - 1].ts as i64 > t {
-            end -= 1;
-        }
-        let mut from_7 = end;
-        while from_7 > 0 && log[from_7 - 1].ts as i64 > t - 7 * DAY {
-            from_7 -= 1;
-        }
-        let mut from_30 = 0;
-        while from_30 < from_7 && log[from_30].ts as i64 <= t - LOG_SPAN {
-            from_30 += 1;
-        }
-        v.prev_7d = PaneSum::of(&log[from_7..end]);
-        let early = PaneSum::of(&log[from_30..from_7]);
-        v.prev_30d = PaneSum {
-            count: early.count + v.prev_7d.count,
-            sum: early.sum + v.prev_7d.sum,
-            sumsq: early.sumsq + v.prev_7d.sumsq,
-            large: early.large + v.prev_7d.large,
-        };
-
         let mut merchants = [0u32; 64];
         let mut distinct = 0usize;
-        let mut prev: Option<&Recent> = None;
-        for r in &self.recent {
-            let ts = r.ts as i64;
-            if ts > t {
-                break;
-            }
-            prev = Some(r);
+        let mut prev: Option<(u32, &Detail)> = None;
+        let (week, month) = self.log.windows(t, |j, ts, amount| {
+            let r = &self.recent[j];
+            prev = Some((ts, r));
+            let ts = ts as i64;
             if ts > t - DAY {
                 v.count_1d += 1;
-                v.sum_1d += r.amount as f64;
+                v.sum_1d += amount as f64;
                 if ts > t - 3600 {
                     v.count_1h += 1;
                 }
@@ -277,10 +213,11 @@ impl CardState {
                     distinct += 1;
                 }
             }
-        }
+        });
+        (v.prev_7d, v.prev_30d) = (week, month);
         v.distinct_merchants_1d = distinct as u32 + 1;
         let prev = prev
-            .map(|r| (r.ts, r.lat, r.lon))
+            .map(|(ts, r)| (ts, r.lat, r.lon))
             .or((self.before.ts != 0).then_some((
                 self.before.ts,
                 self.before.lat,
@@ -296,98 +233,99 @@ impl CardState {
     /// Adds an event. `settled` is the newest event time minus the allowed
     /// lateness: no later event can be asked about an earlier time, so the
     /// exact windows need nothing older than it minus their length.
-    /// `max_recent` bounds the raw events kept.
+    /// `max_recent` bounds the recent events kept.
     pub fn apply(&mut self, ev: Recent, large: bool, settled: i64, max_recent: usize) -> Applied {
         let mut applied = Applied::default();
-
-        let logged = Logged::new(ev.ts, ev.amount, large);
-        // Grown by an eighth, not doubled: a month of a card's events is
-        // most of its state, and doubling would leave a third of it empty
-        // on average. A realloc every eighth of the log is cheap beside it.
-        if self.log.len() == self.log.capacity() {
-            self.log.reserve_exact(self.log.len() / 8 + 4);
-        }
-        if self.log.last().is_none_or(|e| e.ts <= ev.ts) {
-            self.log.push(logged);
-        } else {
-            let pos = self.log.partition_point(|e| e.ts <= ev.ts);
-            self.log.insert(pos, logged);
-        }
-        // Expired events go a few at a time (the windows skip them), so
-        // that the log is not shifted for every event.
-        let expired = if self.log[0].ts as i64 <= settled - LOG_SPAN {
-            self.log
-                .partition_point(|e| (e.ts as i64) <= settled - LOG_SPAN)
-        } else {
-            0
+        let detail = Detail {
+            merchant: ev.merchant,
+            lat: ev.lat,
+            lon: ev.lon,
+            id: ev.id,
         };
-        let overflow = self.log.len().saturating_sub(MAX_LOGGED);
-        if expired >= 4 || overflow > 0 || (expired > 0 && self.log.len() == self.log.capacity()) {
-            self.log.drain(..expired.max(overflow));
-            applied.window_overflow = overflow > expired;
-            // A card that slowed down gives back what its busier month took.
-            if self.log.capacity() >= 2 * self.log.len() + 8 {
-                self.log.shrink_to(self.log.len() + self.log.len() / 4 + 2);
-            }
+        let logged = Event {
+            ts: ev.ts,
+            amount: ev.amount.abs(),
+            large,
+        };
+        match self.log.insert(logged) {
+            Some(j) => self.insert_recent(j, detail),
+            // A late event older than every recent one: it would leave the
+            // recent events at once.
+            None => self.keep_before(Prev {
+                ts: ev.ts,
+                lat: ev.lat,
+                lon: ev.lon,
+            }),
         }
-
-        if self.recent.last().is_none_or(|r| r.ts <= ev.ts) {
-            self.recent.push(ev);
-        } else {
-            let pos = self.recent.partition_point(|r| r.ts <= ev.ts);
-            self.recent.insert(pos, ev);
+        let taken = self.log.shorten_tail(settled - DAY, max_recent);
+        if taken.cut > 0 {
+            let last = self.recent[taken.cut - 1];
+            self.keep_before(Prev {
+                ts: taken.last_ts,
+                lat: last.lat,
+                lon: last.lon,
+            });
+            let len = self.log.tail_len() + taken.cut;
+            self.recent.copy_within(taken.cut..len, 0);
         }
-        let horizon = settled - DAY;
-        let expired = self.recent.partition_point(|r| (r.ts as i64) < horizon);
-        let overflow = self.recent.len().saturating_sub(max_recent);
-        let cut = expired.max(overflow);
-        if cut > 0 {
-            // A late event may be evicted at once: keep the newest ever evicted.
-            let newest = self.recent[cut - 1];
-            if self.before.ts <= newest.ts {
-                self.before = Prev {
-                    ts: newest.ts,
-                    lat: newest.lat,
-                    lon: newest.lon,
-                };
-            }
-            self.recent.drain(..cut);
+        applied.recent_overflow = taken.forced;
+        applied.window_overflow = self.log.expire(settled - LOG_SPAN);
+        // Most cards hold two or three recent events: keep the buffer that
+        // small, with one spare.
+        let len = self.log.tail_len();
+        if self.recent.len() >= len + 3 {
+            self.resize_recent(len + 1);
         }
-        // Most cards hold one or two recent events: keep the buffer that small.
-        if self.recent.capacity() >= 2 * self.recent.len() + 2 {
-            self.recent.shrink_to(self.recent.len() + 1);
-        }
-        applied.recent_overflow = overflow > expired;
         applied
+    }
+
+    /// The newest event that left the recent ones.
+    fn keep_before(&mut self, p: Prev) {
+        if self.before.ts <= p.ts {
+            self.before = p;
+        }
+    }
+
+    /// Puts a recent event's details at `j`, the log's tail having grown
+    /// by it.
+    fn insert_recent(&mut self, j: usize, d: Detail) {
+        let len = self.log.tail_len();
+        if self.recent.len() < len {
+            self.resize_recent(len + 1);
+        }
+        self.recent.copy_within(j..len - 1, j + 1);
+        self.recent[j] = d;
+    }
+
+    fn resize_recent(&mut self, n: usize) {
+        let mut v = std::mem::take(&mut self.recent).into_vec();
+        v.reserve_exact(n.saturating_sub(v.len()));
+        v.resize(n, Detail::default());
+        self.recent = v.into_boxed_slice();
     }
 }
 
-/// Version of [`CardState::encode`]'s layout, its first byte. Versions 1
-/// and 2 held whole-day panes instead of the log; they are still read (see
+/// Version of [`CardState::encode`]'s layout, its first byte. Version 3
+/// held the log as 8-byte events and the recent events whole, versions 1
+/// and 2 whole-day panes instead of the log; all are still read (see
 /// [`CardState::decode`]), so a rolling deploy restores what the previous
-/// release wrote.
-const ENCODING: u8 = 3;
+/// releases wrote.
+const ENCODING: u8 = 4;
 /// The daily panes of versions 1 and 2.
 const OLD_PANES: usize = 32;
 
 impl CardState {
-    /// The state as bytes, for the service's changelog: little-endian
-    /// fields in declaration order, each list after its length.
+    /// The state as bytes, for the service's changelog: the log's packed
+    /// stream, then little-endian fields in declaration order.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.reserve(19 + 8 * self.log.len() + 24 * self.recent.len());
+        let tail = self.log.tail_len();
+        out.reserve(32 + self.log.hot_bytes().len() * 4 + 16 * tail);
         out.push(ENCODING);
-        out.extend_from_slice(&(self.log.len() as u16).to_le_bytes());
-        for e in &self.log {
-            out.extend_from_slice(&e.ts.to_le_bytes());
-            out.extend_from_slice(&e.signed_amount.to_le_bytes());
-        }
+        self.log.encode(out);
         out.extend_from_slice(&self.before.ts.to_le_bytes());
         out.extend_from_slice(&self.before.lat.to_le_bytes());
         out.extend_from_slice(&self.before.lon.to_le_bytes());
-        out.extend_from_slice(&(self.recent.len() as u16).to_le_bytes());
-        for r in &self.recent {
-            out.extend_from_slice(&r.ts.to_le_bytes());
-            out.extend_from_slice(&r.amount.to_le_bytes());
+        for r in &self.recent[..tail] {
             out.extend_from_slice(&r.merchant.to_le_bytes());
             out.extend_from_slice(&r.lat.to_le_bytes());
             out.extend_from_slice(&r.lon.to_le_bytes());
@@ -413,67 +351,129 @@ impl CardState {
         let mut r = Reader(bytes);
         let version = r.u8()?;
         let mut c = CardState::default();
-        let mut panes = None;
-        match version {
-            ENCODING => {
-                let n = r.u16()? as usize;
-                c.log.reserve_exact(n);
-                for _ in 0..n {
-                    let e = Logged {
-                        ts: r.u32()?,
-                        signed_amount: r.f32()?,
-                    };
-                    if c.log.last().is_some_and(|last| last.ts > e.ts) {
-                        return None; // the windows' walks need time order
-                    }
-                    c.log.push(e);
-                }
-            }
-            1 | 2 => {
-                let newest_day = r.u32()?;
-                let mut tally = [0u16; OLD_PANES];
-                let mut sums = [0f32; OLD_PANES];
-                for t in &mut tally {
-                    *t = r.u16()?;
-                }
-                for v in &mut sums {
-                    *v = r.f32()?;
-                }
-                for _ in 0..OLD_PANES {
-                    r.f32()?; // sums of squares: the log recomputes them
-                }
-                panes = Some((newest_day, tally, sums));
-            }
-            _ => return None,
-        }
-        c.before = Prev {
-            ts: r.u32()?,
-            lat: r.f32()?,
-            lon: r.f32()?,
-        };
-        let n = r.u16()? as usize;
-        c.recent.reserve_exact(n);
-        for _ in 0..n {
-            c.recent.push(Recent {
+        if version == ENCODING {
+            c.log = Log::decode(&mut r)?;
+            c.before = Prev {
                 ts: r.u32()?,
-                amount: r.f32()?,
-                merchant: r.u32()?,
                 lat: r.f32()?,
                 lon: r.f32()?,
-                id: if version == 1 { 0 } else { r.u32()? },
-            });
+            };
+            let details = (0..c.log.tail_len())
+                .map(|_| {
+                    Some(Detail {
+                        merchant: r.u32()?,
+                        lat: r.f32()?,
+                        lon: r.f32()?,
+                        id: r.u32()?,
+                    })
+                })
+                .collect::<Option<Vec<_>>>()?;
+            c.recent = details.into_boxed_slice();
+        } else {
+            let (events, before, recent) = decode_whole_events(&mut r, version)?;
+            c.before = before;
+            c.set_log(&events, &recent);
         }
-        if version == ENCODING && r.u8() == Some(1) {
+        if matches!(version, 3 | ENCODING) && r.u8() == Some(1) {
             c.declared = Some(Box::new(DeclaredLog::decode(&mut r)?));
         }
-        if !r.0.is_empty() {
-            return None;
-        }
-        if let Some((newest_day, tally, sums)) = panes {
-            c.log = log_from_panes(newest_day, &tally, &sums, &c.recent);
-        }
-        Some(c)
+        r.0.is_empty().then_some(c)
     }
+
+    /// The log of `events`, with the recent events that are its last ones
+    /// as its tail. An earlier recent event that is not (versions 1 and 2
+    /// put a day's other events after it) counts as one that left.
+    fn set_log(&mut self, events: &[Event], recent: &[Recent]) {
+        let matching = recent
+            .iter()
+            .rev()
+            .zip(events.iter().rev())
+            .take_while(|(r, e)| r.ts == e.ts)
+            .count();
+        let (left, kept) = recent.split_at(recent.len() - matching);
+        if let Some(r) = left.last() {
+            self.keep_before(Prev {
+                ts: r.ts,
+                lat: r.lat,
+                lon: r.lon,
+            });
+        }
+        self.log = Log::from_events(events, kept.len());
+        let kept = &kept[kept.len() - self.log.tail_len()..];
+        self.recent = kept
+            .iter()
+            .map(|r| Detail {
+                merchant: r.merchant,
+                lat: r.lat,
+                lon: r.lon,
+                id: r.id,
+            })
+            .collect();
+    }
+}
+
+/// Versions 1 to 3: the log's events (rebuilt from daily panes for 1 and
+/// 2), the event before the recent ones, and the recent events whole.
+fn decode_whole_events(r: &mut Reader, version: u8) -> Option<(Vec<Event>, Prev, Vec<Recent>)> {
+    let mut events = Vec::new();
+    let mut panes = None;
+    match version {
+        3 => {
+            let n = r.u16()? as usize;
+            if n > MAX_LOGGED {
+                return None;
+            }
+            events.reserve_exact(n);
+            for _ in 0..n {
+                let (ts, signed) = (r.u32()?, r.f32()?);
+                if events.last().is_some_and(|e: &Event| e.ts > ts) {
+                    return None; // the log is in time order
+                }
+                events.push(Event {
+                    ts,
+                    amount: signed.abs(),
+                    large: signed.is_sign_negative(),
+                });
+            }
+        }
+        1 | 2 => {
+            let newest_day = r.u32()?;
+            let mut tally = [0u16; OLD_PANES];
+            let mut sums = [0f32; OLD_PANES];
+            for t in &mut tally {
+                *t = r.u16()?;
+            }
+            for v in &mut sums {
+                *v = r.f32()?;
+            }
+            for _ in 0..OLD_PANES {
+                r.f32()?; // sums of squares: the log recomputes them
+            }
+            panes = Some((newest_day, tally, sums));
+        }
+        _ => return None,
+    }
+    let before = Prev {
+        ts: r.u32()?,
+        lat: r.f32()?,
+        lon: r.f32()?,
+    };
+    let n = r.u16()? as usize;
+    let mut recent = Vec::with_capacity(n.min(256));
+    for _ in 0..n {
+        recent.push(Recent {
+            ts: r.u32()?,
+            amount: r.f32()?,
+            merchant: r.u32()?,
+            lat: r.f32()?,
+            lon: r.f32()?,
+            id: if version == 1 { 0 } else { r.u32()? },
+        });
+    }
+    if let Some((newest_day, tally, sums)) = panes {
+        events = log_from_panes(newest_day, &tally, &sums, &recent);
+    }
+    Some((events, before, recent))
 }
 
 /// The events versions 1 and 2 stand for: per day, its recent events as
@@ -484,7 +484,7 @@ fn log_from_panes(
     tally: &[u16; OLD_PANES],
     sums: &[f32; OLD_PANES],
     recent: &[Recent],
-) -> Vec<Logged> {
+) -> Vec<Event> {
     const COUNT_BITS: u16 = 0x0fff;
     let mut log = Vec::new();
     let first = newest_day.saturating_sub(OLD_PANES as u32 - 1);
@@ -505,12 +505,15 @@ fn log_from_panes(
             0.0
         };
         let start = (day as i64 * DAY) as u32;
-        for _ in 0..rest {
-            log.push(Logged::new(start, mean, large > 0));
-            large = large.saturating_sub(1);
-        }
-        for r in known {
-            log.push(Logged::new(r.ts, r.amount, large > 0));
+        let events = (0..rest)
+            .map(|_| (start, mean))
+            .chain(known.iter().map(|r| (r.ts, r.amount.abs())));
+        for (ts, amount) in events {
+            log.push(Event {
+                ts,
+                amount,
+                large: large > 0,
+            });
             large = large.saturating_sub(1);
         }
     }
@@ -522,7 +525,7 @@ fn log_from_panes(
 /// Little-endian fields off the front of a byte slice.
 pub(crate) struct Reader<'a>(pub &'a [u8]);
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
     fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
         let (head, rest) = self.0.split_first_chunk::<N>()?;
         self.0 = rest;
@@ -543,6 +546,11 @@ impl Reader<'_> {
     pub fn f32(&mut self) -> Option<f32> {
         self.take().map(f32::from_le_bytes)
     }
+    pub fn bytes(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.0.split_at_checked(n)?;
+        self.0 = rest;
+        Some(head)
+    }
 }
 
 #[cfg(test)]
@@ -553,9 +561,8 @@ mod tests {
             "CardState {} bytes",
             std::mem::size_of::<super::CardState>()
         );
-        assert!(std::mem::size_of::<super::CardState>() <= 72);
-        assert_eq!(std::mem::size_of::<super::Logged>(), 8);
-        assert_eq!(std::mem::size_of::<super::Recent>(), 24);
+        assert!(std::mem::size_of::<super::CardState>() <= 136);
+        assert_eq!(std::mem::size_of::<super::Detail>(), 16);
     }
 
     /// A card's state survives the changelog's encoding bit for bit, and
@@ -584,7 +591,11 @@ mod tests {
         let d = CardState::decode(&bytes).expect("decodes");
         let mut again = Vec::new();
         d.encode(&mut again);
-        assert_eq!(bytes, again);
+        // The running card's stream may start mid-byte; the decoded one's
+        // is re-encoded from the first event, and stays so.
+        let mut third = Vec::new();
+        CardState::decode(&again).unwrap().encode(&mut third);
+        assert_eq!(again, third);
         let t = 1_600_000_000 + 40 * 3000;
         let (a, b) = (c.view(t, 3), d.view(t, 3));
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
