@@ -168,8 +168,7 @@ impl CardState {
             self.recent.as_ptr(),
             self.log.tail_len() * std::mem::size_of::<Detail>(),
         );
-        let hot = self.log.hot_bytes();
-        super::store::prefetch(hot.as_ptr(), hot.len());
+        self.log.prefetch();
     }
 
     /// Whether a transaction with this id hash is among the recent events:
@@ -319,7 +318,7 @@ impl CardState {
     /// stream, then little-endian fields in declaration order.
     pub fn encode(&self, out: &mut Vec<u8>) {
         let tail = self.log.tail_len();
-        out.reserve(32 + self.log.hot_bytes().len() * 4 + 16 * tail);
+        out.reserve(32 + self.log.stream().len() + 16 * tail);
         out.push(ENCODING);
         self.log.encode(out);
         out.extend_from_slice(&self.before.ts.to_le_bytes());
@@ -606,6 +605,70 @@ mod tests {
         let last = 1_600_000_000 + 39 * 3000;
         assert!(d.has_seen(1039, last) && !d.has_seen(1039, last - 1));
         assert!(!d.has_seen(0, last) && !d.has_seen(7, last));
+    }
+
+    /// What the previous release wrote (layout 3: the log as 8-byte
+    /// events, the recent events whole) restores to the very state the
+    /// running card has: the same windows, previous event and duplicates.
+    #[test]
+    fn version_3_restores_exactly() {
+        use super::*;
+        let t0 = 1_600_000_000u32;
+        let mut c = CardState::default();
+        let mut events = Vec::new();
+        let mut recent = Vec::new();
+        for i in 0..50u32 {
+            let ev = Recent {
+                ts: t0 + i * 20_000,
+                amount: (i * 137 % 5000) as f32 / 100.0 + 1.0,
+                merchant: i % 5,
+                lat: 40.0 + i as f32,
+                lon: 2.0,
+                id: 500 + i,
+            };
+            let large = i % 7 == 0;
+            let settled = ev.ts as i64 - 3600;
+            c.apply(ev, large, settled, 64);
+            events.push((ev.ts, if large { -ev.amount } else { ev.amount }));
+            recent.push(ev);
+            events.retain(|e| e.0 as i64 > settled - LOG_SPAN);
+            recent.retain(|r| r.ts as i64 >= settled - DAY);
+        }
+        // The card as the previous release would have written it.
+        let mut b = vec![3u8];
+        b.extend_from_slice(&(events.len() as u16).to_le_bytes());
+        for (ts, signed) in &events {
+            b.extend_from_slice(&ts.to_le_bytes());
+            b.extend_from_slice(&signed.to_le_bytes());
+        }
+        for v in [c.before.ts, c.before.lat.to_bits(), c.before.lon.to_bits()] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&(recent.len() as u16).to_le_bytes());
+        for r in &recent {
+            for v in [
+                r.ts,
+                r.amount.to_bits(),
+                r.merchant,
+                r.lat.to_bits(),
+                r.lon.to_bits(),
+                r.id,
+            ] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        let d = CardState::decode(&b).expect("version 3 decodes");
+        assert_eq!(d.log.to_vec(), c.log.to_vec());
+        assert_eq!(d.log.tail_len(), c.log.tail_len());
+        let last = t0 + 49 * 20_000;
+        for t in [last as i64, last as i64 + 3 * DAY, last as i64 - 1000] {
+            assert_eq!(
+                format!("{:?}", d.view(t, 1)),
+                format!("{:?}", c.view(t, 1)),
+                "at {t}"
+            );
+        }
+        assert!(d.has_seen(549, last) && !d.has_seen(549, last - 1));
     }
 
     /// What earlier releases wrote (daily panes; version 1 without ids)

@@ -687,12 +687,22 @@ impl Log {
         (week.pane(), month.pane())
     }
 
-    /// The bytes the windows of an event read: the head, the 7-day
-    /// cursor and the tail, a few lines in all.
-    pub fn hot_bytes(&self) -> &[u8] {
-        let from = (self.head.bit / 8) as usize;
+    /// The stream's bytes, from the head's on.
+    pub fn stream(&self) -> &[u8] {
         let to = (self.end.div_ceil(8) as usize).min(self.bytes.len());
-        &self.bytes[from.min(to)..to]
+        &self.bytes[((self.head.bit / 8) as usize).min(to)..to]
+    }
+
+    /// Starts loading what an event reads and moves: the tail to the end
+    /// (the view), and the head's and the week's events (expiry). Not the
+    /// month between them.
+    pub fn prefetch(&self) {
+        let line = |bit: u32| self.bytes.as_ptr().wrapping_add((bit / 8) as usize);
+        let to = self.end.div_ceil(8);
+        let tail = self.tail.bit.min(self.end);
+        super::super::store::prefetch(line(tail), (to - tail / 8) as usize);
+        super::super::store::prefetch(line(self.head.bit), 1);
+        super::super::store::prefetch(line(self.week.bit), 1);
     }
 
     /// A log of these events, in time order, the last `tail_len` of them
