@@ -20,7 +20,7 @@ use serde::Serialize;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
-use store::{KeyedStore, key_hash};
+use store::{Found, KeyedStore, key_hash};
 
 /// Feature names, in the order models see them.
 pub const NAMES: [&str; N_FEATURES] = [
@@ -293,19 +293,23 @@ impl Engine {
     }
 
     /// Lets a card's event in: refused if too late or already in its
-    /// card's state, else event time moves on.
+    /// card's state, else event time moves on. Where the card's state is,
+    /// for the fold, unless an idle sweep may have moved it.
     #[inline]
-    fn admit_card(&mut self, t: i64, keys: Keys) -> Result<(), Refused> {
+    fn admit_card(&mut self, t: i64, keys: Keys) -> Result<Option<Found>, Refused> {
         if let Err(e) = self.check_late(t) {
             self.stats.too_late += 1;
             return Err(e.into());
         }
-        if self.is_duplicate(keys, t) {
+        let found = self.cards.find(keys.card);
+        if keys.transaction != 0
+            && found.is_some_and(|f| self.cards.at(f).has_seen(keys.short_id(), t as u32))
+        {
             self.stats.duplicates += 1;
             return Err(Refused::Duplicate);
         }
-        self.advance(t);
-        Ok(())
+        let swept = self.advance(t);
+        Ok(found.filter(|_| !swept))
     }
 
     /// Whether the event's transaction (its id at time `t`) is already in
@@ -426,9 +430,9 @@ impl Engine {
         keys: Keys,
         f: &mut Features,
     ) -> Result<Observed, Refused> {
-        self.admit_card(tx.time.utc, keys)?;
+        let found = self.admit_card(tx.time.utc, keys)?;
         let merchant = self.fold_merchant(tx.time.utc, keys.merchant);
-        Ok(self.fold_card(tx, keys, merchant, f))
+        Ok(self.fold_card(tx, keys, found, merchant, f))
     }
 
     /// The card half of [`Engine::observe_keyed`], for a pipeline that runs
@@ -442,8 +446,8 @@ impl Engine {
         keys: Keys,
         f: &mut Features,
     ) -> Result<Observed, Refused> {
-        self.admit_card(tx.time.utc, keys)?;
-        Ok(self.fold_card(tx, keys, MerchantView::default(), f))
+        let found = self.admit_card(tx.time.utc, keys)?;
+        Ok(self.fold_card(tx, keys, found, MerchantView::default(), f))
     }
 
     /// The merchant half of [`Engine::observe_keyed`]: the merchant's view
@@ -474,11 +478,12 @@ impl Engine {
         &mut self,
         tx: &Transaction,
         keys: Keys,
+        found: Option<Found>,
         merchant: MerchantView,
         f: &mut Features,
     ) -> Observed {
         let cfg = self.cfg;
-        let card = self.cards.get_or_default(keys.card);
+        let card = self.cards.found_or_default(keys.card, found);
         let settled = self.watermark - cfg.allowed_lateness_secs;
         let declared = self.program.as_deref().map(|p| (p, &mut self.scratch, f));
         let (observed, applied) =
@@ -504,9 +509,9 @@ impl Engine {
         merchant: MerchantView,
     ) -> Result<Features, Refused> {
         let keys = Keys::of(tx);
-        self.admit_card(tx.time.utc, keys)?;
+        let found = self.admit_card(tx.time.utc, keys)?;
         let mut f = Features::default();
-        let observed = self.fold_card(tx, keys, merchant, &mut f);
+        let observed = self.fold_card(tx, keys, found, merchant, &mut f);
         if let Some(c) = &mut self.changes {
             c.changed.insert(keys.card.max(1));
         }
@@ -612,7 +617,8 @@ impl Engine {
 
     /// Moves event time forward: releases labels that are now known and,
     /// once a week of event time, drops idle keys.
-    fn advance(&mut self, t: i64) {
+    /// Moves event time on; whether an idle sweep ran.
+    fn advance(&mut self, t: i64) -> bool {
         if t > self.watermark {
             self.watermark = t;
         }
@@ -623,10 +629,12 @@ impl Engine {
             self.pending.pop();
             self.apply_label(merchant, tx_time);
         }
-        if self.watermark >= self.next_sweep {
+        let sweep = self.watermark >= self.next_sweep;
+        if sweep {
             self.next_sweep = self.watermark + SWEEP_EVERY;
             self.sweep();
         }
+        sweep
     }
 
     fn sweep(&mut self) {

@@ -130,6 +130,10 @@ impl Index {
     }
 }
 
+/// An entry's place in a [`KeyedStore`].
+#[derive(Debug, Clone, Copy)]
+pub struct Found(u32);
+
 pub struct KeyedStore<T> {
     index: Index,
     chunks: Vec<Vec<T>>,
@@ -171,6 +175,25 @@ impl<T: Default> KeyedStore<T> {
 
     pub fn get(&self, key: u64) -> Option<&T> {
         self.index.get(key).map(|i| self.slot(i))
+    }
+
+    /// Where `key`'s entry is, if it has one: good until an entry is
+    /// removed.
+    pub fn find(&self, key: u64) -> Option<Found> {
+        self.index.get(key).map(Found)
+    }
+
+    pub fn at(&self, found: Found) -> &T {
+        self.slot(found.0)
+    }
+
+    /// `key`'s entry, at `found` when [`KeyedStore::find`] gave it and no
+    /// entry was removed since: one lookup for a read then a write.
+    pub fn found_or_default(&mut self, key: u64, found: Option<Found>) -> &mut T {
+        match found {
+            Some(f) => self.slot_mut(f.0),
+            None => self.get_or_default(key),
+        }
     }
 
     pub fn get_or_default(&mut self, key: u64) -> &mut T {
