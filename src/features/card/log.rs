@@ -205,34 +205,26 @@ fn exp_golomb(word: u64, k: u32) -> Option<(u64, u32)> {
 }
 
 /// ORs the `n` low bits of `value` in at `bit` (the bits there are zero).
+#[inline]
 fn put(bytes: &mut [u8], bit: u32, value: u64, n: u32) {
     if n == 0 {
         return;
     }
     let (at, off) = ((bit / 8) as usize, bit % 8);
-    debug_assert!(n + off <= 64 && value >> n == 0);
-    let b = (value << (64 - n - off)).to_be_bytes();
-    for (dst, src) in bytes[at..]
-        .iter_mut()
-        .zip(&b[..(off + n).div_ceil(8) as usize])
-    {
-        *dst |= src;
+    debug_assert!(n + off <= 64 && (n == 64 || value >> n == 0));
+    let w = value << (64 - n - off);
+    if let Some(chunk) = bytes.get_mut(at..at + 8) {
+        let old = u64::from_be_bytes((&*chunk).try_into().expect("8 bytes"));
+        chunk.copy_from_slice(&(old | w).to_be_bytes());
+    } else {
+        let b = w.to_be_bytes();
+        for (dst, src) in bytes[at..]
+            .iter_mut()
+            .zip(&b[..(off + n).div_ceil(8) as usize])
+        {
+            *dst |= src;
+        }
     }
-}
-
-/// The length in bits of `v` as exp-Golomb of order `k`.
-fn exp_golomb_bits(v: u64, k: u32) -> u32 {
-    let n = 64 - (v + (1 << k)).leading_zeros();
-    2 * n - k - 1
-}
-
-/// Writes `v` as exp-Golomb of order `k`; its length in bits.
-fn put_exp_golomb(bytes: &mut [u8], bit: u32, v: u64, k: u32) -> u32 {
-    let x = v + (1 << k);
-    let n = 64 - x.leading_zeros();
-    let zeros = n - k - 1;
-    put(bytes, bit + zeros, x, n);
-    zeros + n
 }
 
 /// The event at `at` of a stream the log wrote, and the cursor at the
@@ -331,28 +323,25 @@ fn from_cents(cents: u64) -> f32 {
     (cents as f64 * 0.01) as f32
 }
 
-/// The amount's code: its length in bits, flags included, and the cents
-/// when they give the amount back.
-fn amount_code(amount: f32) -> (u32, Option<u64>) {
-    match cents(amount) {
-        Some(c) => (2 + exp_golomb_bits(c, CENTS_ORDER), Some(c)),
-        None => (34, None),
+/// The amount's code, flags included: its bits as a value, and their
+/// number.
+fn amount_code(ev: Event) -> (u64, u32) {
+    let large = u64::from(ev.large) << 1;
+    match cents(ev.amount) {
+        Some(c) => {
+            let x = c + (1 << CENTS_ORDER);
+            // The code is x after as many zeros as x has bits past the order.
+            let n = 2 * (64 - x.leading_zeros()) - CENTS_ORDER - 1;
+            (((large | 1) << n) | x, 2 + n)
+        }
+        None => ((large << 32) | ev.amount.to_bits() as u64, 34),
     }
 }
 
-/// Writes the amount and large flag of `ev` at `bit`; `code` is its
-/// [`amount_code`].
-fn put_amount(bytes: &mut [u8], bit: u32, ev: Event, code: (u32, Option<u64>)) {
-    match code.1 {
-        Some(c) => {
-            put(bytes, bit, (u64::from(ev.large) << 1) | 1, 2);
-            put_exp_golomb(bytes, bit + 2, c, CENTS_ORDER);
-        }
-        None => {
-            put(bytes, bit, u64::from(ev.large) << 1, 2);
-            put(bytes, bit + 2, ev.amount.to_bits() as u64, 32);
-        }
-    }
+/// The time delta's code: its bits as a value, and their number.
+fn delta_code(delta: u64) -> (u64, u32) {
+    let x = delta + (1 << TS_ORDER);
+    (x, 2 * (64 - x.leading_zeros()) - TS_ORDER - 1)
 }
 
 /// The log: events in time order (ties in arrival order), the 7-day
@@ -486,7 +475,7 @@ impl Log {
     /// Appends an event no older than the newest. The tail's length is the
     /// caller's.
     fn push(&mut self, ev: Event) {
-        let code = amount_code(ev.amount);
+        let code = amount_code(ev);
         if self.len == 0 {
             // Empty: start the stream over at this event.
             self.bytes.fill(0);
@@ -494,19 +483,26 @@ impl Log {
                 bytes: std::mem::take(&mut self.bytes),
                 ..Log::default()
             };
-            self.reserve(code.0);
-            put_amount(&mut self.bytes, 0, ev, code);
+            self.reserve(code.1);
+            put(&mut self.bytes, 0, code.0, code.1);
             self.head = Cursor { bit: 0, ts: ev.ts };
             (self.week, self.tail) = (self.head, self.head);
         } else {
-            let delta = (ev.ts - self.last_ts) as u64;
-            self.reserve(exp_golomb_bits(delta, TS_ORDER) + code.0);
-            let n = put_exp_golomb(&mut self.bytes, self.end, delta, TS_ORDER);
+            let delta = delta_code((ev.ts - self.last_ts) as u64);
+            self.reserve(delta.1 + code.1);
+            // One write for both codes when they fit a word, as they do but
+            // for raw amounts after long gaps.
+            if self.end % 8 + delta.1 + code.1 <= 64 {
+                let both = (delta.0 << code.1) | code.0;
+                put(&mut self.bytes, self.end, both, delta.1 + code.1);
+            } else {
+                put(&mut self.bytes, self.end, delta.0, delta.1);
+                put(&mut self.bytes, self.end + delta.1, code.0, code.1);
+            }
             let at = Cursor {
-                bit: self.end + n,
+                bit: self.end + delta.1,
                 ts: ev.ts,
             };
-            put_amount(&mut self.bytes, at.bit, ev, code);
             // Cursors past the last event now point at this one.
             if self.week_index == self.len {
                 self.week = at;
@@ -516,7 +512,7 @@ impl Log {
             }
             self.end = at.bit;
         }
-        self.end += code.0;
+        self.end += code.1;
         self.last_ts = ev.ts;
         self.len += 1;
         let (s, q) = terms(ev.amount);
