@@ -15,6 +15,7 @@
 //! its changelog computes what the running card did, bit for bit.
 
 use super::{DAY, LOG_SPAN, MAX_LOGGED, PaneSum};
+use crate::features::AMOUNT_CEILING;
 
 const TS_ORDER: u32 = 14;
 const CENTS_ORDER: u32 = 12;
@@ -146,8 +147,8 @@ impl Sums {
         let (s, q) = terms(ev.amount);
         self.count += 1;
         self.large += u32::from(ev.large);
-        self.sum += s;
-        self.sumsq += q;
+        self.sum = self.sum.wrapping_add(s);
+        self.sumsq = self.sumsq.wrapping_add(q);
     }
 
     #[inline]
@@ -155,8 +156,8 @@ impl Sums {
         let (s, q) = terms(ev.amount);
         self.count -= 1;
         self.large -= u32::from(ev.large);
-        self.sum -= s;
-        self.sumsq -= q;
+        self.sum = self.sum.wrapping_sub(s);
+        self.sumsq = self.sumsq.wrapping_sub(q);
     }
 
     fn pane(self) -> PaneSum {
@@ -269,14 +270,22 @@ fn step(bytes: &[u8], end: u32, at: Cursor) -> (Event, Cursor) {
     (ev, next)
 }
 
-/// [`step`] for bytes from outside: `None` for a code no writer makes or a
-/// time past `u32`.
+/// Whether the state can hold `amount`: what `state_amount` gives, the
+/// bound the sums' widths are chosen for.
+pub(crate) fn holdable(amount: f32) -> bool {
+    (0.0..=AMOUNT_CEILING).contains(&(amount as f64))
+}
+
+/// [`step`] for bytes from outside: `None` for a code no writer makes, an
+/// amount no event has, or a time past `u32`.
 fn checked_step(bytes: &[u8], end: u32, at: Cursor) -> Option<(Event, Cursor)> {
     let w = peek(bytes, at.bit);
     let m = if (w >> 62) & 1 == 1 {
         2 + exp_golomb(w << 2, CENTS_ORDER)?.1
-    } else {
+    } else if holdable(f32::from_bits((w << 2 >> 32) as u32)) {
         34
+    } else {
+        return None;
     };
     let after = at.bit + m;
     if after > end {
@@ -802,7 +811,7 @@ mod tests {
             let mut extreme = events.clone();
             extreme.push(Event {
                 ts: u32::MAX,
-                amount: f32::MAX,
+                amount: AMOUNT_CEILING as f32,
                 large: true,
             });
             for events in [events, extreme] {
