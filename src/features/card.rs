@@ -47,6 +47,17 @@ struct Detail {
     id: u32,
 }
 
+impl Detail {
+    fn of(r: &Recent) -> Detail {
+        Detail {
+            merchant: r.merchant,
+            lat: r.lat,
+            lon: r.lon,
+            id: r.id,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Prev {
     ts: u32,
@@ -236,12 +247,7 @@ impl CardState {
     /// `max_recent` bounds the recent events kept.
     pub fn apply(&mut self, ev: Recent, large: bool, settled: i64, max_recent: usize) -> Applied {
         let mut applied = Applied::default();
-        let detail = Detail {
-            merchant: ev.merchant,
-            lat: ev.lat,
-            lon: ev.lon,
-            id: ev.id,
-        };
+        let detail = Detail::of(&ev);
         let logged = Event {
             ts: ev.ts,
             amount: ev.amount.abs(),
@@ -400,15 +406,7 @@ impl CardState {
         }
         self.log = Log::from_events(events, kept.len());
         let kept = &kept[kept.len() - self.log.tail_len()..];
-        self.recent = kept
-            .iter()
-            .map(|r| Detail {
-                merchant: r.merchant,
-                lat: r.lat,
-                lon: r.lon,
-                id: r.id,
-            })
-            .collect();
+        self.recent = kept.iter().map(Detail::of).collect();
     }
 }
 

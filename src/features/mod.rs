@@ -302,9 +302,7 @@ impl Engine {
             return Err(e.into());
         }
         let found = self.cards.find(keys.card);
-        if keys.transaction != 0
-            && found.is_some_and(|f| self.cards.at(f).has_seen(keys.short_id(), t as u32))
-        {
+        if self.seen_at(found, keys, t) {
             self.stats.duplicates += 1;
             return Err(Refused::Duplicate);
         }
@@ -315,11 +313,13 @@ impl Engine {
     /// Whether the event's transaction (its id at time `t`) is already in
     /// its card's state.
     pub fn is_duplicate(&self, keys: Keys, t: i64) -> bool {
+        self.seen_at(self.cards.find(keys.card), keys, t)
+    }
+
+    /// [`Engine::is_duplicate`] with the card's state found.
+    fn seen_at(&self, card: Option<Found>, keys: Keys, t: i64) -> bool {
         keys.transaction != 0
-            && self
-                .cards
-                .get(keys.card)
-                .is_some_and(|c| c.has_seen(keys.short_id(), t as u32))
+            && card.is_some_and(|c| self.cards.at(c).has_seen(keys.short_id(), t as u32))
     }
 
     /// Starts loading the state of a run of events; see [`store::prefetch`].
@@ -616,8 +616,7 @@ impl Engine {
     }
 
     /// Moves event time forward: releases labels that are now known and,
-    /// once a week of event time, drops idle keys.
-    /// Moves event time on; whether an idle sweep ran.
+    /// once a week of event time, drops idle keys (whether it did).
     fn advance(&mut self, t: i64) -> bool {
         if t > self.watermark {
             self.watermark = t;

@@ -742,7 +742,8 @@ impl Log {
     }
 
     /// What [`Log::encode`] wrote, checked event by event; `None` for
-    /// anything else.
+    /// anything else. The stream is taken as it is: one pass checks it and
+    /// finds the sums and cursors, so that a restore does not re-encode.
     pub fn decode(r: &mut super::Reader) -> Option<Log> {
         let len = r.u16()? as usize;
         let tail_len = r.u8()? as usize;
@@ -750,24 +751,63 @@ impl Log {
         let last_ts = r.u32()?;
         let first_bit = r.u8()? as u32;
         let end = r.u32()?;
-        let bytes = r.bytes(end.div_ceil(8) as usize)?;
+        let stream = r.bytes(end.div_ceil(8) as usize)?;
         if len > MAX_LOGGED || tail_len > len || first_bit >= 8 || end < first_bit {
             return None;
         }
-        let mut at = Cursor {
+        if len == 0 {
+            return (end == first_bit).then(Log::default);
+        }
+        let mut bytes = vec![0; stream.len().next_multiple_of(GROWTH)];
+        bytes[..stream.len()].copy_from_slice(stream);
+        if end % 8 != 0 {
+            // Appends OR their bits in: what follows the end must be zero.
+            bytes[(end / 8) as usize] &= !(0xff >> (end % 8));
+        }
+        let head = Cursor {
             bit: first_bit,
             ts: head_ts,
         };
-        let mut events = Vec::with_capacity(len);
-        for _ in 0..len {
-            let (ev, next) = checked_step(bytes, end, at)?;
-            events.push(ev);
+        let mut log = Log {
+            bytes: bytes.into_boxed_slice(),
+            head,
+            week: head,
+            tail: head,
+            end,
+            last_ts,
+            len: len as u16,
+            week_index: len as u16,
+            counts: tail_len as u32 * TAIL,
+            ..Log::default()
+        };
+        let week_from = last_ts as i64 - 7 * DAY;
+        let mut at = head;
+        for i in 0..len {
+            if i == len - tail_len {
+                log.tail = at;
+            }
+            let in_week = at.ts as i64 > week_from;
+            if in_week && log.week_index as usize == len {
+                (log.week, log.week_index) = (at, i as u16);
+            }
+            let (ev, next) = checked_step(&log.bytes, end, at)?;
+            let (s, q) = terms(ev.amount);
+            log.sum.add(s);
+            log.sumsq.add(q);
+            log.counts += u32::from(ev.large) * LARGE;
+            if in_week {
+                log.week_sum.add(s);
+                log.counts += u32::from(ev.large) * WEEK_LARGE;
+            }
             at = next;
         }
-        if at.bit != end || (len > 0 && at.ts != last_ts) {
-            return None;
+        if log.week_index as usize == len {
+            log.week = at;
         }
-        Some(Log::from_events(&events, tail_len))
+        if tail_len == 0 {
+            log.tail = at;
+        }
+        (at.bit == end && at.ts == last_ts).then_some(log)
     }
 
     #[cfg(test)]
@@ -821,6 +861,15 @@ mod tests {
                 log.encode(&mut bytes);
                 let back = Log::decode(&mut super::super::Reader(&bytes)).expect("decodes");
                 assert_eq!(back.to_vec(), events);
+                // Read in one pass, the sums and cursors are what appending gave.
+                assert_eq!(
+                    (back.sum, back.week_sum, back.sumsq, back.counts),
+                    (log.sum, log.week_sum, log.sumsq, log.counts)
+                );
+                assert_eq!(
+                    (back.week, back.week_index, back.tail),
+                    (log.week, log.week_index, log.tail)
+                );
                 assert_eq!(back.tail_len(), 3);
                 assert_eq!(back.tail_ts(2), events.last().map(|e| e.ts));
             }
