@@ -30,10 +30,29 @@ fn fails(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn workdir(name: &str) -> PathBuf {
+/// A test's own directory, removed when the test passes and kept, for a
+/// look, when it fails.
+struct WorkDir(PathBuf);
+
+impl std::ops::Deref for WorkDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn workdir(name: &str) -> WorkDir {
     let dir = std::env::temp_dir().join(format!("peregrine-cli-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    WorkDir(dir)
 }
 
 fn s(p: &Path) -> &str {
@@ -545,22 +564,40 @@ fn features_files_declare_the_columns() {
         .collect();
     assert!(values.len() > 20, "{} distinct shares", values.len());
 
+    // Trained on three weeks, evaluated on the five days after.
+    let train_and_eval = |model: &Path, trees: &str, features: &str| {
+        ok(&[
+            "train",
+            "--data",
+            s(&data),
+            "--train-from",
+            "2018-04-20",
+            "--train-to",
+            "2018-05-10",
+            "--out",
+            s(model),
+            "--trees",
+            trees,
+            "--features",
+            features,
+        ]);
+        let eval = ok(&[
+            "eval",
+            "--data",
+            s(&data),
+            "--model",
+            s(model),
+            "--test-from",
+            "2018-05-10",
+            "--test-to",
+            "2018-05-15",
+        ]);
+        let report: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+        report["auc_roc"].as_f64().unwrap()
+    };
     let model = dir.join("ext.json");
-    ok(&[
-        "train",
-        "--data",
-        s(&data),
-        "--train-from",
-        "2018-04-20",
-        "--train-to",
-        "2018-05-10",
-        "--out",
-        s(&model),
-        "--trees",
-        "30",
-        "--features",
-        &extended,
-    ]);
+    let auc = train_and_eval(&model, "30", &extended);
+    assert!(auc > 0.7, "AUC {auc}");
     let stored: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&model).unwrap()).unwrap();
     assert_eq!(stored["features"].as_array().unwrap().len(), 44);
@@ -570,19 +607,6 @@ fn features_files_declare_the_columns() {
             .unwrap()
             .contains("card_mcc.count_30d")
     );
-    let eval = ok(&[
-        "eval",
-        "--data",
-        s(&data),
-        "--model",
-        s(&model),
-        "--test-from",
-        "2018-05-10",
-        "--test-to",
-        "2018-05-15",
-    ]);
-    let report: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
-    assert!(report["auc_roc"].as_f64().unwrap() > 0.7, "{report}");
     let alerts = dir.join("alerts.jsonl");
     ok(&[
         "replay",
@@ -681,4 +705,21 @@ fn features_files_declare_the_columns() {
         s(&broken),
     ]);
     assert!(e.contains("feature `card.weird`, `agg`: `median`"), "{e}");
+
+    // A merchant's count over all its cards: computed from a file, and
+    // refused by the service, whose state is partitioned by card.
+    let merchant_file = dir.join("merchant.toml");
+    std::fs::write(
+        &merchant_file,
+        "format = 1\n[[feature]]\nname = \"tx.amount_paid\"\nvalue = \"amount\"\n[[feature]]\nname = \"merchant.count_last_hour\"\nentity = \"merchant_id\"\nagg = \"count\"\nwindow = \"1h\"\n",
+    )
+    .unwrap();
+    let merchant_model = dir.join("merchant.json");
+    let auc = train_and_eval(&merchant_model, "10", s(&merchant_file));
+    assert!(auc > 0.5, "AUC {auc}");
+    let e = fails(&["serve", "--model", s(&merchant_model)]);
+    assert!(
+        e.contains("`merchant.count_last_hour` aggregates per `merchant_id`"),
+        "{e}"
+    );
 }

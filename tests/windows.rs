@@ -7,7 +7,7 @@ use peregrine::features::geo::haversine_km;
 use peregrine::features::{
     Engine, FeatureConfig, Features, N_FEATURES, NAMES, NO_PREVIOUS_SECS, idx,
 };
-use peregrine::ingest::{Channel, EventTime, Transaction};
+use peregrine::ingest::{AttrValue, Channel, EventTime, Transaction};
 use peregrine::sim::{SimConfig, Simulation};
 use proptest::prelude::*;
 
@@ -316,6 +316,16 @@ proptest! {
         check_interpreted(&events, cfg(1, 6 * HOUR))?;
     }
 
+    #[test]
+    fn entity_windows_match_the_reference(events in streams(HOUR)) {
+        check_entities(&events, cfg(7, HOUR))?;
+    }
+
+    #[test]
+    fn entity_windows_match_the_reference_late(events in streams(6 * HOUR)) {
+        check_entities(&events, cfg(1, 6 * HOUR))?;
+    }
+
     /// Flipping every label not yet known at T changes no feature of any
     /// event at or before T.
     #[test]
@@ -338,6 +348,109 @@ proptest! {
             }
         }
     }
+}
+
+/// Aggregations over entities besides the card: the merchant across all
+/// its cards, and an attribute that holds the card's own id, which must
+/// count as the card entity does.
+const ENTITY_FILE: &str = r#"format = 1
+[[feature]]
+name = "m.count_1h"
+entity = "merchant_id"
+agg = "count"
+window = "1h"
+[[feature]]
+name = "m.sum_1d"
+entity = "merchant_id"
+agg = "sum"
+of = "amount"
+window = "1d"
+[[feature]]
+name = "m_channel.max_large_7d"
+entity = "merchant_id+channel"
+agg = "max"
+of = "amount"
+where = "amount > 100"
+window = "7d"
+missing = -1
+[[feature]]
+name = "m.distinct_hours_30d"
+entity = "merchant_id"
+agg = "distinct"
+of = "hour"
+window = "30d"
+[[feature]]
+name = "m.since_last"
+entity = "merchant_id"
+agg = "time_since_last"
+[[feature]]
+name = "owner.mean_1d"
+entity = "attributes.owner"
+agg = "mean"
+of = "amount"
+window = "1d"
+[[feature]]
+name = "card.mean_1d_declared"
+entity = "card_id"
+agg = "mean"
+of = "amount"
+window = "1d"
+"#;
+
+/// The engine on [`ENTITY_FILE`] against the definitions, computed the
+/// slow way from every earlier admitted event of the entity.
+fn check_entities(events: &[Ev], cfg: FeatureConfig) -> Result<(), TestCaseError> {
+    let plan = Plan::compile(ENTITY_FILE).unwrap();
+    let mut engine = Engine::with_plan(cfg, &plan);
+    // (time, merchant, ecom, amount as stored) of the admitted events.
+    let mut admitted: Vec<(i64, u8, bool, f64)> = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        let mut tx = tx_of(e, i);
+        tx.attributes
+            .set("owner", AttrValue::Text(tx.card_id.clone()))
+            .unwrap();
+        let Ok(f) = engine.process(&tx) else { continue };
+        let got: Vec<f64> = plan.slots.iter().map(|&s| f.0[s] as f64).collect();
+        let ecom = tx.channel == Some(Channel::Ecom);
+        let t = e.ts;
+        let within = |w: i64| {
+            admitted
+                .iter()
+                .filter(move |a| a.1 == e.merchant && a.0 <= t && a.0 > t - w)
+        };
+        let stored = |a: f64| a as f32 as f64;
+        let count = within(HOUR).count() as f64 + 1.0;
+        let sum = within(DAY).map(|a| a.3).sum::<f64>() + e.amount;
+        let large = within(7 * DAY)
+            .filter(|a| a.2 == ecom && a.3 > 100.0)
+            .map(|a| a.3)
+            .chain((e.amount > 100.0).then_some(e.amount))
+            .fold(-1.0f64, f64::max);
+        let hours: std::collections::BTreeSet<i64> = within(30 * DAY)
+            .map(|a| a.0.rem_euclid(DAY) / HOUR)
+            .chain([t.rem_euclid(DAY) / HOUR])
+            .collect();
+        let since = within(30 * DAY).map(|a| t - a.0).min().unwrap_or(30 * DAY) as f64;
+        let want = [
+            count,
+            sum,
+            large,
+            hours.len() as f64,
+            since,
+            // The card entity and the attribute holding the card agree.
+            got[6],
+        ];
+        for (k, w) in want.iter().enumerate() {
+            prop_assert!(
+                close(got[k], *w),
+                "event {i} ({e:?}): {} is {}, want {w}",
+                plan.names[k],
+                got[k]
+            );
+        }
+        admitted.push((t, e.merchant, ecom, stored(e.amount)));
+    }
+    Ok(())
 }
 
 /// The default features file compiled for the interpreter (every card
@@ -552,6 +665,7 @@ fn the_file_pipeline_equals_one_engine_on_a_disordered_file() {
     for file in [
         DEFAULT_FILE,
         include_str!("../models/features-extended.toml"),
+        ENTITY_FILE,
     ] {
         let plan = Plan::compile(file).unwrap();
         let cfg = FeatureConfig::default();

@@ -11,7 +11,7 @@
 use super::AMOUNT_CEILING;
 use super::card::{Reader, speed_kmh};
 use super::expr::Expr;
-use super::store::key_hash;
+use super::store::{KeyHasher, key_hash};
 use crate::ingest::{AttrValue, Channel, Transaction};
 
 /// Events a card's declared log holds at most; past it the oldest go,
@@ -19,6 +19,8 @@ use crate::ingest::{AttrValue, Channel, Transaction};
 pub const MAX_LOGGED: usize = 2048;
 /// Distinct values a `distinct` aggregation tells apart.
 const MAX_DISTINCT: usize = 64;
+/// Entities besides the card one features file may aggregate over.
+pub const MAX_ENTITIES: usize = 4;
 
 /// A transaction field an expression may read. Categorical fields read as
 /// codes: `mcc` its number, `channel` 0 (pos), 1 (ecom), 2 (atm), `country`
@@ -162,6 +164,73 @@ impl TimeZone {
     }
 }
 
+/// A part of an entity other than the card.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntityPart {
+    /// `merchant_id`, `mcc`, `channel`, `country` or `currency`.
+    Field(Field),
+    Attribute(String),
+}
+
+impl EntityPart {
+    /// Fields an entity may be made of: those that name something.
+    pub const FIELDS: [Field; 5] = [
+        Field::MerchantId,
+        Field::Mcc,
+        Field::Channel,
+        Field::Country,
+        Field::Currency,
+    ];
+
+    /// Writes the part's value as the transaction carries it into `h`;
+    /// false when the transaction lacks it.
+    fn hash_into(&self, tx: &Transaction, h: &mut KeyHasher) -> bool {
+        // Each value ends with a byte no UTF-8 text holds, tagged by its
+        // kind, so that no two different tuples write the same bytes.
+        let text = |h: &mut KeyHasher, s: &str| {
+            h.write(s.as_bytes());
+            h.write(&[0xff]);
+            !s.is_empty()
+        };
+        let number = |h: &mut KeyHasher, v: f64| {
+            h.write(&v.to_bits().to_le_bytes());
+            h.write(&[0xfe]);
+            true
+        };
+        match self {
+            EntityPart::Field(Field::MerchantId) => text(h, &tx.merchant_id),
+            EntityPart::Field(Field::Currency) => text(h, &tx.currency),
+            EntityPart::Field(Field::Country) => text(h, &tx.country),
+            EntityPart::Field(Field::Mcc) => tx.mcc.is_some_and(|m| number(h, m as f64)),
+            EntityPart::Field(Field::Channel) => {
+                tx.channel.is_some_and(|c| number(h, c as u8 as f64))
+            }
+            EntityPart::Field(_) => false,
+            EntityPart::Attribute(name) => match tx.attributes.get(name) {
+                Some(AttrValue::Text(t)) => text(h, t),
+                Some(AttrValue::Number(v)) => number(h, *v),
+                None => false,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for EntityPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EntityPart::Field(field) => f.write_str(field.name()),
+            EntityPart::Attribute(name) => write!(f, "attributes.{name}"),
+        }
+    }
+}
+
+/// An event's keys in each entity besides the card, as
+/// [`Program::entity_keys`] gives them: a hash of the parts' values as the
+/// transaction carries them (not their 24-bit codes, which would collide
+/// among millions of devices); `None` where a part is missing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EntityKeys(pub [Option<u64>; MAX_ENTITIES]);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AggKind {
     Count,
@@ -205,11 +274,14 @@ pub enum ItemKind {
     Tag(Expr),
     Agg {
         kind: AggKind,
+        /// Whose events it reads: 0 the card's, `k` those of
+        /// [`Program::entity_parts`]`(k - 1)`.
+        entity: usize,
         window: i64,
         /// Whether the event counts itself.
         current: bool,
-        /// The entity's fields besides the card: an event counts only if
-        /// they equal the current event's.
+        /// A card entity's fields besides the card: an event counts only
+        /// if they equal the current event's.
         key_columns: Vec<Expr>,
         of: Option<Expr>,
         filter: Option<Expr>,
@@ -247,6 +319,10 @@ pub struct Program {
     columns: Vec<usize>,
     /// The `attributes.NAME` the file reads, by slot.
     attributes: Vec<String>,
+    /// The entities besides the card, each the parts of its key.
+    entities: Vec<Vec<EntityPart>>,
+    /// Whether an aggregation reads the card's own log.
+    card_logged: bool,
     time_zone: TimeZone,
     /// How far back any window reaches.
     span: i64,
@@ -286,8 +362,15 @@ impl Program {
         items: Vec<Item>,
         columns: Vec<usize>,
         attributes: Vec<String>,
+        entities: Vec<Vec<EntityPart>>,
         time_zone: TimeZone,
     ) -> Result<Program, String> {
+        if entities.len() > MAX_ENTITIES {
+            return Err(format!(
+                "{} entities besides the card; at most {MAX_ENTITIES}",
+                entities.len()
+            ));
+        }
         let mut stored: Vec<Expr> = Vec::new();
         let mut column = |e: &Expr| match stored.iter().position(|s| s == e) {
             Some(i) => i,
@@ -328,12 +411,17 @@ impl Program {
             return Err(format!("{} stored fields; at most 255", stored.len()));
         }
         let layout = key_hash(&format!("{stored:?}")) as u32;
+        let card_logged = items
+            .iter()
+            .any(|i| matches!(i.kind, ItemKind::Agg { entity: 0, .. }));
         Ok(Program {
             items,
             stored_of,
             stored,
             columns,
             attributes,
+            entities,
+            card_logged,
             time_zone,
             span,
             layout,
@@ -350,12 +438,61 @@ impl Program {
         self.layout
     }
 
-    /// Computes the declared columns of `tx` into `out` from the card's
-    /// log before the event; the event's stored fields stay in `scratch`
-    /// for [`Program::fold`].
+    /// How many entities besides the card the aggregations read.
+    pub fn entities(&self) -> usize {
+        self.entities.len()
+    }
+
+    /// The parts of the `k`-th entity besides the card.
+    pub fn entity_parts(&self, k: usize) -> &[EntityPart] {
+        &self.entities[k]
+    }
+
+    /// The first aggregation over an entity besides the card, by name,
+    /// with its entity as the file writes it.
+    pub fn aggregation_beside_the_card(&self) -> Option<(&str, String)> {
+        self.items.iter().find_map(|item| match item.kind {
+            ItemKind::Agg { entity, .. } if entity > 0 => {
+                let parts: Vec<String> = self.entities[entity - 1]
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect();
+                Some((item.name.as_str(), parts.join("+")))
+            }
+            _ => None,
+        })
+    }
+
+    /// Whether the card's declared log is read, so worth keeping.
+    pub fn card_logged(&self) -> bool {
+        self.card_logged
+    }
+
+    /// How far back any window reaches: an entity's log with nothing
+    /// newer than this before the settled time is of no more use.
+    pub fn span(&self) -> i64 {
+        self.span
+    }
+
+    /// The event's key in each entity besides the card.
+    pub fn entity_keys(&self, tx: &Transaction) -> EntityKeys {
+        let mut keys = EntityKeys::default();
+        for (key, parts) in keys.0.iter_mut().zip(&self.entities) {
+            let mut h = KeyHasher::new();
+            let whole = parts.iter().all(|p| p.hash_into(tx, &mut h));
+            *key = whole.then(|| h.finish());
+        }
+        keys
+    }
+
+    /// Computes the declared columns of `tx` into `out` from its entities'
+    /// logs before the event (`logs[0]` the card's, then one per entity
+    /// besides it, for `keys`); the event's stored fields stay in
+    /// `scratch` for [`Program::fold`].
     pub fn observe(
         &self,
-        log: Option<&DeclaredLog>,
+        logs: &[Option<&DeclaredLog>],
+        keys: &EntityKeys,
         tx: &Transaction,
         scratch: &mut Scratch,
         out: &mut [f32],
@@ -385,7 +522,6 @@ impl Program {
         current.resize(self.stored.len(), 0.0);
         done.clear();
         done.resize(self.stored.len(), false);
-        let log = log.filter(|l| l.layout == self.layout);
         let t = tx.time.utc;
         let first_item = N_FIELDS + ATTRIBUTE_REGION;
         for (i, item) in self.items.iter().enumerate() {
@@ -407,7 +543,7 @@ impl Program {
                             done[c] = true;
                         }
                     }
-                    self.aggregate(&item.kind, s, log, t, current)
+                    self.aggregate(&item.kind, s, logs, keys, t, current)
                 }
             };
             values[first_item + i] = v;
@@ -421,12 +557,14 @@ impl Program {
         &self,
         kind: &ItemKind,
         s: &Stored,
-        log: Option<&DeclaredLog>,
+        logs: &[Option<&DeclaredLog>],
+        keys: &EntityKeys,
         t: i64,
         current: &[f64],
     ) -> f64 {
         let ItemKind::Agg {
             kind,
+            entity,
             window,
             current: counts_itself,
             cap,
@@ -436,9 +574,16 @@ impl Program {
         else {
             return 0.0;
         };
-        if s.keys.iter().any(|&k| current[k] == -1.0) {
+        if s.keys.iter().any(|&k| current[k] == -1.0)
+            || (entity > 0 && keys.0[entity - 1].is_none())
+        {
             return missing;
         }
+        let log = logs
+            .get(entity)
+            .copied()
+            .flatten()
+            .filter(|l| l.layout == self.layout);
         let scan = Scan {
             log,
             width: self.stored.len(),
@@ -567,7 +712,8 @@ impl Program {
         cap.map_or(v, |c| v.min(c))
     }
 
-    /// Adds the event [`Program::observe`] last saw to the card's log.
+    /// Adds the event [`Program::observe`] last saw to one of its
+    /// entities' logs.
     /// `settled` is as in [`super::card::CardState::apply`]. Returns
     /// whether the log's bound dropped an event still inside a window.
     pub fn fold(&self, log: &mut DeclaredLog, t: i64, scratch: &Scratch, settled: i64) -> bool {
@@ -699,6 +845,11 @@ impl DeclaredLog {
 
     pub fn is_empty(&self) -> bool {
         self.ts.is_empty()
+    }
+
+    /// The newest event's time.
+    pub fn newest(&self) -> Option<i64> {
+        self.ts.last().map(|&t| t as i64)
     }
 
     pub fn encode(&self, out: &mut Vec<u8>) {

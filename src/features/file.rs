@@ -8,7 +8,8 @@
 //! the service compute the same columns.
 
 use super::declared::{
-    AggKind, Field, Item, ItemKind, MAX_ATTRIBUTES, Program, TimeZone, hash_code,
+    AggKind, EntityPart, Field, Item, ItemKind, MAX_ATTRIBUTES, MAX_ENTITIES, Program, TimeZone,
+    hash_code,
 };
 use super::expr::Expr;
 use super::{MAX_DECLARED, N_FEATURES, NAMES};
@@ -247,6 +248,8 @@ struct Compiler<'a> {
     visiting: Vec<String>,
     /// The `attributes.NAME` read so far, by slot.
     attributes: Vec<String>,
+    /// The entities besides the card aggregated over so far.
+    entities: Vec<Vec<EntityPart>>,
 }
 
 fn compile(text: &str, interpret_all: bool) -> Result<Plan, FileError> {
@@ -283,6 +286,7 @@ fn compile(text: &str, interpret_all: bool) -> Result<Plan, FileError> {
         by_name: HashMap::new(),
         visiting: Vec::new(),
         attributes: Vec::new(),
+        entities: Vec::new(),
     };
     let mut names = Vec::new();
     let mut slots = Vec::new();
@@ -314,9 +318,14 @@ fn compile(text: &str, interpret_all: bool) -> Result<Plan, FileError> {
             .iter()
             .map(|&(col, _)| slots[col])
             .collect();
-        let attributes = std::mem::take(&mut c.attributes);
-        let program = Program::new(std::mem::take(&mut c.items), order, attributes, time_zone)
-            .map_err(FileError)?;
+        let program = Program::new(
+            std::mem::take(&mut c.items),
+            order,
+            std::mem::take(&mut c.attributes),
+            std::mem::take(&mut c.entities),
+            time_zone,
+        )
+        .map_err(FileError)?;
         // The program writes its columns in this order after the built-in slots.
         for (k, &(col, _)) in declared_columns.iter().enumerate() {
             slots[col] = N_FEATURES + k;
@@ -356,7 +365,9 @@ impl<'a> Compiler<'a> {
                 "is a built-in feature's name, declared differently from models/features-default.toml; give it another name",
             );
         }
-        if self.interpret_all && interpretable(d) {
+        // The merchant's built-in features stay built in: their windows
+        // are whole hours, where a declared one is exact to the second.
+        if self.interpret_all && interpretable(d) && on_card(d) {
             return Ok(None);
         }
         Ok(Some(i))
@@ -420,6 +431,75 @@ impl<'a> Compiler<'a> {
         let i = self.items.len() - 1;
         self.by_name.insert(key, i);
         Ok(i)
+    }
+
+    /// An aggregation's entity: 0 and the fields besides the card for a
+    /// card entity (`card_id+mcc`), else the index of an entity besides
+    /// the card (`merchant_id`, `attributes.device_id+mcc`) plus one.
+    fn entity(&mut self, feature: &str, text: &str) -> Result<(usize, Vec<Expr>), FileError> {
+        let mut parts: Vec<&str> = text.split('+').map(str::trim).collect();
+        let on_card = parts.contains(&"card_id");
+        parts.retain(|p| *p != "card_id");
+        if parts.len() > 4 {
+            return fail(feature, "entity", "at most four fields besides `card_id`");
+        }
+        if on_card {
+            let mut key_columns = Vec::new();
+            for p in parts {
+                let slot = match (Field::of(p), self.attribute(p)) {
+                    (Some(f), _) => Program::field_slot(f),
+                    (None, Ok(Some(k))) => Program::attribute_slot(k),
+                    (None, Err(e)) => return fail(feature, "entity", e),
+                    (None, Ok(None)) => {
+                        return fail(
+                            feature,
+                            "entity",
+                            format!("`{p}` is not a transaction field nor `attributes.NAME`"),
+                        );
+                    }
+                };
+                key_columns.push(Expr::Var(slot));
+            }
+            return Ok((0, key_columns));
+        }
+        let mut key = Vec::new();
+        for p in parts {
+            let part = match (Field::of(p), p.strip_prefix("attributes.")) {
+                (Some(f), _) if EntityPart::FIELDS.contains(&f) => EntityPart::Field(f),
+                (_, Some(name)) if !name.is_empty() => EntityPart::Attribute(name.to_string()),
+                _ => {
+                    return fail(
+                        feature,
+                        "entity",
+                        format!(
+                            "`{p}` cannot key an entity: use `card_id`, `merchant_id`, `mcc`, `channel`, `country`, `currency` or `attributes.NAME`, joined by `+`"
+                        ),
+                    );
+                }
+            };
+            if key.contains(&part) {
+                return fail(feature, "entity", format!("`{p}` is named twice"));
+            }
+            key.push(part);
+        }
+        if key.is_empty() {
+            return fail(feature, "entity", "names no field");
+        }
+        let k = match self.entities.iter().position(|e| *e == key) {
+            Some(k) => k,
+            None if self.entities.len() == MAX_ENTITIES => {
+                return fail(
+                    feature,
+                    "entity",
+                    format!("`{text}`: at most {MAX_ENTITIES} entities besides the card"),
+                );
+            }
+            None => {
+                self.entities.push(key);
+                self.entities.len() - 1
+            }
+        };
+        Ok((k + 1, Vec::new()))
     }
 
     /// The slot of `attributes.NAME`, if `name` is one.
@@ -551,42 +631,13 @@ impl<'a> Compiler<'a> {
                 ),
             );
         };
-        let entity = d.entity.as_deref().unwrap_or("card_id");
-        let mut parts: Vec<&str> = entity.split('+').map(str::trim).collect();
-        if !parts.contains(&"card_id") {
-            return fail(
-                name,
-                "entity",
-                format!(
-                    "`{entity}`: this build aggregates per card (`card_id`, or `card_id+FIELD` such as `card_id+mcc`); merchant windows are the built-in ones, and other entities are not supported yet"
-                ),
-            );
-        }
-        parts.retain(|p| *p != "card_id");
-        if parts.len() > 4 {
-            return fail(name, "entity", "at most four fields besides `card_id`");
-        }
-        let mut key_columns = Vec::new();
-        for p in parts {
-            let slot = match (Field::of(p), self.attribute(p)) {
-                (Some(f), _) => Program::field_slot(f),
-                (None, Ok(Some(k))) => Program::attribute_slot(k),
-                (None, Err(e)) => return fail(name, "entity", e),
-                (None, Ok(None)) => {
-                    return fail(
-                        name,
-                        "entity",
-                        format!("`{p}` is not a transaction field nor `attributes.NAME`"),
-                    );
-                }
-            };
-            key_columns.push(Expr::Var(slot));
-        }
+        let entity_text = d.entity.as_deref().unwrap_or("card_id");
+        let (entity, key_columns) = self.entity(name, entity_text)?;
         if d.delay.is_some() {
             return fail(
                 name,
                 "delay",
-                "card windows count what is known at once; label-delayed windows are the merchant's built-in ones",
+                "declared windows count what is known at once; label-delayed windows are the merchant's built-in ones",
             );
         }
         if kind == AggKind::SpeedKmh {
@@ -640,6 +691,7 @@ impl<'a> Compiler<'a> {
         }
         Ok(ItemKind::Agg {
             kind,
+            entity,
             window,
             current: d.current.unwrap_or(true),
             key_columns,
@@ -659,17 +711,20 @@ enum Scope {
     Features,
 }
 
-/// Whether the interpreter can compute a declaration (the merchant's are
-/// the built-in engine's alone).
+/// Whether the interpreter can compute a declaration (label-delayed
+/// windows are the built-in merchant features alone).
 fn interpretable(d: &Decl) -> bool {
-    let card = d
-        .entity
-        .as_deref()
-        .is_none_or(|e| e.split('+').any(|p| p.trim() == "card_id"));
     match d.agg.as_deref() {
         None => true,
-        Some(a) => card && AggKind::of(a).is_some(),
+        Some(a) => AggKind::of(a).is_some() && (on_card(d) || d.delay.is_none()),
     }
+}
+
+/// Whether a declaration is the card's, or no aggregation at all.
+fn on_card(d: &Decl) -> bool {
+    d.entity
+        .as_deref()
+        .is_none_or(|e| e.split('+').any(|p| p.trim() == "card_id"))
 }
 
 #[cfg(test)]
@@ -695,9 +750,12 @@ mod tests {
         );
         assert_eq!(e, "feature `a`, `window`: at most 30d");
         let e = error(
-            "[[feature]]\nname = \"a\"\nentity = \"attributes.device\"\nagg = \"count\"\nwindow = \"1d\"",
+            "[[feature]]\nname = \"a\"\nentity = \"attributes.device+hour\"\nagg = \"count\"\nwindow = \"1d\"",
         );
-        assert!(e.starts_with("feature `a`, `entity`:"), "{e}");
+        assert!(
+            e.starts_with("feature `a`, `entity`: `hour` cannot key"),
+            "{e}"
+        );
         let e = error("[[feature]]\nname = \"a\"\nagg = \"mean\"\nwindow = \"1d\"");
         assert_eq!(e, "feature `a`, `of`: `mean` needs `of`");
         let e = error("[[feature]]\nname = \"a\"\nvalue = \"hour +\"");
@@ -838,11 +896,117 @@ value = \"attributes.device_id == 'd-1'\"
         assert_eq!(seen[2][1], 42.0);
         let known: Vec<f32> = seen.iter().map(|r| r[2]).collect();
         assert_eq!(known, [1.0, 1.0, 0.0, 0.0, 1.0]);
+    }
+
+    /// Entities besides the card: a device's count and its cards' amounts
+    /// over every card that used it, a merchant's count in the last hour,
+    /// and what an entity's key may be made of.
+    #[test]
+    fn entities_beside_the_card() {
+        use crate::features::{Engine, FeatureConfig};
+        use crate::ingest::{AttrValue, Transaction};
+        let plan = Plan::compile(
+            "format = 1
+[[feature]]
+name = \"device.count_1d\"
+entity = \"attributes.device_id\"
+agg = \"count\"
+window = \"1d\"
+[[feature]]
+name = \"device.max_amount_1d\"
+entity = \"attributes.device_id\"
+agg = \"max\"
+of = \"amount\"
+window = \"1d\"
+missing = -1
+[[feature]]
+name = \"merchant.count_last_hour\"
+entity = \"merchant_id\"
+agg = \"count\"
+window = \"1h\"
+current = false
+",
+        )
+        .unwrap();
+        let program = plan.program.as_deref().unwrap();
+        assert_eq!(program.entities(), 2);
+        assert!(
+            !program.card_logged(),
+            "no aggregation reads the card's log"
+        );
+        let mut engine = Engine::with_plan(FeatureConfig::default(), &plan);
+        // Three cards on one device and one merchant, then a card without
+        // a device, then the device a day and more later.
+        let events = [
+            ("c1", Some("d-1"), 10.0, 0),
+            ("c2", Some("d-1"), 30.0, 60),
+            ("c3", Some("d-1"), 20.0, 120),
+            ("c3", None, 500.0, 180),
+            ("c1", Some("d-1"), 5.0, 3700),
+            ("c2", Some("d-1"), 7.0, 86_400 + 200),
+        ];
+        let mut rows = Vec::new();
+        for (i, (card, device, amount, dt)) in events.into_iter().enumerate() {
+            let mut tx = Transaction {
+                transaction_id: i.to_string(),
+                card_id: card.into(),
+                merchant_id: "m".into(),
+                amount,
+                ..Transaction::default()
+            };
+            tx.time.utc = 1_522_540_800 + dt;
+            if let Some(d) = device {
+                tx.attributes
+                    .set("device_id", AttrValue::Text(d.into()))
+                    .unwrap();
+            }
+            let f = engine.process(&tx).unwrap();
+            rows.push(plan.slots.iter().map(|&s| f.0[s]).collect::<Vec<f32>>());
+        }
+        let column = |k: usize| rows.iter().map(|r| r[k]).collect::<Vec<f32>>();
+        assert_eq!(column(0), [1.0, 2.0, 3.0, 0.0, 4.0, 2.0]);
+        assert_eq!(column(1), [10.0, 30.0, 30.0, -1.0, 30.0, 7.0]);
+        // The merchant's events of the hour before, over every card.
+        assert_eq!(column(2), [0.0, 1.0, 2.0, 3.0, 2.0, 0.0]);
+        // At the next weekly sweep, a week past the longest window, the
+        // device's and the merchant's logs go; the new merchant's stays.
+        let later = Transaction {
+            transaction_id: "later".into(),
+            card_id: "c9".into(),
+            merchant_id: "m2".into(),
+            time: crate::ingest::EventTime {
+                utc: 1_522_540_800 + 8 * 86_400,
+                offset: 0,
+            },
+            ..Transaction::default()
+        };
+        engine.process(&later).unwrap();
+        assert_eq!(engine.stats().entities_expired, 2);
+
+        for (entity, says) in [
+            ("amount", "`amount` cannot key an entity"),
+            ("merchant_id+merchant_id", "named twice"),
+            ("attributes.", "cannot key an entity"),
+        ] {
+            let e = Plan::compile(&format!(
+                "format = 1\n[[feature]]\nname = \"d\"\nentity = \"{entity}\"\nagg = \"count\"\nwindow = \"1d\""
+            ))
+            .unwrap_err();
+            assert!(
+                e.0.starts_with("feature `d`, `entity`:") && e.0.contains(says),
+                "{e}"
+            );
+        }
         let e = Plan::compile(
-            "format = 1\n[[feature]]\nname = \"d\"\nentity = \"attributes.device_id\"\nagg = \"count\"\nwindow = \"1d\"",
+            "format = 1\n[[feature]]\nname = \"d\"\nentity = \"merchant_id\"\nagg = \"count\"\nwindow = \"1d\"\ndelay = \"2d\"",
         )
         .unwrap_err();
-        assert!(e.0.contains("other entities are not supported yet"), "{e}");
+        assert!(e.0.contains("`delay`"), "{e}");
+        let five: String = (0..5)
+            .map(|k| format!("[[feature]]\nname = \"d{k}\"\nentity = \"attributes.a{k}\"\nagg = \"count\"\nwindow = \"1d\"\n"))
+            .collect();
+        let e = Plan::compile(&format!("format = 1\n{five}")).unwrap_err();
+        assert!(e.0.contains("at most 4 entities besides the card"), "{e}");
     }
 
     /// A card's declared log travels through its changelog record, and an

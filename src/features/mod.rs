@@ -14,7 +14,7 @@ pub mod store;
 
 use crate::ingest::{Channel, Transaction};
 use card::{Applied, CardState, CardView, DAY, LARGE_MIN_HISTORY, LARGE_RATIO, Recent};
-use declared::{Program, Scratch};
+use declared::{DeclaredLog, EntityKeys, MAX_ENTITIES, Program, Scratch};
 use merchant::{HOUR, MerchantState, MerchantView};
 use serde::Serialize;
 use std::cmp::Reverse;
@@ -164,6 +164,8 @@ pub struct EngineStats {
     pub labels_too_old: u64,
     pub cards_expired: u64,
     pub merchants_expired: u64,
+    /// Logs of declared entities besides the card dropped when idle.
+    pub entities_expired: u64,
 }
 
 impl EngineStats {
@@ -179,6 +181,7 @@ impl EngineStats {
             labels_too_old: self.labels_too_old + other.labels_too_old,
             cards_expired: self.cards_expired + other.cards_expired,
             merchants_expired: self.merchants_expired + other.merchants_expired,
+            entities_expired: self.entities_expired + other.entities_expired,
         }
     }
 }
@@ -217,6 +220,9 @@ pub struct Engine {
     changes: Option<CardChanges>,
     /// The declared features of a features file, when it declares any.
     program: Option<Arc<Program>>,
+    /// The declared logs of each entity besides the card the program
+    /// aggregates over, by the entity's key.
+    entities: Vec<KeyedStore<DeclaredLog>>,
     scratch: Scratch,
 }
 
@@ -249,14 +255,17 @@ impl Engine {
             stats: EngineStats::default(),
             changes: None,
             program: None,
+            entities: Vec::new(),
             scratch: Scratch::default(),
         }
     }
 
     /// An engine that also computes a features file's declared columns.
     pub fn with_plan(cfg: FeatureConfig, plan: &file::Plan) -> Engine {
+        let entities = plan.program.as_ref().map_or(0, |p| p.entities());
         Engine {
             program: plan.program.clone(),
+            entities: (0..entities).map(|_| KeyedStore::default()).collect(),
             ..Engine::new(cfg)
         }
     }
@@ -393,11 +402,18 @@ impl Engine {
     pub fn peek_observed(&self, tx: &Transaction, keys: Keys, f: &mut Features) -> Observed {
         let card = self.cards.get(keys.card);
         let merchant = self.merchant_view(keys.merchant, tx.time.utc);
-        if let Some(p) = &self.program {
-            let log = card.and_then(|c| c.declared());
-            p.observe(log, tx, &mut Scratch::default(), &mut f.0[N_FEATURES..]);
-        }
+        self.peek_declared(card, tx, f);
         observe(card, merchant, tx, keys)
+    }
+
+    /// The declared columns of an event the state does not take.
+    fn peek_declared(&self, card: Option<&CardState>, tx: &Transaction, f: &mut Features) {
+        if let Some(p) = &self.program {
+            let keys = p.entity_keys(tx);
+            let logs = entity_logs(card.and_then(|c| c.declared()), &self.entities, &keys);
+            let out = &mut f.0[N_FEATURES..];
+            p.observe(&logs, &keys, tx, &mut Scratch::default(), out);
+        }
     }
 
     fn merchant_view(&self, merchant_key: u64, t: i64) -> MerchantView {
@@ -485,7 +501,12 @@ impl Engine {
         let cfg = self.cfg;
         let card = self.cards.found_or_default(keys.card, found);
         let settled = self.watermark - cfg.allowed_lateness_secs;
-        let declared = self.program.as_deref().map(|p| (p, &mut self.scratch, f));
+        let declared = self.program.as_deref().map(|program| Declared {
+            program,
+            scratch: &mut self.scratch,
+            entities: &mut self.entities,
+            out: f,
+        });
         let (observed, applied) =
             observe_and_fold(card, merchant, tx, keys, settled, &cfg, declared);
         self.stats.recent_overflows += u64::from(applied.recent_overflow);
@@ -524,10 +545,7 @@ impl Engine {
         let keys = Keys::of(tx);
         let card = self.cards.get(keys.card);
         let mut f = Features::default();
-        if let Some(p) = &self.program {
-            let log = card.and_then(|c| c.declared());
-            p.observe(log, tx, &mut Scratch::default(), &mut f.0[N_FEATURES..]);
-        }
+        self.peek_declared(card, tx, &mut f);
         observe(card, merchant, tx, keys).derive(tx, &mut f);
         f
     }
@@ -653,6 +671,14 @@ impl Engine {
             m.expire(oldest);
             !m.is_empty()
         }) as u64;
+        if let Some(p) = &self.program {
+            // No window of an event still admitted reaches back this far.
+            let useless = self.watermark - self.cfg.allowed_lateness_secs - p.span();
+            for store in &mut self.entities {
+                self.stats.entities_expired +=
+                    store.retain(|_, log| log.newest().is_some_and(|t| t > useless)) as u64;
+            }
+        }
     }
 }
 
@@ -695,8 +721,33 @@ fn coord(lat: Option<f64>, lon: Option<f64>) -> (f32, f32) {
     }
 }
 
+/// What a features file's program needs to compute an event's declared
+/// columns and fold it into its entities.
+struct Declared<'a> {
+    program: &'a Program,
+    scratch: &'a mut Scratch,
+    entities: &'a mut [KeyedStore<DeclaredLog>],
+    out: &'a mut Features,
+}
+
+/// The declared logs an event's aggregations read: its card's, then its
+/// entities' besides the card (none where it has no key or the entity no log).
+fn entity_logs<'a>(
+    card: Option<&'a DeclaredLog>,
+    entities: &'a [KeyedStore<DeclaredLog>],
+    keys: &EntityKeys,
+) -> [Option<&'a DeclaredLog>; 1 + MAX_ENTITIES] {
+    let mut logs = [None; 1 + MAX_ENTITIES];
+    logs[0] = card;
+    for (log, (store, key)) in logs[1..].iter_mut().zip(entities.iter().zip(keys.0)) {
+        *log = key.and_then(|k| store.get(k));
+    }
+    logs
+}
+
 /// What the card's state says about an event (with the declared columns
-/// when a program is given), then the event folded into it.
+/// when a program is given), then the event folded into it and into its
+/// declared entities.
 fn observe_and_fold(
     card: &mut CardState,
     merchant: MerchantView,
@@ -704,14 +755,29 @@ fn observe_and_fold(
     keys: Keys,
     settled: i64,
     cfg: &FeatureConfig,
-    declared: Option<(&Program, &mut Scratch, &mut Features)>,
+    declared: Option<Declared>,
 ) -> (Observed, Applied) {
     let observed = observe(Some(&*card), merchant, tx, keys);
     let mut applied = fold_card(card, tx, keys, observed.large, settled, cfg.max_recent);
-    if let Some((p, scratch, f)) = declared {
-        p.observe(card.declared(), tx, scratch, &mut f.0[N_FEATURES..]);
+    if let Some(Declared {
+        program: p,
+        scratch,
+        entities,
+        out,
+    }) = declared
+    {
+        let entity_keys = p.entity_keys(tx);
+        let logs = entity_logs(card.declared(), entities, &entity_keys);
+        p.observe(&logs, &entity_keys, tx, scratch, &mut out.0[N_FEATURES..]);
         let t = tx.time.utc;
-        applied.window_overflow |= p.fold(card.declared_mut(), t, scratch, settled);
+        if p.card_logged() {
+            applied.window_overflow |= p.fold(card.declared_mut(), t, scratch, settled);
+        }
+        for (store, key) in entities.iter_mut().zip(entity_keys.0) {
+            if let Some(k) = key {
+                applied.window_overflow |= p.fold(store.get_or_default(k), t, scratch, settled);
+            }
+        }
     }
     (observed, applied)
 }

@@ -10,17 +10,42 @@ pub fn key_hash(s: &str) -> u64 {
 
 /// [`key_hash`] of an id as bytes (a Kafka record key).
 pub fn key_hash_bytes(s: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in s {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
+    let mut h = KeyHasher::new();
+    h.write(s);
+    h.finish()
+}
+
+/// [`key_hash_bytes`] over bytes given in pieces, without gathering them:
+/// an entity's key from several fields of a transaction.
+pub struct KeyHasher(u64);
+
+impl KeyHasher {
+    pub fn new() -> KeyHasher {
+        KeyHasher(0xcbf2_9ce4_8422_2325)
     }
-    // murmur3's finalizer: FNV alone leaves the high bits poorly mixed.
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
+
+    pub fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= b as u64;
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    pub fn finish(self) -> u64 {
+        // murmur3's finalizer: FNV alone leaves the high bits poorly mixed.
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ (h >> 33)
+    }
+}
+
+impl Default for KeyHasher {
+    fn default() -> Self {
+        KeyHasher::new()
+    }
 }
 
 /// Asks the CPU to start loading `bytes` at `ptr` into cache. State lookups

@@ -455,6 +455,17 @@ pub fn load_scorer(
         None => crate::model::builtin::scorer()?,
         Some(p) => Scorer::new(Model::load(p)?, RuleSet::default()),
     };
+    let program = scorer.plan().program.as_deref();
+    if let Some((feature, entity)) = program.and_then(|p| p.aggregation_beside_the_card()) {
+        // Such an entity's events arrive on every input partition: it
+        // needs a stage keyed by it, which this build does not have.
+        anyhow::bail!(
+            "the model's feature `{feature}` aggregates per `{entity}`: the service keeps \
+             declared state per card, as its input is partitioned, so it serves card entities \
+             only (`card_id`, `card_id+FIELD`); train, eval, replay, backtest and features \
+             compute it from a file"
+        );
+    }
     if let Some(p) = rules_path {
         let text = std::fs::read_to_string(p)
             .with_context(|| format!("cannot read rules file {}", p.display()))?;
