@@ -1,5 +1,8 @@
 //! The `peregrine` binary on small generated files.
 
+mod common;
+
+use common::WorkDir;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -30,29 +33,8 @@ fn fails(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// A test's own directory, removed when the test passes and kept, for a
-/// look, when it fails.
-struct WorkDir(PathBuf);
-
-impl std::ops::Deref for WorkDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 fn workdir(name: &str) -> WorkDir {
-    let dir = std::env::temp_dir().join(format!("peregrine-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    WorkDir(dir)
+    WorkDir::new("cli", name)
 }
 
 fn s(p: &Path) -> &str {

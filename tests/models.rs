@@ -1,6 +1,9 @@
 //! Every model type survives a save and load unchanged, scores the same,
 //! and a model whose features differ from the engine's is refused.
 
+mod common;
+
+use common::WorkDir;
 use peregrine::backtest::{TrainRequest, train};
 use peregrine::features::file::Plan;
 use peregrine::features::{FeatureConfig, Features, N_FEATURES};
@@ -162,27 +165,6 @@ fn feature_mismatch_is_a_clear_error() {
     assert!(msg.contains("format"), "{msg}");
 }
 
-/// A test's own directory, removed when the test passes and kept, for a
-/// look, when it fails.
-struct WorkDir(PathBuf);
-
-impl std::ops::Deref for WorkDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 fn tempdir(name: &str) -> WorkDir {
-    let dir = std::env::temp_dir().join(format!("peregrine-test-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    WorkDir(dir)
+    WorkDir::new("test", name)
 }
