@@ -35,9 +35,6 @@ pub struct StreamSummary {
 /// Events handed between threads at once: large, so that the threads wake
 /// each other rarely.
 const BATCH: usize = 4096;
-/// Events whose state is prefetched together: enough to overlap the memory
-/// latencies, few enough that the lines are still cached when used.
-const PREFETCH: usize = 32;
 
 fn progress(enabled: bool) -> ProgressBar {
     if !enabled {
@@ -168,24 +165,21 @@ pub fn stream_batches(
                     }
                 };
                 let n = batch.len;
-                for start in (0..n).step_by(PREFETCH) {
-                    let end = (start + PREFETCH).min(n);
-                    let keys = &batch.keys[start..end];
-                    engine.prefetch_run(keys);
-                    let rows = (batch.txs[start..end].iter())
-                        .zip(&mut batch.observed[start..end])
-                        .zip(&mut batch.admitted[start..end])
-                        .zip(keys)
-                        .zip(&mut batch.features[start..end]);
-                    for ((((tx, out), admitted), k), f) in rows {
-                        (*out, *admitted) = match engine.observe_card_keyed(tx, *k, f) {
-                            Ok(o) => (o, true),
-                            Err(_) => {
-                                late += 1;
-                                (engine.peek_observed(tx, *k, f), false)
-                            }
-                        };
-                    }
+                let keys = &batch.keys[..n];
+                let events = (batch.txs.iter())
+                    .zip(&mut batch.observed)
+                    .zip(&mut batch.admitted)
+                    .zip(keys)
+                    .zip(&mut batch.features);
+                for (i, ((((tx, out), admitted), k), f)) in events.enumerate() {
+                    engine.prefetch_ahead(keys, i);
+                    (*out, *admitted) = match engine.observe_card_keyed(tx, *k, f) {
+                        Ok(o) => (o, true),
+                        Err(_) => {
+                            late += 1;
+                            (engine.peek_observed(tx, *k, f), false)
+                        }
+                    };
                 }
                 if carded_tx.send(Ok(batch)).is_err() {
                     break;
@@ -198,23 +192,16 @@ pub fn stream_batches(
             for carded in carded {
                 let mut batch = carded.with_context(|| format!("reading {}", path.display()))?;
                 let n = batch.len;
-                for start in (0..n).step_by(PREFETCH) {
-                    let end = (start + PREFETCH).min(n);
-                    let keys = &batch.keys[start..end];
-                    engine.prefetch_run(keys);
-                    let rows = (batch.txs[start..end].iter())
-                        .zip(&mut batch.observed[start..end])
-                        .zip(&batch.admitted[start..end])
-                        .zip(keys);
-                    for (((tx, out), &admitted), k) in rows {
-                        out.set_merchant(engine.observe_merchant(
-                            tx.time.utc,
-                            k.merchant,
-                            admitted,
-                        ));
-                        if tx.is_fraud == Some(true) {
-                            engine.schedule_label(&tx.merchant_id, tx.time.utc);
-                        }
+                let keys = &batch.keys[..n];
+                let events = (batch.txs.iter())
+                    .zip(&mut batch.observed)
+                    .zip(&batch.admitted)
+                    .zip(keys);
+                for (i, (((tx, out), &admitted), k)) in events.enumerate() {
+                    engine.prefetch_ahead(keys, i);
+                    out.set_merchant(engine.observe_merchant(tx.time.utc, k.merchant, admitted));
+                    if tx.is_fraud == Some(true) {
+                        engine.schedule_label(&tx.merchant_id, tx.time.utc);
                     }
                 }
                 rows += n as u64;

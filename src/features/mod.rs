@@ -93,6 +93,9 @@ pub mod idx {
 /// How often, in event time, idle keys are looked for: a sweep visits every
 /// key, so weekly; a key then lives at most a week past its 31 idle days.
 const SWEEP_EVERY: i64 = 7 * DAY;
+/// How many events ahead [`Engine::prefetch_ahead`] asks for an event's
+/// index entry, state and history.
+const PREFETCH_AHEAD: [usize; 3] = [12, 6, 2];
 
 /// Time since the previous transaction is capped here (and given for a first one).
 pub const NO_PREVIOUS_SECS: i64 = 30 * DAY;
@@ -331,18 +334,29 @@ impl Engine {
             && card.is_some_and(|c| self.cards.at(c).has_seen(keys.short_id(), t as u32))
     }
 
-    /// Starts loading the state of a run of events; see [`store::prefetch`].
-    /// A lookup is three dependent loads (index entry, state, history), so
-    /// the run is prefetched in three passes: asking for all three per event
-    /// would wait for each load in turn.
-    pub fn prefetch_run(&self, run: &[Keys]) {
-        for &k in run {
+    /// Starts loading the state of the events after `keys[i]`, the one
+    /// about to be computed; see [`store::prefetch`]. A lookup is three
+    /// dependent loads (index entry, state, history), so each is asked for
+    /// at its own distance ahead ([`PREFETCH_AHEAD`]): the entry early
+    /// enough to have arrived when the state's address is read from it,
+    /// and so on, with a steady few loads in flight. At `i` = 0 the first
+    /// events' loads are asked for too.
+    pub fn prefetch_ahead(&self, keys: &[Keys], i: usize) {
+        let [key, state, history] = PREFETCH_AHEAD;
+        if i == 0 {
+            keys.iter().take(key).for_each(|&k| self.prefetch_keys(k));
+            keys.iter().take(state).for_each(|&k| self.prefetch(k));
+            keys.iter()
+                .take(history)
+                .for_each(|&k| self.prefetch_history(k));
+        }
+        if let Some(&k) = keys.get(i + key) {
             self.prefetch_keys(k);
         }
-        for &k in run {
+        if let Some(&k) = keys.get(i + state) {
             self.prefetch(k);
         }
-        for &k in run {
+        if let Some(&k) = keys.get(i + history) {
             self.prefetch_history(k);
         }
     }
