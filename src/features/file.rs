@@ -537,7 +537,7 @@ impl<'a> Compiler<'a> {
         }
         match self.decl(name) {
             Some(d) if !interpretable(d) => Err(format!(
-                "`{name}` is computed only by the built-in engine (merchant windows and speed); a declared feature can read card features and the transaction's fields"
+                "`{name}` is a label-delayed merchant window, computed only by the built-in engine; a declared feature can read the other declared features and the transaction's fields"
             )),
             Some(_) => self.feature(name).map(Named::Feature).map_err(|e| e.0),
             None => Err(format!("unknown feature, field or tag `{name}`")),
@@ -756,6 +756,8 @@ mod tests {
             e.starts_with("feature `a`, `entity`: `hour` cannot key"),
             "{e}"
         );
+        let e = error("[[feature]]\nname = \"a\"\nexpr = \"merchant.risk_7d * 2\"");
+        assert!(e.contains("is a label-delayed merchant window"), "{e}");
         let e = error("[[feature]]\nname = \"a\"\nagg = \"mean\"\nwindow = \"1d\"");
         assert_eq!(e, "feature `a`, `of`: `mean` needs `of`");
         let e = error("[[feature]]\nname = \"a\"\nvalue = \"hour +\"");
