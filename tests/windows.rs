@@ -326,20 +326,42 @@ proptest! {
         check_entities(&events, cfg(1, 6 * HOUR))?;
     }
 
+    #[test]
+    fn label_windows_match_the_reference(events in streams(HOUR)) {
+        check_label_windows(&events, cfg(2, HOUR))?;
+    }
+
+    /// The declared windows over known labels: flipping every label not
+    /// yet known at T changes none of them at or before T.
+    #[test]
+    fn declared_label_windows_leak_nothing(events in streams(HOUR), cut in 0usize..300, flip_seed in any::<u64>()) {
+        let c = cfg(2, HOUR);
+        let t_cut = events[cut % events.len()].ts;
+        let flipped = flip_unknown_labels(&events, c.label_delay_secs, t_cut, flip_seed);
+        let plan = Plan::compile(LABEL_FILE).unwrap();
+        let run = |events: &[Ev]| {
+            let mut engine = Engine::with_plan(c, &plan);
+            events
+                .iter()
+                .enumerate()
+                .map(|(i, e)| engine.process(&tx_of(e, i)).ok())
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (run(&events), run(&flipped));
+        for i in 0..events.len() {
+            if events[i].ts <= t_cut {
+                prop_assert_eq!(a[i], b[i], "event {} changed", i);
+            }
+        }
+    }
+
     /// Flipping every label not yet known at T changes no feature of any
     /// event at or before T.
     #[test]
     fn unknown_labels_change_nothing(events in streams(HOUR), cut in 0usize..300, flip_seed in any::<u64>()) {
         let c = cfg(2, HOUR);
         let t_cut = events[cut % events.len()].ts;
-        let mut flipped = events.clone();
-        let mut s = flip_seed;
-        for e in &mut flipped {
-            if e.ts + c.label_delay_secs > t_cut {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                e.fraud = (s >> 33) & 1 == 1;
-            }
-        }
+        let flipped = flip_unknown_labels(&events, c.label_delay_secs, t_cut, flip_seed);
         let a = run_engine(&events, c);
         let b = run_engine(&flipped, c);
         for i in 0..events.len() {
@@ -449,6 +471,83 @@ fn check_entities(events: &[Ev], cfg: FeatureConfig) -> Result<(), TestCaseError
             );
         }
         admitted.push((t, e.merchant, ecom, stored(e.amount)));
+    }
+    Ok(())
+}
+
+/// `events` with every label not yet known at `t_cut` drawn anew.
+fn flip_unknown_labels(events: &[Ev], label_delay: i64, t_cut: i64, seed: u64) -> Vec<Ev> {
+    let mut flipped = events.to_vec();
+    let mut s = seed;
+    for e in &mut flipped {
+        if e.ts + label_delay > t_cut {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            e.fraud = (s >> 33) & 1 == 1;
+        }
+    }
+    flipped
+}
+
+/// Windows over events whose labels are known, per card and per merchant.
+const LABEL_FILE: &str = r#"format = 1
+[[feature]]
+name = "card.frauds_known_30d"
+entity = "card_id"
+agg = "sum"
+of = "is_fraud == 1"
+window = "30d"
+delay = "label"
+[[feature]]
+name = "merchant.fraud_share_known_7d"
+entity = "merchant_id"
+agg = "mean"
+of = "is_fraud == 1"
+window = "7d"
+delay = "label"
+missing = -1
+"#;
+
+/// The engine on [`LABEL_FILE`] against the definitions: the entity's
+/// earlier admitted events in `(t − d − w, t − d]`, d the label delay.
+fn check_label_windows(events: &[Ev], cfg: FeatureConfig) -> Result<(), TestCaseError> {
+    let plan = Plan::compile(LABEL_FILE).unwrap();
+    let mut engine = Engine::with_plan(cfg, &plan);
+    let d = cfg.label_delay_secs;
+    let mut admitted: Vec<&Ev> = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        let Ok(f) = engine.process(&tx_of(e, i)) else {
+            continue;
+        };
+        let got: Vec<f64> = plan.slots.iter().map(|&s| f.0[s] as f64).collect();
+        let end = e.ts - d;
+        let known = |w: i64| {
+            admitted
+                .iter()
+                .filter(move |a| a.ts <= end && a.ts > end - w)
+        };
+        let card_frauds = known(30 * DAY)
+            .filter(|a| a.card == e.card && a.fraud)
+            .count() as f64;
+        let merchant: Vec<bool> = known(7 * DAY)
+            .filter(|a| a.merchant == e.merchant)
+            .map(|a| a.fraud)
+            .collect();
+        let share = if merchant.is_empty() {
+            -1.0
+        } else {
+            merchant.iter().filter(|&&f| f).count() as f64 / merchant.len() as f64
+        };
+        for (k, want) in [card_frauds, share].into_iter().enumerate() {
+            prop_assert!(
+                close(got[k], want),
+                "event {i} ({e:?}): {} is {}, want {want}",
+                plan.names[k],
+                got[k]
+            );
+        }
+        admitted.push(e);
     }
     Ok(())
 }

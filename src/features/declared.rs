@@ -40,6 +40,10 @@ pub enum Field {
     /// Degrees; NaN when the transaction has no place (both or neither).
     Lat,
     Lon,
+    /// The transaction's fraud label: 1, 0, or −1 when it has none. Read
+    /// only by aggregations over events whose labels are known
+    /// (`delay = "label"`).
+    IsFraud,
 }
 
 const FIELDS: [(&str, Field); 9] = [
@@ -54,14 +58,20 @@ const FIELDS: [(&str, Field); 9] = [
     ("currency", Field::Currency),
 ];
 const N_FIELDS: usize = FIELDS.len();
-/// The place's fields, in the last two slots of the attributes' region:
-/// there the slots of every other name stay where earlier releases put
-/// them, and with them the layout of the declared logs they stored.
-const GEO: [(&str, Field); 2] = [("lat", Field::Lat), ("lon", Field::Lon)];
-/// Slots between the fields and the items: attributes, then `GEO`.
+/// Fields added since the first release, in the last slots of the
+/// attributes' region: there the slots of every other name stay where
+/// earlier releases put them, and with them the layout of the declared
+/// logs they stored. The place's, then (taken from the attributes later)
+/// the label, before them.
+const LATE: [(&str, Field); 3] = [
+    ("is_fraud", Field::IsFraud),
+    ("lat", Field::Lat),
+    ("lon", Field::Lon),
+];
+/// Slots between the fields and the items: attributes, then `LATE`.
 const ATTRIBUTE_REGION: usize = 32;
 /// Names under `attributes` one features file may read.
-pub const MAX_ATTRIBUTES: usize = ATTRIBUTE_REGION - GEO.len();
+pub const MAX_ATTRIBUTES: usize = ATTRIBUTE_REGION - LATE.len();
 
 pub fn hash_code(s: &str) -> f64 {
     // 24 bits: exact in the f32 a stored column keeps.
@@ -80,7 +90,7 @@ impl Field {
     pub fn of(name: &str) -> Option<Field> {
         FIELDS
             .iter()
-            .chain(&GEO)
+            .chain(&LATE)
             .find(|(n, _)| *n == name)
             .map(|(_, f)| *f)
     }
@@ -88,7 +98,7 @@ impl Field {
     fn name(self) -> &'static str {
         FIELDS
             .iter()
-            .chain(&GEO)
+            .chain(&LATE)
             .find(|(_, f)| *f == self)
             .map_or("", |(n, _)| n)
     }
@@ -133,6 +143,7 @@ impl Field {
                 // As the built-in speed reads a place: whole, or not at all.
                 _ => f64::NAN,
             },
+            Field::IsFraud => tx.is_fraud.map_or(-1.0, |f| f64::from(u8::from(f))),
         }
     }
 }
@@ -278,6 +289,9 @@ pub enum ItemKind {
         /// [`Program::entity_parts`]`(k - 1)`.
         entity: usize,
         window: i64,
+        /// Whether the window ends one label delay before the event
+        /// (`delay = "label"`), at events whose labels are known.
+        delayed: bool,
         /// Whether the event counts itself.
         current: bool,
         /// A card entity's fields besides the card: an event counts only
@@ -323,6 +337,8 @@ pub struct Program {
     entities: Vec<Vec<EntityPart>>,
     /// Whether an aggregation reads the card's own log.
     card_logged: bool,
+    /// Whether a window ends a label delay back, so logs keep that much more.
+    delayed: bool,
     time_zone: TimeZone,
     /// How far back any window reaches.
     span: i64,
@@ -341,7 +357,7 @@ pub struct Scratch {
 
 impl Program {
     pub fn field_slot(f: Field) -> usize {
-        match GEO.iter().position(|(_, g)| *g == f) {
+        match LATE.iter().position(|(_, g)| *g == f) {
             Some(k) => N_FIELDS + MAX_ATTRIBUTES + k,
             None => FIELDS
                 .iter()
@@ -414,6 +430,9 @@ impl Program {
         let card_logged = items
             .iter()
             .any(|i| matches!(i.kind, ItemKind::Agg { entity: 0, .. }));
+        let delayed = items
+            .iter()
+            .any(|i| matches!(i.kind, ItemKind::Agg { delayed: true, .. }));
         Ok(Program {
             items,
             stored_of,
@@ -422,6 +441,7 @@ impl Program {
             attributes,
             entities,
             card_logged,
+            delayed,
             time_zone,
             span,
             layout,
@@ -448,17 +468,24 @@ impl Program {
         &self.entities[k]
     }
 
-    /// The first aggregation over an entity besides the card, by name,
-    /// with its entity as the file writes it.
-    pub fn aggregation_beside_the_card(&self) -> Option<(&str, String)> {
+    /// The first aggregation the service cannot compute, by name, and
+    /// what it needs: an entity besides the card, or fraud labels.
+    pub fn needs_more_than_the_card(&self) -> Option<(&str, String)> {
         self.items.iter().find_map(|item| match item.kind {
             ItemKind::Agg { entity, .. } if entity > 0 => {
                 let parts: Vec<String> = self.entities[entity - 1]
                     .iter()
                     .map(|p| p.to_string())
                     .collect();
-                Some((item.name.as_str(), parts.join("+")))
+                Some((
+                    item.name.as_str(),
+                    format!("aggregates per `{}`", parts.join("+")),
+                ))
             }
+            ItemKind::Agg { delayed: true, .. } => Some((
+                item.name.as_str(),
+                "reads fraud labels (`delay = \"label\"`)".to_string(),
+            )),
             _ => None,
         })
     }
@@ -468,10 +495,11 @@ impl Program {
         self.card_logged
     }
 
-    /// How far back any window reaches: an entity's log with nothing
-    /// newer than this before the settled time is of no more use.
-    pub fn span(&self) -> i64 {
-        self.span
+    /// How far back any window reaches, with the label delay `label_delay`
+    /// where a window ends that far back: a log with nothing newer than
+    /// this before the settled time is of no more use.
+    pub fn span(&self, label_delay: i64) -> i64 {
+        self.span + if self.delayed { label_delay } else { 0 }
     }
 
     /// The event's key in each entity besides the card.
@@ -494,6 +522,7 @@ impl Program {
         logs: &[Option<&DeclaredLog>],
         keys: &EntityKeys,
         tx: &Transaction,
+        label_delay: i64,
         scratch: &mut Scratch,
         out: &mut [f32],
     ) {
@@ -515,7 +544,7 @@ impl Program {
                 }),
         );
         values.resize(N_FIELDS + ATTRIBUTE_REGION + self.items.len(), 0.0);
-        for (_, f) in GEO {
+        for (_, f) in LATE {
             values[Program::field_slot(f)] = f.value(tx, local);
         }
         current.clear();
@@ -543,7 +572,7 @@ impl Program {
                             done[c] = true;
                         }
                     }
-                    self.aggregate(&item.kind, s, logs, keys, t, current)
+                    self.aggregate(&item.kind, s, logs, keys, (t, label_delay), current)
                 }
             };
             values[first_item + i] = v;
@@ -559,13 +588,14 @@ impl Program {
         s: &Stored,
         logs: &[Option<&DeclaredLog>],
         keys: &EntityKeys,
-        t: i64,
+        (t, label_delay): (i64, i64),
         current: &[f64],
     ) -> f64 {
         let ItemKind::Agg {
             kind,
             entity,
             window,
+            delayed,
             current: counts_itself,
             cap,
             missing,
@@ -584,10 +614,12 @@ impl Program {
             .copied()
             .flatten()
             .filter(|l| l.layout == self.layout);
+        // A delayed window ends at the newest event whose label is known.
+        let end = if delayed { t - label_delay } else { t };
         let scan = Scan {
             log,
             width: self.stored.len(),
-            t,
+            t: end,
             window,
             keys: &s.keys,
             key_bits: std::array::from_fn(|k| {
@@ -595,8 +627,9 @@ impl Program {
             }),
             filter: s.filter,
         };
-        // The event itself, when it counts and passes the filter.
-        let own = counts_itself && s.filter.is_none_or(|f| current[f] != 0.0);
+        // The event itself, when it counts and passes the filter; never in
+        // a delayed window, since its label is not known yet.
+        let own = counts_itself && !delayed && s.filter.is_none_or(|f| current[f] != 0.0);
         let of_now = s.of.map_or(0.0, |c| current[c]);
         let of = s.of.unwrap_or(0);
         let value = |row: &[u32]| f32::from_bits(row[of]) as f64;
@@ -716,7 +749,14 @@ impl Program {
     /// entities' logs.
     /// `settled` is as in [`super::card::CardState::apply`]. Returns
     /// whether the log's bound dropped an event still inside a window.
-    pub fn fold(&self, log: &mut DeclaredLog, t: i64, scratch: &Scratch, settled: i64) -> bool {
+    pub fn fold(
+        &self,
+        log: &mut DeclaredLog,
+        t: i64,
+        scratch: &Scratch,
+        settled: i64,
+        label_delay: i64,
+    ) -> bool {
         if log.layout != self.layout {
             *log = DeclaredLog {
                 layout: self.layout,
@@ -742,7 +782,7 @@ impl Program {
             pos * width..pos * width,
             scratch.current.iter().map(|&v| stored_bits(v)),
         );
-        let horizon = settled - self.span;
+        let horizon = settled - self.span(label_delay);
         let expired = log.ts.partition_point(|&e| (e as i64) <= horizon);
         let overflow = log.ts.len().saturating_sub(MAX_LOGGED);
         // Expired rows go a few at a time (no window reaches them), so that

@@ -250,6 +250,9 @@ struct Compiler<'a> {
     attributes: Vec<String>,
     /// The entities besides the card aggregated over so far.
     entities: Vec<Vec<EntityPart>>,
+    /// Whether the expression being compiled may read `is_fraud`: the
+    /// `of` and `where` of a window whose events' labels are known.
+    labels_known: bool,
 }
 
 fn compile(text: &str, interpret_all: bool) -> Result<Plan, FileError> {
@@ -287,6 +290,7 @@ fn compile(text: &str, interpret_all: bool) -> Result<Plan, FileError> {
         visiting: Vec::new(),
         attributes: Vec::new(),
         entities: Vec::new(),
+        labels_known: false,
     };
     let mut names = Vec::new();
     let mut slots = Vec::new();
@@ -420,9 +424,12 @@ impl<'a> Compiler<'a> {
         }
         let text = &self.file.tags[name];
         self.visiting.push(key.clone());
-        let expr = self
-            .expr(name, "tags", text, Scope::Features)
-            .map_err(|e| FileError(format!("tag `{name}`: {}", e.0)))?;
+        // A tag is kept with its event and read by any filter, so it never
+        // reads a label, whichever window first asks for it.
+        let labels_known = std::mem::replace(&mut self.labels_known, false);
+        let expr = self.expr(name, "tags", text, Scope::Features);
+        self.labels_known = labels_known;
+        let expr = expr.map_err(|e| FileError(format!("tag `{name}`: {}", e.0)))?;
         self.visiting.pop();
         self.items.push(Item {
             name: key.clone(),
@@ -431,6 +438,26 @@ impl<'a> Compiler<'a> {
         let i = self.items.len() - 1;
         self.by_name.insert(key, i);
         Ok(i)
+    }
+
+    /// An aggregation's `of` and `where`.
+    fn of_and_filter(
+        &mut self,
+        d: &Decl,
+        needs_of: bool,
+    ) -> Result<(Option<Expr>, Option<Expr>), FileError> {
+        let (name, agg) = (d.name.as_str(), d.agg.as_deref().unwrap_or_default());
+        let of = match (&d.of, needs_of) {
+            (Some(text), true) => Some(self.expr(name, "of", text, Scope::Event)?),
+            (None, true) => return fail(name, "of", format!("`{agg}` needs `of`")),
+            (Some(_), false) => return fail(name, "of", format!("`{agg}` takes no `of`")),
+            (None, false) => None,
+        };
+        let filter = match &d.filter {
+            Some(text) => Some(self.expr(name, "where", text, Scope::Event)?),
+            None => None,
+        };
+        Ok((of, filter))
     }
 
     /// An aggregation's entity: 0 and the fields besides the card for a
@@ -522,6 +549,12 @@ impl<'a> Compiler<'a> {
 
     fn lookup(&mut self, name: &str, scope: Scope) -> Result<Named, String> {
         if let Some(f) = Field::of(name) {
+            if f == Field::IsFraud && !self.labels_known {
+                return Err(
+                    "`is_fraud` is known only a label delay after the transaction: read it in the `of` or `where` of an aggregation with `delay = \"label\"`"
+                        .into(),
+                );
+            }
             return Ok(Named::Field(f));
         }
         if let Some(k) = self.attribute(name)? {
@@ -633,11 +666,24 @@ impl<'a> Compiler<'a> {
         };
         let entity_text = d.entity.as_deref().unwrap_or("card_id");
         let (entity, key_columns) = self.entity(name, entity_text)?;
-        if d.delay.is_some() {
+        let delayed = match d.delay.as_deref() {
+            None => false,
+            Some("label") => true,
+            Some(other) => {
+                return fail(
+                    name,
+                    "delay",
+                    format!(
+                        "`{other}`: a declared window is delayed by the engine's label delay, `delay = \"label\"` (--label-delay-days)"
+                    ),
+                );
+            }
+        };
+        if delayed && d.current == Some(true) {
             return fail(
                 name,
-                "delay",
-                "declared windows count what is known at once; label-delayed windows are the merchant's built-in ones",
+                "current",
+                "a delayed window never counts the event itself: its label is not known yet",
             );
         }
         if kind == AggKind::SpeedKmh {
@@ -669,16 +715,10 @@ impl<'a> Compiler<'a> {
             kind,
             AggKind::Count | AggKind::TimeSinceLast | AggKind::SpeedKmh
         );
-        let of = match (&d.of, needs_of) {
-            (Some(text), true) => Some(self.expr(name, "of", text, Scope::Event)?),
-            (None, true) => return fail(name, "of", format!("`{agg}` needs `of`")),
-            (Some(_), false) => return fail(name, "of", format!("`{agg}` takes no `of`")),
-            (None, false) => None,
-        };
-        let filter = match &d.filter {
-            Some(text) => Some(self.expr(name, "where", text, Scope::Event)?),
-            None => None,
-        };
+        self.labels_known = delayed;
+        let of_and_filter = self.of_and_filter(d, needs_of);
+        self.labels_known = false;
+        let (of, filter) = of_and_filter?;
         let cap = match &d.cap {
             None => None,
             Some(NumberOrDuration::Number(v)) => Some(*v),
@@ -693,6 +733,7 @@ impl<'a> Compiler<'a> {
             kind,
             entity,
             window,
+            delayed,
             current: d.current.unwrap_or(true),
             key_columns,
             of,
@@ -714,9 +755,11 @@ enum Scope {
 /// Whether the interpreter can compute a declaration (label-delayed
 /// windows are the built-in merchant features alone).
 fn interpretable(d: &Decl) -> bool {
+    // The default file's merchant windows are built in, at whole hours.
+    let built_in_merchant = !on_card(d) && builtin_decls().get(&d.name) == Some(d);
     match d.agg.as_deref() {
         None => true,
-        Some(a) => AggKind::of(a).is_some() && (on_card(d) || d.delay.is_none()),
+        Some(a) => AggKind::of(a).is_some() && !built_in_merchant,
     }
 }
 
@@ -1009,6 +1052,98 @@ current = false
             .collect();
         let e = Plan::compile(&format!("format = 1\n{five}")).unwrap_err();
         assert!(e.0.contains("at most 4 entities besides the card"), "{e}");
+    }
+
+    /// Windows over events whose labels are known: they end one label
+    /// delay before the event, never count it, and are the only place
+    /// `is_fraud` may be read.
+    #[test]
+    fn label_windows_count_what_is_known() {
+        use crate::features::{Engine, FeatureConfig};
+        use crate::ingest::Transaction;
+        const DAY: i64 = 86_400;
+        let plan = Plan::compile(
+            "format = 1
+[[feature]]
+name = \"card.frauds_known_30d\"
+entity = \"card_id\"
+agg = \"sum\"
+of = \"is_fraud == 1\"
+window = \"30d\"
+delay = \"label\"
+[[feature]]
+name = \"merchant.fraud_share_known_7d\"
+entity = \"merchant_id\"
+agg = \"mean\"
+of = \"is_fraud == 1\"
+window = \"7d\"
+delay = \"label\"
+missing = -1
+",
+        )
+        .unwrap();
+        let cfg = FeatureConfig {
+            label_delay_secs: 2 * DAY,
+            ..FeatureConfig::default()
+        };
+        let mut engine = Engine::with_plan(cfg, &plan);
+        // (card, fraud, time in days); one merchant.
+        let events = [
+            ("c1", true, 0.0),
+            ("c2", false, 1.0),
+            ("c1", false, 2.5),
+            ("c1", true, 3.5),
+            ("c1", false, 6.0),
+        ];
+        let mut seen = Vec::new();
+        for (i, (card, fraud, day)) in events.into_iter().enumerate() {
+            let mut tx = Transaction {
+                transaction_id: i.to_string(),
+                card_id: card.into(),
+                merchant_id: "m".into(),
+                amount: 5.0,
+                is_fraud: Some(fraud),
+                ..Transaction::default()
+            };
+            tx.time.utc = 1_522_540_800 + (day * DAY as f64) as i64;
+            let f = engine.process(&tx).unwrap();
+            seen.push((f.0[plan.slots[0]], f.0[plan.slots[1]]));
+        }
+        let (frauds, shares): (Vec<f32>, Vec<f32>) = seen.into_iter().unzip();
+        assert_eq!(frauds, [0.0, 0.0, 1.0, 1.0, 2.0]);
+        assert_eq!(shares, [-1.0, -1.0, 1.0, 0.5, 0.5]);
+        let program = plan.program.as_deref().unwrap();
+        let (feature, needs) = program.needs_more_than_the_card().unwrap();
+        assert_eq!(feature, "card.frauds_known_30d");
+        assert!(needs.contains("reads fraud labels"), "{needs}");
+
+        let window = "entity = \"card_id\"\nagg = \"count\"\nwindow = \"1d\"";
+        for (decl, says) in [
+            ("value = \"is_fraud\"", "`value`: `is_fraud` is known only"),
+            (
+                &format!("{window}\nwhere = \"is_fraud == 1\"") as &str,
+                "`where`: `is_fraud` is known only",
+            ),
+            (
+                &format!("{window}\ndelay = \"2d\""),
+                "`delay`: `2d`: a declared window is delayed by the engine's label delay",
+            ),
+            (
+                &format!("{window}\ndelay = \"label\"\ncurrent = true"),
+                "`current`: a delayed window never counts the event itself",
+            ),
+        ] {
+            let e = error(&format!("[[feature]]\nname = \"a\"\n{decl}"));
+            assert!(e.starts_with("feature `a`, ") && e.contains(says), "{e}");
+        }
+        // A tag is kept with its event and read by any filter: never a label.
+        let e = error(&format!(
+            "[tags]\nknown_fraud = \"is_fraud == 1\"\n[[feature]]\nname = \"a\"\n{window}\ndelay = \"label\"\nwhere = \"known_fraud\""
+        ));
+        assert!(
+            e.contains("tag `known_fraud`") && e.contains("`is_fraud` is known only"),
+            "{e}"
+        );
     }
 
     /// A card's declared log travels through its changelog record, and an

@@ -426,7 +426,8 @@ impl Engine {
             let keys = p.entity_keys(tx);
             let logs = entity_logs(card.and_then(|c| c.declared()), &self.entities, &keys);
             let out = &mut f.0[N_FEATURES..];
-            p.observe(&logs, &keys, tx, &mut Scratch::default(), out);
+            let delay = self.cfg.label_delay_secs;
+            p.observe(&logs, &keys, tx, delay, &mut Scratch::default(), out);
         }
     }
 
@@ -669,8 +670,14 @@ impl Engine {
     }
 
     fn sweep(&mut self) {
+        // A card is of use while a window reaches its newest event: 30
+        // days, or a declared window that ends a label delay back.
+        let declared = (self.program.as_deref())
+            .filter(|p| p.card_logged())
+            .map_or(0, |p| p.span(self.cfg.label_delay_secs));
+        let reach = (30 * DAY).max(declared);
         let idle_day =
-            (self.watermark - self.cfg.allowed_lateness_secs - 30 * DAY).div_euclid(DAY) - 1;
+            (self.watermark - self.cfg.allowed_lateness_secs - reach).div_euclid(DAY) - 1;
         let changes = &mut self.changes;
         self.stats.cards_expired += self.cards.retain(|key, c| {
             let keep = c.newest_day() as i64 >= idle_day;
@@ -687,7 +694,8 @@ impl Engine {
         }) as u64;
         if let Some(p) = &self.program {
             // No window of an event still admitted reaches back this far.
-            let useless = self.watermark - self.cfg.allowed_lateness_secs - p.span();
+            let span = p.span(self.cfg.label_delay_secs);
+            let useless = self.watermark - self.cfg.allowed_lateness_secs - span;
             for store in &mut self.entities {
                 self.stats.entities_expired +=
                     store.retain(|_, log| log.newest().is_some_and(|t| t > useless)) as u64;
@@ -782,14 +790,24 @@ fn observe_and_fold(
     {
         let entity_keys = p.entity_keys(tx);
         let logs = entity_logs(card.declared(), entities, &entity_keys);
-        p.observe(&logs, &entity_keys, tx, scratch, &mut out.0[N_FEATURES..]);
+        let delay = cfg.label_delay_secs;
+        p.observe(
+            &logs,
+            &entity_keys,
+            tx,
+            delay,
+            scratch,
+            &mut out.0[N_FEATURES..],
+        );
         let t = tx.time.utc;
         if p.card_logged() {
-            applied.window_overflow |= p.fold(card.declared_mut(), t, scratch, settled);
+            let log = card.declared_mut();
+            applied.window_overflow |= p.fold(log, t, scratch, settled, delay);
         }
         for (store, key) in entities.iter_mut().zip(entity_keys.0) {
             if let Some(k) = key {
-                applied.window_overflow |= p.fold(store.get_or_default(k), t, scratch, settled);
+                let log = store.get_or_default(k);
+                applied.window_overflow |= p.fold(log, t, scratch, settled, delay);
             }
         }
     }

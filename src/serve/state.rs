@@ -456,14 +456,15 @@ pub fn load_scorer(
         Some(p) => Scorer::new(Model::load(p)?, RuleSet::default()),
     };
     let program = scorer.plan().program.as_deref();
-    if let Some((feature, entity)) = program.and_then(|p| p.aggregation_beside_the_card()) {
-        // Such an entity's events arrive on every input partition: it
-        // needs a stage keyed by it, which this build does not have.
+    if let Some((feature, needs)) = program.and_then(|p| p.needs_more_than_the_card()) {
+        // Another entity's events arrive on every input partition, and
+        // labels on a topic of their own: each needs a stage this build
+        // does not have.
         anyhow::bail!(
-            "the model's feature `{feature}` aggregates per `{entity}`: the service keeps \
-             declared state per card, as its input is partitioned, so it serves card entities \
-             only (`card_id`, `card_id+FIELD`); train, eval, replay, backtest and features \
-             compute it from a file"
+            "the model's feature `{feature}` {needs}: the service keeps declared state per card, \
+             as its input is partitioned, without labels, so it serves card entities only \
+             (`card_id`, `card_id+FIELD`) and no label-delayed declared window; train, eval, \
+             replay, backtest and features compute it from a file"
         );
     }
     if let Some(p) = rules_path {
