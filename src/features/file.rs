@@ -474,6 +474,13 @@ impl<'a> Compiler<'a> {
             let mut key_columns = Vec::new();
             for p in parts {
                 let slot = match (Field::of(p), self.attribute(p)) {
+                    (Some(Field::IsFraud), _) => {
+                        return fail(
+                            feature,
+                            "entity",
+                            "`is_fraud` cannot key an entity: it is known only a label delay after the transaction",
+                        );
+                    }
                     (Some(f), _) => Program::field_slot(f),
                     (None, Ok(Some(k))) => Program::attribute_slot(k),
                     (None, Err(e)) => return fail(feature, "entity", e),
@@ -1032,6 +1039,8 @@ current = false
             ("amount", "`amount` cannot key an entity"),
             ("merchant_id+merchant_id", "named twice"),
             ("attributes.", "cannot key an entity"),
+            ("card_id+is_fraud", "`is_fraud` cannot key an entity"),
+            ("is_fraud", "`is_fraud` cannot key an entity"),
         ] {
             let e = Plan::compile(&format!(
                 "format = 1\n[[feature]]\nname = \"d\"\nentity = \"{entity}\"\nagg = \"count\"\nwindow = \"1d\""
