@@ -507,6 +507,15 @@ of = "is_fraud == 1"
 window = "7d"
 delay = "label"
 missing = -1
+[[feature]]
+name = "card.largest_fraud_known_30d"
+entity = "card_id"
+agg = "max"
+of = "amount"
+where = "is_fraud == 1"
+window = "30d"
+delay = "label"
+missing = -1
 "#;
 
 /// The engine on [`LABEL_FILE`] against the definitions: the entity's

@@ -726,6 +726,18 @@ impl<'a> Compiler<'a> {
         let of_and_filter = self.of_and_filter(d, needs_of);
         self.labels_known = false;
         let (of, filter) = of_and_filter?;
+        // `share` compares each event's `of` with the current event's,
+        // whose label is not known yet.
+        let of_reads_label = (d.of.as_deref())
+            .and_then(|text| Expr::parse(text).ok())
+            .is_some_and(|e| e.names().contains(&"is_fraud"));
+        if kind == AggKind::Share && of_reads_label {
+            return fail(
+                name,
+                "of",
+                "`share` compares with the current event's value, and its `is_fraud` is not known yet",
+            );
+        }
         let cap = match &d.cap {
             None => None,
             Some(NumberOrDuration::Number(v)) => Some(*v),
@@ -1141,10 +1153,19 @@ missing = -1
                 &format!("{window}\ndelay = \"label\"\ncurrent = true"),
                 "`current`: a delayed window never counts the event itself",
             ),
+            (
+                "entity = \"card_id\"\nagg = \"share\"\nof = \"is_fraud\"\nwindow = \"7d\"\ndelay = \"label\"",
+                "`of`: `share` compares with the current event's value",
+            ),
         ] {
             let e = error(&format!("[[feature]]\nname = \"a\"\n{decl}"));
             assert!(e.starts_with("feature `a`, ") && e.contains(says), "{e}");
         }
+        // A delayed share of a field that is not the label is fine.
+        Plan::compile(
+            "format = 1\n[[feature]]\nname = \"a\"\nagg = \"share\"\nof = \"mcc\"\nwindow = \"7d\"\ndelay = \"label\"",
+        )
+        .unwrap();
         // A tag is kept with its event and read by any filter: never a label.
         let e = error(&format!(
             "[tags]\nknown_fraud = \"is_fraud == 1\"\n[[feature]]\nname = \"a\"\n{window}\ndelay = \"label\"\nwhere = \"known_fraud\""
