@@ -285,8 +285,8 @@ pub enum ItemKind {
     Tag(Expr),
     Agg {
         kind: AggKind,
-        /// Whose events it reads: 0 the card's, `k` those of
-        /// [`Program::entity_parts`]`(k - 1)`.
+        /// Whose events it reads: 0 the card's, `k` those of the `k`-th
+        /// entity besides the card, in the program's order.
         entity: usize,
         window: i64,
         /// Whether the window ends one label delay before the event
@@ -461,11 +461,6 @@ impl Program {
     /// How many entities besides the card the aggregations read.
     pub fn entities(&self) -> usize {
         self.entities.len()
-    }
-
-    /// The parts of the `k`-th entity besides the card.
-    pub fn entity_parts(&self, k: usize) -> &[EntityPart] {
-        &self.entities[k]
     }
 
     /// The first aggregation the service cannot compute, by name, and

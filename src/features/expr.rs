@@ -340,6 +340,13 @@ impl Expr {
         out
     }
 
+    /// Whether the resolved expression reads slot `v`.
+    pub fn reads(&self, v: usize) -> bool {
+        let mut found = false;
+        self.visit(&mut |e| found |= matches!(e, Expr::Var(w) if *w == v));
+        found
+    }
+
     fn visit<'a>(&'a self, f: &mut impl FnMut(&'a Expr)) {
         f(self);
         match self {

@@ -728,9 +728,8 @@ impl<'a> Compiler<'a> {
         let (of, filter) = of_and_filter?;
         // `share` compares each event's `of` with the current event's,
         // whose label is not known yet.
-        let of_reads_label = (d.of.as_deref())
-            .and_then(|text| Expr::parse(text).ok())
-            .is_some_and(|e| e.names().contains(&"is_fraud"));
+        let label = Program::field_slot(Field::IsFraud);
+        let of_reads_label = of.as_ref().is_some_and(|e| e.reads(label));
         if kind == AggKind::Share && of_reads_label {
             return fail(
                 name,
