@@ -2,8 +2,11 @@
 //! whole history for every event, on random streams with out-of-order
 //! events; and the proof that labels not yet known change no feature.
 
+use peregrine::features::declared::{EntityValues, Scratch};
+use peregrine::features::entities::EntityLogs;
 use peregrine::features::file::{DEFAULT_FILE, Plan};
 use peregrine::features::geo::haversine_km;
+use peregrine::features::merchant::MerchantView;
 use peregrine::features::{
     Engine, FeatureConfig, Features, N_FEATURES, NAMES, NO_PREVIOUS_SECS, idx,
 };
@@ -326,6 +329,14 @@ proptest! {
         check_entities(&events, cfg(1, 6 * HOUR))?;
     }
 
+    /// The service's split: each entity besides the card kept by its
+    /// owner from the events' rows, the card by its partition with the
+    /// owners' values, computes what one engine computes.
+    #[test]
+    fn entity_owners_equal_one_engine(events in streams(6 * HOUR)) {
+        check_entity_owners(&events, cfg(1, 6 * HOUR))?;
+    }
+
     #[test]
     fn label_windows_match_the_reference(events in streams(HOUR)) {
         check_label_windows(&events, cfg(2, HOUR))?;
@@ -472,6 +483,51 @@ fn check_entities(events: &[Ev], cfg: FeatureConfig) -> Result<(), TestCaseError
         }
         admitted.push((t, e.merchant, ecom, stored(e.amount)));
     }
+    Ok(())
+}
+
+/// [`ENTITY_FILE`] computed as the service splits it
+/// ([`EntityLogs`] per entity, [`Engine::with_plan_per_card`] per card)
+/// against one engine, for every declared column.
+fn check_entity_owners(events: &[Ev], cfg: FeatureConfig) -> Result<(), TestCaseError> {
+    let plan = Plan::compile(ENTITY_FILE).unwrap();
+    let program = plan.program.clone().unwrap();
+    let mut engine = Engine::with_plan(cfg, &plan);
+    let mut per_card = Engine::with_plan_per_card(cfg, &plan);
+    let mut owners = EntityLogs::new(cfg, program.clone());
+    let mut scratch = Scratch::default();
+    for (i, e) in events.iter().enumerate() {
+        let mut tx = tx_of(e, i);
+        tx.attributes
+            .set("owner", AttrValue::Text(tx.card_id.clone()))
+            .unwrap();
+        let Ok(want) = engine.process(&tx) else {
+            continue;
+        };
+        let row = program.entity_row(&tx, &mut scratch);
+        let mut values = EntityValues::default();
+        for (k, key) in program.entity_keys(&tx).0.iter().enumerate() {
+            if let Some(key) = key {
+                values.0[k] = Some(owners.observe_and_fold(k + 1, *key, e.ts, &row).to_vec());
+            }
+        }
+        let got = per_card
+            .process_card(&tx, MerchantView::default(), Some(&values))
+            .unwrap();
+        for (k, &s) in plan.slots.iter().enumerate() {
+            prop_assert_eq!(
+                got.0[s].to_bits(),
+                want.0[s].to_bits(),
+                "event {} ({:?}): {} is {}, want {}",
+                i,
+                e,
+                &plan.names[k],
+                got.0[s],
+                want.0[s]
+            );
+        }
+    }
+    prop_assert!(!owners.is_empty());
     Ok(())
 }
 

@@ -36,7 +36,7 @@ fn main() -> anyhow::Result<()> {
                 Ok(tx) => tx,
                 Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
             };
-            let features = engine.peek_card(&tx, MerchantView::default());
+            let features = engine.peek_card(&tx, MerchantView::default(), None);
             let s = scorer.score(&features, true);
             let body: Response = axum::Json(json!({
                 "transaction_id": tx.transaction_id,

@@ -72,6 +72,8 @@ const LATE: [(&str, Field); 3] = [
 const ATTRIBUTE_REGION: usize = 32;
 /// Names under `attributes` one features file may read.
 pub const MAX_ATTRIBUTES: usize = ATTRIBUTE_REGION - LATE.len();
+/// The slot of the first item's value.
+const FIRST_ITEM: usize = N_FIELDS + ATTRIBUTE_REGION;
 
 pub fn hash_code(s: &str) -> f64 {
     // 24 bits: exact in the f32 a stored column keeps.
@@ -235,6 +237,12 @@ impl std::fmt::Display for EntityPart {
     }
 }
 
+/// The values of the aggregations over one event's entities besides the
+/// card, as the entities' owners computed them: per entity, in the
+/// program's order; `None` where none came (each then reads its `missing`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EntityValues(pub [Option<Vec<f64>>; MAX_ENTITIES]);
+
 /// An event's keys in each entity besides the card, as
 /// [`Program::entity_keys`] gives them: a hash of the parts' values as the
 /// transaction carries them (not their 24-bit codes, which would collide
@@ -371,7 +379,7 @@ impl Program {
     }
 
     pub fn item_slot(i: usize) -> usize {
-        N_FIELDS + ATTRIBUTE_REGION + i
+        FIRST_ITEM + i
     }
 
     pub fn new(
@@ -463,26 +471,93 @@ impl Program {
         self.entities.len()
     }
 
-    /// The first aggregation the service cannot compute, by name, and
-    /// what it needs: an entity besides the card, or fraud labels.
-    pub fn needs_more_than_the_card(&self) -> Option<(&str, String)> {
-        self.items.iter().find_map(|item| match item.kind {
-            ItemKind::Agg { entity, .. } if entity > 0 => {
-                let parts: Vec<String> = self.entities[entity - 1]
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect();
-                Some((
+    /// The first item the service cannot compute, by name, and why: a
+    /// window over fraud labels, or an aggregation over an entity besides
+    /// the card whose stored fields read a feature (its owner sees the
+    /// event, not the card's state).
+    pub fn unservable(&self) -> Option<(&str, String)> {
+        let event_only = self.event_only();
+        self.items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| match &item.kind {
+                ItemKind::Agg { delayed: true, .. } => Some((
                     item.name.as_str(),
-                    format!("aggregates per `{}`", parts.join("+")),
-                ))
-            }
-            ItemKind::Agg { delayed: true, .. } => Some((
+                    "reads fraud labels (`delay = \"label\"`)".to_string(),
+                )),
+                ItemKind::Agg { entity, .. } if *entity > 0 => {
+                    let reads_a_feature = self.stored_columns(i).any(|c| {
+                        !self.stored[c]
+                            .reads_only(&|v| v < FIRST_ITEM || event_only[v - FIRST_ITEM])
+                    });
+                    reads_a_feature.then(|| {
+                    (
+                        item.name.as_str(),
+                        format!(
+                            "aggregates per `{}` and its `of` or `where` reads a tag that reads a \
+                             feature: the entity's owner sees the event, not the card's state",
+                            self.entity_name(*entity)
+                        ),
+                    )
+                })
+                }
+                _ => None,
+            })
+    }
+
+    /// The first aggregation over an entity besides the card, by name,
+    /// and what it needs: the service's entity stage.
+    pub fn entity_stage_missing(&self) -> Option<(&str, String)> {
+        self.items.iter().find_map(|item| match item.kind {
+            ItemKind::Agg { entity, .. } if entity > 0 => Some((
                 item.name.as_str(),
-                "reads fraud labels (`delay = \"label\"`)".to_string(),
+                format!(
+                    "aggregates per `{}`, which needs an entity stage this build does not have",
+                    self.entity_name(entity)
+                ),
             )),
             _ => None,
         })
+    }
+
+    /// The entity's key parts, as a file writes them.
+    pub fn entity_name(&self, entity: usize) -> String {
+        let parts: Vec<String> = self.entities[entity - 1]
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        parts.join("+")
+    }
+
+    /// Per item, whether its value follows from the event alone.
+    fn event_only(&self) -> Vec<bool> {
+        let mut only = vec![false; self.items.len()];
+        for (i, item) in self.items.iter().enumerate() {
+            only[i] = match &item.kind {
+                ItemKind::Value(e) | ItemKind::Tag(e) => {
+                    e.reads_only(&|v| v < FIRST_ITEM || only[v - FIRST_ITEM])
+                }
+                _ => false,
+            };
+        }
+        only
+    }
+
+    /// The stored columns the `i`-th item reads.
+    fn stored_columns(&self, i: usize) -> impl Iterator<Item = usize> + '_ {
+        let s = &self.stored_of[i];
+        let place = s.place.iter().flat_map(|&(a, b)| [a, b]);
+        s.keys
+            .iter()
+            .chain(&s.of)
+            .chain(&s.filter)
+            .copied()
+            .chain(place)
+    }
+
+    /// Whether any aggregation reads an entity besides the card.
+    pub fn has_entities(&self) -> bool {
+        !self.entities.is_empty()
     }
 
     /// Whether the card's declared log is read, so worth keeping.
@@ -511,7 +586,10 @@ impl Program {
     /// Computes the declared columns of `tx` into `out` from its entities'
     /// logs before the event (`logs[0]` the card's, then one per entity
     /// besides it, for `keys`); the event's stored fields stay in
-    /// `scratch` for [`Program::fold`].
+    /// `scratch` for [`Program::fold`]. With `owned_elsewhere`, the values
+    /// of the aggregations over entities besides the card are taken from
+    /// it, as their owners computed them, instead of from `logs`.
+    #[allow(clippy::too_many_arguments)]
     pub fn observe(
         &self,
         logs: &[Option<&DeclaredLog>],
@@ -519,8 +597,65 @@ impl Program {
         tx: &Transaction,
         label_delay: i64,
         scratch: &mut Scratch,
+        owned_elsewhere: Option<&EntityValues>,
         out: &mut [f32],
     ) {
+        self.fill_event(tx, scratch);
+        let Scratch {
+            values,
+            current,
+            done,
+        } = scratch;
+        let t = tx.time.utc;
+        let mut taken = [0usize; MAX_ENTITIES];
+        for (i, item) in self.items.iter().enumerate() {
+            let v = match &item.kind {
+                ItemKind::Value(e) | ItemKind::Derived(e) | ItemKind::Tag(e) => e.eval(values),
+                ItemKind::Agg {
+                    entity, missing, ..
+                } if *entity > 0 && owned_elsewhere.is_some() => {
+                    let k = entity - 1;
+                    taken[k] += 1;
+                    owned_elsewhere
+                        .and_then(|o| o.0[k].as_ref())
+                        .and_then(|v| v.get(taken[k] - 1))
+                        .copied()
+                        .unwrap_or(*missing)
+                }
+                ItemKind::Agg { .. } => {
+                    for c in self.stored_columns(i) {
+                        if !done[c] {
+                            current[c] = self.stored[c].eval(values);
+                            done[c] = true;
+                        }
+                    }
+                    self.aggregate(
+                        &item.kind,
+                        &self.stored_of[i],
+                        logs,
+                        keys,
+                        (t, label_delay),
+                        current,
+                    )
+                }
+            };
+            values[FIRST_ITEM + i] = v;
+        }
+        // Stored fields no aggregation computed here (those of the entities
+        // owned elsewhere) are still folded into the card's own log.
+        for c in 0..self.stored.len() {
+            if !done[c] {
+                current[c] = self.stored[c].eval(values);
+            }
+        }
+        for (o, &c) in out.iter_mut().zip(&self.columns) {
+            *o = column_value(values[FIRST_ITEM + c]);
+        }
+    }
+
+    /// The transaction's fields and attributes into `scratch`'s values,
+    /// every item's value zero, and no stored field computed yet.
+    fn fill_event(&self, tx: &Transaction, scratch: &mut Scratch) {
         let local = self.time_zone.local(tx.time);
         let Scratch {
             values,
@@ -538,7 +673,7 @@ impl Program {
                     None => -1.0,
                 }),
         );
-        values.resize(N_FIELDS + ATTRIBUTE_REGION + self.items.len(), 0.0);
+        values.resize(FIRST_ITEM + self.items.len(), 0.0);
         for (_, f) in LATE {
             values[Program::field_slot(f)] = f.value(tx, local);
         }
@@ -546,34 +681,50 @@ impl Program {
         current.resize(self.stored.len(), 0.0);
         done.clear();
         done.resize(self.stored.len(), false);
-        let t = tx.time.utc;
-        let first_item = N_FIELDS + ATTRIBUTE_REGION;
+    }
+
+    /// The event's stored fields as its entities besides the card log
+    /// them, from the event alone: the row an entity's owner folds in
+    /// ([`Program::entity_values`], [`Program::fold_row`]). Exact for
+    /// every field such an aggregation reads, when [`Program::unservable`]
+    /// finds nothing.
+    pub fn entity_row(&self, tx: &Transaction, scratch: &mut Scratch) -> Vec<f64> {
+        self.fill_event(tx, scratch);
+        let Scratch {
+            values, current, ..
+        } = scratch;
         for (i, item) in self.items.iter().enumerate() {
-            let v = match &item.kind {
-                ItemKind::Value(e) | ItemKind::Derived(e) | ItemKind::Tag(e) => e.eval(values),
-                ItemKind::Agg { .. } => {
-                    let s = &self.stored_of[i];
-                    let place = s.place.iter().flat_map(|&(a, b)| [a, b]);
-                    for c in s
-                        .keys
-                        .iter()
-                        .chain(&s.of)
-                        .chain(&s.filter)
-                        .copied()
-                        .chain(place)
-                    {
-                        if !done[c] {
-                            current[c] = self.stored[c].eval(values);
-                            done[c] = true;
-                        }
-                    }
-                    self.aggregate(&item.kind, s, logs, keys, (t, label_delay), current)
-                }
-            };
-            values[first_item + i] = v;
+            if let ItemKind::Value(e) | ItemKind::Tag(e) = &item.kind {
+                values[FIRST_ITEM + i] = e.eval(values);
+            }
         }
-        for (o, &c) in out.iter_mut().zip(&self.columns) {
-            *o = column_value(values[first_item + c]);
+        for (c, e) in self.stored.iter().enumerate() {
+            current[c] = e.eval(values);
+        }
+        current.clone()
+    }
+
+    /// The values of the `entity`-th entity's aggregations (1 for the
+    /// first besides the card), in the program's order, for an event at
+    /// `t` with stored fields `row`, from the entity's log before it.
+    pub fn entity_values(
+        &self,
+        entity: usize,
+        log: Option<&DeclaredLog>,
+        (t, label_delay): (i64, i64),
+        row: &[f64],
+        out: &mut Vec<f64>,
+    ) {
+        out.clear();
+        let mut logs = [None; 1 + MAX_ENTITIES];
+        logs[entity] = log;
+        let mut keys = EntityKeys::default();
+        keys.0[entity - 1] = Some(0);
+        for (i, item) in self.items.iter().enumerate() {
+            if matches!(item.kind, ItemKind::Agg { entity: e, .. } if e == entity) {
+                let s = &self.stored_of[i];
+                out.push(self.aggregate(&item.kind, s, &logs, &keys, (t, label_delay), row));
+            }
         }
     }
 
@@ -752,6 +903,18 @@ impl Program {
         settled: i64,
         label_delay: i64,
     ) -> bool {
+        self.fold_row(log, t, &scratch.current, settled, label_delay)
+    }
+
+    /// [`Program::fold`] of an event whose stored fields are `row`.
+    pub fn fold_row(
+        &self,
+        log: &mut DeclaredLog,
+        t: i64,
+        row: &[f64],
+        settled: i64,
+        label_delay: i64,
+    ) -> bool {
         if log.layout != self.layout {
             *log = DeclaredLog {
                 layout: self.layout,
@@ -775,7 +938,7 @@ impl Program {
         log.ts.insert(pos, ts);
         log.columns.splice(
             pos * width..pos * width,
-            scratch.current.iter().map(|&v| stored_bits(v)),
+            row.iter().map(|&v| stored_bits(v)),
         );
         let horizon = settled - self.span(label_delay);
         let expired = log.ts.partition_point(|&e| (e as i64) <= horizon);

@@ -347,6 +347,13 @@ impl Expr {
         found
     }
 
+    /// Whether every slot it reads passes `ok`.
+    pub fn reads_only(&self, ok: &dyn Fn(usize) -> bool) -> bool {
+        let mut all = true;
+        self.visit(&mut |e| all &= !matches!(e, Expr::Var(v) if !ok(*v)));
+        all
+    }
+
     fn visit<'a>(&'a self, f: &mut impl FnMut(&'a Expr)) {
         f(self);
         match self {

@@ -1133,7 +1133,7 @@ missing = -1
         assert_eq!(frauds, [0.0, 0.0, 1.0, 1.0, 2.0]);
         assert_eq!(shares, [-1.0, -1.0, 1.0, 0.5, 0.5]);
         let program = plan.program.as_deref().unwrap();
-        let (feature, needs) = program.needs_more_than_the_card().unwrap();
+        let (feature, needs) = program.unservable().unwrap();
         assert_eq!(feature, "card.frauds_known_30d");
         assert!(needs.contains("reads fraud labels"), "{needs}");
 

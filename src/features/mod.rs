@@ -6,6 +6,7 @@
 
 pub mod card;
 pub mod declared;
+pub mod entities;
 pub mod expr;
 pub mod file;
 pub mod geo;
@@ -14,7 +15,7 @@ pub mod store;
 
 use crate::ingest::{Channel, Transaction};
 use card::{Applied, CardState, CardView, DAY, LARGE_MIN_HISTORY, LARGE_RATIO, Recent};
-use declared::{DeclaredLog, EntityKeys, MAX_ENTITIES, Program, Scratch};
+use declared::{DeclaredLog, EntityKeys, EntityValues, MAX_ENTITIES, Program, Scratch};
 use merchant::{HOUR, MerchantState, MerchantView};
 use serde::Serialize;
 use std::cmp::Reverse;
@@ -226,6 +227,10 @@ pub struct Engine {
     /// The declared logs of each entity besides the card the program
     /// aggregates over, by the entity's key.
     entities: Vec<KeyedStore<DeclaredLog>>,
+    /// The entities besides the card are kept by their owners (the
+    /// service's entity stage), not here: their values come with each
+    /// event, and read `missing` where none came.
+    entities_elsewhere: bool,
     scratch: Scratch,
 }
 
@@ -259,6 +264,7 @@ impl Engine {
             changes: None,
             program: None,
             entities: Vec::new(),
+            entities_elsewhere: false,
             scratch: Scratch::default(),
         }
     }
@@ -269,6 +275,17 @@ impl Engine {
         Engine {
             program: plan.program.clone(),
             entities: (0..entities).map(|_| KeyedStore::default()).collect(),
+            ..Engine::new(cfg)
+        }
+    }
+
+    /// [`Engine::with_plan`] for a card partition of the service: the
+    /// entities besides the card are kept by their owners, and their
+    /// values given with each event ([`Engine::process_card`]).
+    pub fn with_plan_per_card(cfg: FeatureConfig, plan: &file::Plan) -> Engine {
+        Engine {
+            program: plan.program.clone(),
+            entities_elsewhere: true,
             ..Engine::new(cfg)
         }
     }
@@ -416,18 +433,27 @@ impl Engine {
     pub fn peek_observed(&self, tx: &Transaction, keys: Keys, f: &mut Features) -> Observed {
         let card = self.cards.get(keys.card);
         let merchant = self.merchant_view(keys.merchant, tx.time.utc);
-        self.peek_declared(card, tx, f);
+        self.peek_declared(card, tx, None, f);
         observe(card, merchant, tx, keys)
     }
 
     /// The declared columns of an event the state does not take.
-    fn peek_declared(&self, card: Option<&CardState>, tx: &Transaction, f: &mut Features) {
+    fn peek_declared(
+        &self,
+        card: Option<&CardState>,
+        tx: &Transaction,
+        owned_elsewhere: Option<&EntityValues>,
+        f: &mut Features,
+    ) {
         if let Some(p) = &self.program {
             let keys = p.entity_keys(tx);
             let logs = entity_logs(card.and_then(|c| c.declared()), &self.entities, &keys);
             let out = &mut f.0[N_FEATURES..];
             let delay = self.cfg.label_delay_secs;
-            p.observe(&logs, &keys, tx, delay, &mut Scratch::default(), out);
+            let scratch = &mut Scratch::default();
+            let none = EntityValues::default();
+            let owned_elsewhere = owned_elsewhere.or(self.entities_elsewhere.then_some(&none));
+            p.observe(&logs, &keys, tx, delay, scratch, owned_elsewhere, out);
         }
     }
 
@@ -463,7 +489,7 @@ impl Engine {
     ) -> Result<Observed, Refused> {
         let found = self.admit_card(tx.time.utc, keys)?;
         let merchant = self.fold_merchant(tx.time.utc, keys.merchant);
-        Ok(self.fold_card(tx, keys, found, merchant, f))
+        Ok(self.fold_card(tx, keys, found, merchant, None, f))
     }
 
     /// The card half of [`Engine::observe_keyed`], for a pipeline that runs
@@ -478,7 +504,7 @@ impl Engine {
         f: &mut Features,
     ) -> Result<Observed, Refused> {
         let found = self.admit_card(tx.time.utc, keys)?;
-        Ok(self.fold_card(tx, keys, found, MerchantView::default(), f))
+        Ok(self.fold_card(tx, keys, found, MerchantView::default(), None, f))
     }
 
     /// The merchant half of [`Engine::observe_keyed`]: the merchant's view
@@ -511,15 +537,19 @@ impl Engine {
         keys: Keys,
         found: Option<Found>,
         merchant: MerchantView,
+        owned_elsewhere: Option<&EntityValues>,
         f: &mut Features,
     ) -> Observed {
         let cfg = self.cfg;
+        let none = EntityValues::default();
+        let owned_elsewhere = owned_elsewhere.or(self.entities_elsewhere.then_some(&none));
         let card = self.cards.found_or_default(keys.card, found);
         let settled = self.watermark - cfg.allowed_lateness_secs;
         let declared = self.program.as_deref().map(|program| Declared {
             program,
             scratch: &mut self.scratch,
             entities: &mut self.entities,
+            owned_elsewhere,
             out: f,
         });
         let (observed, applied) =
@@ -539,15 +569,18 @@ impl Engine {
     /// partition, while its merchant's state is aggregated elsewhere (by
     /// merchant), so the merchant's view comes with the transaction. Only
     /// the card's state changes.
+    /// The values of the entities besides the card come with it too, when
+    /// the program has any and their owners computed them (`entities`).
     pub fn process_card(
         &mut self,
         tx: &Transaction,
         merchant: MerchantView,
+        entities: Option<&EntityValues>,
     ) -> Result<Features, Refused> {
         let keys = Keys::of(tx);
         let found = self.admit_card(tx.time.utc, keys)?;
         let mut f = Features::default();
-        let observed = self.fold_card(tx, keys, found, merchant, &mut f);
+        let observed = self.fold_card(tx, keys, found, merchant, entities, &mut f);
         if let Some(c) = &mut self.changes {
             c.changed.insert(keys.card.max(1));
         }
@@ -556,11 +589,16 @@ impl Engine {
     }
 
     /// [`Engine::peek`] with the merchant's view given, as in [`Engine::process_card`].
-    pub fn peek_card(&self, tx: &Transaction, merchant: MerchantView) -> Features {
+    pub fn peek_card(
+        &self,
+        tx: &Transaction,
+        merchant: MerchantView,
+        entities: Option<&EntityValues>,
+    ) -> Features {
         let keys = Keys::of(tx);
         let card = self.cards.get(keys.card);
         let mut f = Features::default();
-        self.peek_declared(card, tx, &mut f);
+        self.peek_declared(card, tx, entities, &mut f);
         observe(card, merchant, tx, keys).derive(tx, &mut f);
         f
     }
@@ -749,6 +787,9 @@ struct Declared<'a> {
     program: &'a Program,
     scratch: &'a mut Scratch,
     entities: &'a mut [KeyedStore<DeclaredLog>],
+    /// The values of the entities besides the card, when their owners
+    /// computed them: then this engine neither reads nor keeps their logs.
+    owned_elsewhere: Option<&'a EntityValues>,
     out: &'a mut Features,
 }
 
@@ -785,6 +826,7 @@ fn observe_and_fold(
         program: p,
         scratch,
         entities,
+        owned_elsewhere,
         out,
     }) = declared
     {
@@ -797,6 +839,7 @@ fn observe_and_fold(
             tx,
             delay,
             scratch,
+            owned_elsewhere,
             &mut out.0[N_FEATURES..],
         );
         let t = tx.time.utc;
@@ -804,6 +847,11 @@ fn observe_and_fold(
             let log = card.declared_mut();
             applied.window_overflow |= p.fold(log, t, scratch, settled, delay);
         }
+        let entities = if owned_elsewhere.is_some() {
+            &mut [][..]
+        } else {
+            entities
+        };
         for (store, key) in entities.iter_mut().zip(entity_keys.0) {
             if let Some(k) = key {
                 let log = store.get_or_default(k);

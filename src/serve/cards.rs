@@ -671,7 +671,7 @@ impl CardTask {
                     }
                     if f.rebuild_only {
                         // The merchant view does not reach the card's state.
-                        let _ = engine.process_card(&tx, MerchantView::default());
+                        let _ = engine.process_card(&tx, MerchantView::default(), None);
                         continue;
                     }
                     if f.duplicate {
@@ -681,7 +681,7 @@ impl CardTask {
                         continue;
                     }
                     let started = Instant::now();
-                    let features = match engine.process_card(&tx, view) {
+                    let features = match engine.process_card(&tx, view, None) {
                         Ok(f) => f,
                         Err(Refused::Duplicate) => {
                             m.duplicates.inc();
@@ -689,7 +689,7 @@ impl CardTask {
                         }
                         Err(Refused::TooLate(_)) => {
                             m.late.inc();
-                            engine.peek_card(&tx, view)
+                            engine.peek_card(&tx, view, None)
                         }
                     };
                     let score = scorer.score(&features, false);

@@ -30,7 +30,7 @@ pub enum Outcome {
 impl HttpCards {
     pub fn new(cfg: FeatureConfig, plan: &Plan, max_cards: usize, idle: Duration) -> HttpCards {
         HttpCards {
-            engine: Engine::with_plan(cfg, plan),
+            engine: Engine::with_plan_per_card(cfg, plan),
             max_cards: max_cards.max(1),
             idle,
             epoch: Instant::now(),
@@ -52,12 +52,12 @@ impl HttpCards {
         let key = Keys::of(tx).card.max(1);
         let known = self.last_used.contains_key(&key);
         let outcome = if update {
-            match self.engine.process_card(tx, merchant) {
+            match self.engine.process_card(tx, merchant, None) {
                 Ok(f) => Outcome::Folded(f),
-                Err(e) => Outcome::Refused(e, self.engine.peek_card(tx, merchant)),
+                Err(e) => Outcome::Refused(e, self.engine.peek_card(tx, merchant, None)),
             }
         } else {
-            Outcome::Read(self.engine.peek_card(tx, merchant))
+            Outcome::Read(self.engine.peek_card(tx, merchant, None))
         };
         if update || known {
             self.touch(key);

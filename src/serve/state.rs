@@ -196,7 +196,7 @@ impl ServiceState {
 
     /// A new card engine that records its changes for a changelog.
     pub fn new_card_engine(&self) -> Engine {
-        let mut e = Engine::with_plan(self.feature_config, &self.plan);
+        let mut e = Engine::with_plan_per_card(self.feature_config, &self.plan);
         e.track_changes();
         e
     }
@@ -305,7 +305,7 @@ impl ServiceState {
             Some(e) => (
                 e.lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .peek_card(tx, merchant),
+                    .peek_card(tx, merchant, None),
                 update
                     .then(|| "the card is held by a Kafka partition of this instance".to_string()),
             ),
@@ -456,15 +456,14 @@ pub fn load_scorer(
         Some(p) => Scorer::new(Model::load(p)?, RuleSet::default()),
     };
     let program = scorer.plan().program.as_deref();
-    if let Some((feature, needs)) = program.and_then(|p| p.needs_more_than_the_card()) {
-        // Another entity's events arrive on every input partition, and
-        // labels on a topic of their own: each needs a stage this build
-        // does not have.
+    if let Some((feature, why)) =
+        program.and_then(|p| p.unservable().or_else(|| p.entity_stage_missing()))
+    {
+        // Labels arrive on a topic of their own, partitioned by report, not
+        // by card: a stage would have to bring them to the declared logs.
         anyhow::bail!(
-            "the model's feature `{feature}` {needs}: the service keeps declared state per card, \
-             as its input is partitioned, without labels, so it serves card entities only \
-             (`card_id`, `card_id+FIELD`) and no label-delayed declared window; train, eval, \
-             replay, backtest and features compute it from a file"
+            "the model's feature `{feature}` {why}; the service cannot compute it, so it refuses \
+             the model: train, eval, replay, backtest and features compute it from a file"
         );
     }
     if let Some(p) = rules_path {
