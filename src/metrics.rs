@@ -27,6 +27,8 @@ pub struct Metrics {
     pub restoring: IntGauge,
     pub tasks: IntGaugeVec,
     pub merchant_duplicates: IntCounter,
+    pub entity_rows: IntCounterVec,
+    pub entity_wait_timeouts: IntCounter,
     pub merchant_wait_seconds: Histogram,
     pub ready: IntGauge,
     pub model_info: IntGaugeVec,
@@ -240,6 +242,17 @@ impl Metrics {
             merchant_duplicates: counter(
                 "peregrine_merchant_events_duplicates_total",
                 "Merchant events sent again (by a partition's next owner) and skipped.",
+            ),
+            entity_rows: counter_vec(
+                "peregrine_entity_rows_total",
+                "Events' rows for entities besides the card, at the entity stage: folded (their \
+                 values sent back) or duplicate (sent again after a restart, skipped).",
+                &["outcome"],
+            ),
+            entity_wait_timeouts: counter(
+                "peregrine_entity_wait_timeouts_total",
+                "Transactions scored without their entities' values, which did not come within \
+                 merchant_wait_ms: those features read their `missing` value.",
             ),
             merchant_wait_seconds: histogram(
                 "peregrine_merchant_wait_seconds",

@@ -505,21 +505,6 @@ impl Program {
             })
     }
 
-    /// The first aggregation over an entity besides the card, by name,
-    /// and what it needs: the service's entity stage.
-    pub fn entity_stage_missing(&self) -> Option<(&str, String)> {
-        self.items.iter().find_map(|item| match item.kind {
-            ItemKind::Agg { entity, .. } if entity > 0 => Some((
-                item.name.as_str(),
-                format!(
-                    "aggregates per `{}`, which needs an entity stage this build does not have",
-                    self.entity_name(entity)
-                ),
-            )),
-            _ => None,
-        })
-    }
-
     /// The entity's key parts, as a file writes them.
     pub fn entity_name(&self, entity: usize) -> String {
         let parts: Vec<String> = self.entities[entity - 1]

@@ -18,17 +18,21 @@
 //! to that offset is acknowledged.
 
 use super::changelog::{self, Entry, Writer};
-use super::events::{MerchantEvent, Source};
+use super::entity_inbox::{EntityInbox, mask_of};
+use super::events::{EntityRow, MerchantEvent, Source};
 use super::health::Progress;
 use super::merchants::table::Frontier;
 use super::output::record_clock;
 use super::output::{Outgoing, Pending, dead_letter, send_all, settle};
 use super::partition::{
     Control, Next, PartitionInput, Phase, PhaseGauge, Role, TaskContext, commit, committed,
+    restore_retrying,
 };
 use super::state::CardEngine;
 use crate::alerts::{Alert, now_rfc3339};
 use crate::features::card::CardState;
+use crate::features::declared::{Program, Scratch};
+use crate::features::entities::log_key;
 use crate::features::merchant::MerchantView;
 use crate::features::store::key_hash;
 use crate::features::{Engine, EngineClock, Keys, Refused};
@@ -80,6 +84,11 @@ pub struct CardCheckpoint {
     /// The last input offset the state reflects.
     pub input_offset: i64,
     pub clock: EngineClock,
+    /// Where the entity values of the events after `input_offset` start in
+    /// the partition's entity-features topic, when the features file has
+    /// entities besides the card.
+    #[serde(default)]
+    pub entity_features: Option<i64>,
 }
 
 /// A record read, its merchant event sent, waiting to be scored.
@@ -96,6 +105,9 @@ struct Fetched {
     /// `CardTask::in_flight`, to release once it is folded in.
     in_flight: Option<(u64, u64)>,
     merchant_event: Option<(Outgoing, rdkafka::producer::DeliveryFuture)>,
+    /// The entities besides the card whose values it waits for (bit `k`
+    /// for the `k`-th), since when.
+    entities: (u8, Option<Instant>),
 }
 
 pub async fn run(ctx: Arc<TaskContext>, mut input: PartitionInput, mut control: Control) {
@@ -105,7 +117,9 @@ pub async fn run(ctx: Arc<TaskContext>, mut input: PartitionInput, mut control: 
         return;
     }
     phase.set(Phase::Restoring);
-    let Some(restored) = restore_until_done(&ctx, p, &control).await else {
+    let what = format!("input partition {p}");
+    let Some(restored) = restore_retrying(&control, &what, || restore(&ctx, p, &control)).await
+    else {
         return;
     };
     let start = match restored.checkpoint_offset {
@@ -116,7 +130,17 @@ pub async fn run(ctx: Arc<TaskContext>, mut input: PartitionInput, mut control: 
         log("ERROR", format_args!("input partition {p}: {e:#}"));
         return;
     }
-    let mut task = CardTask::new(ctx.clone(), p, restored);
+    let entity_side = match EntitySide::start(&ctx, p, restored.entity_features) {
+        Ok(side) => side,
+        Err(e) => {
+            log(
+                "ERROR",
+                format_args!("input partition {p}: entity features: {e:#}"),
+            );
+            return;
+        }
+    };
+    let mut task = CardTask::new(ctx.clone(), p, restored, entity_side);
     task.run(&mut input, &mut control, &mut phase).await;
     phase.set(Phase::Draining);
     task.drain().await;
@@ -138,28 +162,7 @@ struct Restored {
     checkpoint_offset: Option<i64>,
     /// The group's committed offset: records before it are only folded in.
     committed: Option<i64>,
-}
-
-async fn restore_until_done(ctx: &Arc<TaskContext>, p: i32, control: &Control) -> Option<Restored> {
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        match restore(ctx, p, control).await {
-            Ok(r) => return Some(r),
-            Err(e) if control.draining() => {
-                log(
-                    "INFO",
-                    format_args!("input partition {p}: restore stopped: {e:#}"),
-                );
-                return None;
-            }
-            Err(e) => log(
-                "WARN",
-                format_args!("input partition {p}: restore failed: {e:#}; retrying in {backoff:?}"),
-            ),
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
-    }
+    entity_features: Option<i64>,
 }
 
 async fn restore(ctx: &Arc<TaskContext>, p: i32, control: &Control) -> anyhow::Result<Restored> {
@@ -220,6 +223,7 @@ async fn restore(ctx: &Arc<TaskContext>, p: i32, control: &Control) -> anyhow::R
         .with_label_values(&["changelog"])
         .inc_by(records);
     let checkpoint_offset = marker.as_ref().map(|m| m.state.input_offset);
+    let entity_features = marker.as_ref().and_then(|m| m.state.entity_features);
     log(
         "INFO",
         format_args!(
@@ -234,6 +238,7 @@ async fn restore(ctx: &Arc<TaskContext>, p: i32, control: &Control) -> anyhow::R
         writer,
         checkpoint_offset,
         committed,
+        entity_features,
     })
 }
 
@@ -276,10 +281,51 @@ struct CardTask {
     stopping: Arc<AtomicBool>,
     /// Offsets read and finished, for readiness.
     progress: Arc<Progress>,
+    /// When the features file has entities besides the card: their rows
+    /// out, their values in.
+    entity_side: Option<EntitySide>,
+}
+
+/// A card task's side of the entity stage.
+struct EntitySide {
+    program: Arc<Program>,
+    scratch: Scratch,
+    inbox: EntityInbox,
+    /// How long an event waits for its entities' values.
+    wait: Duration,
+}
+
+impl EntitySide {
+    fn start(ctx: &TaskContext, p: i32, from: Option<i64>) -> anyhow::Result<Option<EntitySide>> {
+        let program = match &ctx.state.plan().program {
+            Some(program) if program.has_entities() => program.clone(),
+            _ => return Ok(None),
+        };
+        Ok(Some(EntitySide {
+            program,
+            scratch: Scratch::default(),
+            inbox: EntityInbox::start(ctx, p, from)?,
+            wait: Duration::from_millis(ctx.state.settings.merchant_wait_ms),
+        }))
+    }
+
+    /// Whether a record may be scored: its entities' values came, or it
+    /// waited long enough.
+    fn ready(&self, f: &Fetched) -> bool {
+        let (mask, since) = f.entities;
+        mask == 0
+            || since.is_some_and(|t| t.elapsed() >= self.wait)
+            || self.inbox.has(f.msg.offset(), mask)
+    }
 }
 
 impl CardTask {
-    fn new(ctx: Arc<TaskContext>, partition: i32, restored: Restored) -> CardTask {
+    fn new(
+        ctx: Arc<TaskContext>,
+        partition: i32,
+        restored: Restored,
+        entity_side: Option<EntitySide>,
+    ) -> CardTask {
         let engine: CardEngine = Arc::new(Mutex::new(restored.engine));
         let folded = restored.checkpoint_offset.unwrap_or(-1);
         let (done_tx, done) = watch::channel(folded);
@@ -322,6 +368,7 @@ impl CardTask {
             snapshot_start: Arc::new(Mutex::new(None)),
             stopping,
             progress,
+            entity_side,
             ctx,
         }
     }
@@ -360,6 +407,7 @@ impl CardTask {
                     self.forward().await;
                 }
                 _ = self.ctx.state.merchants().changed_since(version, Duration::from_millis(100)), if blocked.is_some() => {}
+                _ = async { self.entity_side.as_ref().expect("checked").inbox.arrived().await }, if self.entity_side.is_some() => {}
                 _ = tick.tick() => {}
             }
             self.score(max_lag).await;
@@ -435,6 +483,7 @@ impl CardTask {
                     duplicate,
                     in_flight,
                     merchant_event: None,
+                    entities: (0, None),
                 });
             }
         }
@@ -477,6 +526,8 @@ impl CardTask {
             .map_or(i64::MAX, |tx| tx.time.utc.saturating_add(FORWARD_LEAD));
         let mut out = Vec::new();
         let mut at = Vec::new();
+        let mut rows = Vec::new();
+        let mut entities = Vec::new();
         while let Some(f) = self.pending.get(self.forwarded) {
             if let (true, Ok(tx)) = (scorable(f), &f.tx) {
                 if tx.time.utc > limit {
@@ -492,6 +543,29 @@ impl CardTask {
                     tx.merchant_id.as_bytes(),
                     event.encode(),
                 ));
+                if let Some(side) = &mut self.entity_side {
+                    let keys = side.program.entity_keys(tx).0;
+                    let mask = mask_of(&keys);
+                    if mask != 0 {
+                        let row = side.program.entity_row(tx, &mut side.scratch);
+                        for (k, key) in keys.iter().enumerate() {
+                            let Some(key) = key else { continue };
+                            let entity = EntityRow {
+                                source: Source::Input(self.partition),
+                                offset: f.msg.offset(),
+                                time: tx.time.utc,
+                                entity: k as u8 + 1,
+                                row: row.clone(),
+                            };
+                            rows.push(Outgoing::new(
+                                &self.ctx.topics.entity_events,
+                                &log_key(k + 1, *key),
+                                entity.encode(),
+                            ));
+                        }
+                        entities.push((self.forwarded, mask));
+                    }
+                }
                 at.push(self.forwarded);
                 self.forwarded_max = self.forwarded_max.max(tx.time.utc);
             }
@@ -500,6 +574,14 @@ impl CardTask {
         if out.is_empty() {
             return;
         }
+        let now = Instant::now();
+        for (i, mask) in entities {
+            self.pending[i].entities = (mask, Some(now));
+        }
+        // Not awaited: a row lost with this instance is sent again by the
+        // partition's next owner, and an event whose values do not come
+        // waits for them only so long.
+        drop(send_all(&self.ctx.state, &self.ctx.producer, rows).await);
         let sent = send_all(&self.ctx.state, &self.ctx.producer, out).await;
         for (i, s) in at.into_iter().zip(sent) {
             self.pending[i].merchant_event = Some(s);
@@ -523,10 +605,17 @@ impl CardTask {
             idle,
         }
         .encode();
-        let out = (0..self.ctx.layout.merchant_partitions)
-            .map(|m| Outgoing {
-                partition: Some(m),
-                ..Outgoing::new(&self.ctx.topics.merchant_events, b"", event.clone())
+        let mut topics = vec![&self.ctx.topics.merchant_events];
+        if self.entity_side.is_some() {
+            topics.push(&self.ctx.topics.entity_events);
+        }
+        let out = topics
+            .into_iter()
+            .flat_map(|topic| {
+                (0..self.ctx.layout.merchant_partitions).map(|m| Outgoing {
+                    partition: Some(m),
+                    ..Outgoing::new(topic, b"", event.clone())
+                })
             })
             .collect();
         // Not awaited: a lost progress record is superseded by the next.
@@ -603,9 +692,10 @@ impl CardTask {
                 }
                 let ready = f.rebuild_only
                     || f.duplicate
-                    || f.tx
-                        .as_ref()
-                        .map_or(true, |tx| tx.time.utc.saturating_sub(max_lag) <= frontier);
+                    || f.tx.as_ref().map_or(true, |tx| {
+                        tx.time.utc.saturating_sub(max_lag) <= frontier
+                            && self.entity_side.as_ref().is_none_or(|e| e.ready(f))
+                    });
                 if !ready {
                     break;
                 }
@@ -681,7 +771,17 @@ impl CardTask {
                         continue;
                     }
                     let started = Instant::now();
-                    let features = match engine.process_card(&tx, view, None) {
+                    let entity_values = self.entity_side.as_ref().map(|side| {
+                        let values = side.inbox.take(msg.offset());
+                        let (mask, _) = f.entities;
+                        let came = values.0.iter().enumerate().filter(|(_, v)| v.is_some());
+                        if came.fold(0u8, |m, (k, _)| m | 1 << k) & mask != mask {
+                            m.entity_wait_timeouts.inc();
+                        }
+                        values
+                    });
+                    let entity_values = entity_values.as_ref();
+                    let features = match engine.process_card(&tx, view, entity_values) {
                         Ok(f) => f,
                         Err(Refused::Duplicate) => {
                             m.duplicates.inc();
@@ -689,7 +789,7 @@ impl CardTask {
                         }
                         Err(Refused::TooLate(_)) => {
                             m.late.inc();
-                            engine.peek_card(&tx, view, None)
+                            engine.peek_card(&tx, view, entity_values)
                         }
                     };
                     let score = scorer.score(&features, false);
@@ -745,6 +845,9 @@ impl CardTask {
         }
         state.record_scorings(&took);
         self.folded = last;
+        if let Some(side) = &self.entity_side {
+            side.inbox.forget_through(last);
+        }
         pending.extend(send_all(&self.ctx.state, &self.ctx.producer, out).await);
         if let Some(to_acker) = &self.to_acker
             && to_acker.send((last, pending)).await.is_err()
@@ -804,6 +907,10 @@ impl CardTask {
             (entries, snapshot, engine.clock())
         };
         self.checkpointed = at;
+        let entity_features = self
+            .entity_side
+            .as_ref()
+            .and_then(|side| side.inbox.resume_for(at));
         let mut done = self.done.clone();
         let ctx = self.ctx.clone();
         let snapshot_start = self.snapshot_start.clone();
@@ -813,6 +920,7 @@ impl CardTask {
             let marker = CardCheckpoint {
                 input_offset: at,
                 clock,
+                entity_features,
             };
             let result = writer.write(&entries, snapshot, &marker, ready).await;
             match &result {

@@ -146,9 +146,133 @@ impl MerchantEvent {
     }
 }
 
+/// The entity-events topic's record of one event for one entity besides
+/// the card: keyed by the entity's changelog key
+/// ([`crate::features::entities::log_key`]), so that the entity's events
+/// meet in one partition. The progress records there are
+/// [`MerchantEvent::Progress`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct EntityRow {
+    pub source: Source,
+    /// The input record's offset.
+    pub offset: i64,
+    pub time: i64,
+    /// 1 for the first entity besides the card.
+    pub entity: u8,
+    /// The event's stored fields ([`crate::features::declared::Program::entity_row`]).
+    pub row: Vec<f64>,
+}
+
+const ENTITY_ROW: u8 = 4;
+
+impl EntityRow {
+    /// Where the event stands in its source's order: rows of one event
+    /// (one per entity) in entity order, after the rows of earlier offsets.
+    pub fn position(&self) -> i64 {
+        self.offset.saturating_mul(8) + self.entity as i64
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(24 + 8 * self.row.len());
+        out.push(ENTITY_ROW);
+        self.source.encode(&mut out);
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&self.time.to_le_bytes());
+        out.push(self.entity);
+        out.push(self.row.len() as u8);
+        for v in &self.row {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<EntityRow> {
+        let mut r = Reader(bytes);
+        if r.u8()? != ENTITY_ROW {
+            return None;
+        }
+        let source = Source::decode(&mut r)?;
+        let (offset, time, entity) = (r.i64()?, r.i64()?, r.u8()?);
+        let n = r.u8()? as usize;
+        let row = (0..n)
+            .map(|_| r.i64().map(|b| f64::from_bits(b as u64)))
+            .collect::<Option<Vec<f64>>>()?;
+        (r.0.is_empty() && (1..=8).contains(&entity)).then_some(EntityRow {
+            source,
+            offset,
+            time,
+            entity,
+            row,
+        })
+    }
+}
+
+/// The entity-features topic's record: the values of one event's
+/// aggregations over one entity, as the entity's owner computed them, sent
+/// to the partition of the event's input partition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EntityColumns {
+    /// The input record's offset.
+    pub offset: i64,
+    pub entity: u8,
+    pub values: Vec<f64>,
+}
+
+impl EntityColumns {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(10 + 8 * self.values.len());
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.push(self.entity);
+        out.push(self.values.len() as u8);
+        for v in &self.values {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<EntityColumns> {
+        let mut r = Reader(bytes);
+        let (offset, entity) = (r.i64()?, r.u8()?);
+        let n = r.u8()? as usize;
+        let values = (0..n)
+            .map(|_| r.i64().map(|b| f64::from_bits(b as u64)))
+            .collect::<Option<Vec<f64>>>()?;
+        r.0.is_empty().then_some(EntityColumns {
+            offset,
+            entity,
+            values,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entity_records_round_trip() {
+        let row = EntityRow {
+            source: Source::Input(2),
+            offset: 99,
+            time: 1_522_540_800,
+            entity: 1,
+            row: vec![1.5, -1.0, f64::NAN],
+        };
+        let bytes = row.encode();
+        let back = EntityRow::decode(&bytes).unwrap();
+        assert_eq!(back.row[..2], row.row[..2]);
+        assert!(back.row[2].is_nan());
+        assert_eq!(EntityRow::decode(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(MerchantEvent::decode(&bytes), None, "kinds apart");
+        let cols = EntityColumns {
+            offset: 7,
+            entity: 2,
+            values: vec![3.0, 0.25],
+        };
+        let bytes = cols.encode();
+        assert_eq!(EntityColumns::decode(&bytes), Some(cols));
+        assert_eq!(EntityColumns::decode(&bytes[1..]), None);
+    }
 
     #[test]
     fn events_round_trip() {

@@ -19,7 +19,7 @@
 
 use super::partition::{Control, PartitionInput, Role, TaskContext};
 use super::state::ServiceState;
-use super::{cards, labels, merchants};
+use super::{cards, entities, labels, merchants};
 use crate::telemetry::log;
 use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -112,6 +112,7 @@ impl GroupContext {
                     Role::Cards => cards::run(ctx, input, control).await,
                     Role::Merchants => merchants::stage::run(ctx, input, control).await,
                     Role::Labels => labels::run(ctx, input, control).await,
+                    Role::Entities => entities::run(ctx, input, control).await,
                 }
                 drop(done_tx);
             });

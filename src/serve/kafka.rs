@@ -32,6 +32,17 @@ pub struct Topics {
     /// Merchant state, one partition per merchant-events partition
     /// (compacted); every instance materialises all of it.
     pub merchants_changelog: String,
+    /// Each event's rows for the entities besides the card a features file
+    /// aggregates over, keyed by entity, with every card partition's
+    /// progress: the repartition topic of the entity stage (created only
+    /// for such a file), with as many partitions as the merchant events.
+    pub entity_events: String,
+    /// The entity stage's logs, one partition per entity-events partition
+    /// (compacted); read only by the partition's owner.
+    pub entities_changelog: String,
+    /// The entity stage's values of each event, back to the partition
+    /// number of the event's input partition.
+    pub entity_features: String,
     /// The consumer groups. Each role has its own, so that each topic's
     /// partitions are spread evenly over the instances: the sticky
     /// assignor balances a member's partitions over all its topics
@@ -39,6 +50,7 @@ pub struct Topics {
     pub cards_group: String,
     pub merchants_group: String,
     pub labels_group: String,
+    pub entities_group: String,
 }
 
 impl Topics {
@@ -53,9 +65,13 @@ impl Topics {
             cards_changelog: format!("{g}-cards-changelog"),
             merchant_events: format!("{g}-merchant-events"),
             merchants_changelog: format!("{g}-merchants-changelog"),
+            entity_events: format!("{g}-entity-events"),
+            entities_changelog: format!("{g}-entities-changelog"),
+            entity_features: format!("{g}-entity-features"),
             cards_group: g.clone(),
             merchants_group: format!("{g}-merchants"),
             labels_group: format!("{g}-labels"),
+            entities_group: format!("{g}-entities"),
         }
     }
 }
@@ -185,6 +201,7 @@ pub fn min_input_retention(s: &Settings) -> Duration {
 pub async fn prepare(
     s: &Settings,
     topics: &Topics,
+    entities: bool,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Option<Layout>> {
     let mut backoff = Duration::from_millis(200);
@@ -195,7 +212,7 @@ pub async fn prepare(
         };
         match attempt {
             Ok(layout) => {
-                ensure_internal(s, topics, layout).await?;
+                ensure_internal(s, topics, layout, entities).await?;
                 // Reported, not waited for: a broker that does not answer
                 // DescribeConfigs must not hold up the start.
                 let (s, topics) = (s.clone(), topics.clone());
@@ -233,8 +250,13 @@ fn layout(s: &Settings, topics: &Topics) -> anyhow::Result<Layout> {
 
 /// Creates the internal topics that do not exist, then checks every one's
 /// partition count: state partitioned one way cannot be read another way.
-async fn ensure_internal(s: &Settings, topics: &Topics, layout: Layout) -> anyhow::Result<()> {
-    let wanted = [
+async fn ensure_internal(
+    s: &Settings,
+    topics: &Topics,
+    layout: Layout,
+    entities: bool,
+) -> anyhow::Result<()> {
+    let mut wanted = vec![
         (
             topics.cards_changelog.clone(),
             layout.input_partitions,
@@ -251,6 +273,25 @@ async fn ensure_internal(s: &Settings, topics: &Topics, layout: Layout) -> anyho
             true,
         ),
     ];
+    if entities {
+        wanted.extend([
+            (
+                topics.entity_events.clone(),
+                layout.merchant_partitions,
+                false,
+            ),
+            (
+                topics.entities_changelog.clone(),
+                layout.merchant_partitions,
+                true,
+            ),
+            (
+                topics.entity_features.clone(),
+                layout.input_partitions,
+                false,
+            ),
+        ]);
+    }
     let missing: Vec<(String, i32, bool)> = {
         let (s, group, wanted) = (s.clone(), topics.cards_group.clone(), wanted.clone());
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {

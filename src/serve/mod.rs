@@ -25,6 +25,8 @@
 pub mod cards;
 pub mod changelog;
 pub mod decisions;
+pub mod entities;
+pub mod entity_inbox;
 pub mod events;
 pub mod group;
 pub mod health;
@@ -222,7 +224,7 @@ async fn failure(
 async fn pipeline(state: Arc<ServiceState>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let s = &state.settings;
     let topics = kafka::Topics::of(s);
-    let Some(layout) = kafka::prepare(s, &topics, &stop).await? else {
+    let Some(layout) = kafka::prepare(s, &topics, state.has_entities(), &stop).await? else {
         return Ok(());
     };
     log(
@@ -284,7 +286,7 @@ async fn pipeline(state: Arc<ServiceState>, stop: watch::Receiver<bool>) -> anyh
         }
     }
     if !*stop.borrow() {
-        let roles = [
+        let mut roles = vec![
             (
                 partition::Role::Merchants,
                 &topics.merchant_events,
@@ -297,6 +299,13 @@ async fn pipeline(state: Arc<ServiceState>, stop: watch::Receiver<bool>) -> anyh
             ),
             (partition::Role::Cards, &topics.input, &topics.cards_group),
         ];
+        if state.has_entities() {
+            roles.push((
+                partition::Role::Entities,
+                &topics.entity_events,
+                &topics.entities_group,
+            ));
+        }
         let mut threads = Vec::new();
         for (role, topic, group_id) in roles {
             let handle = tokio::runtime::Handle::current();

@@ -83,17 +83,47 @@ pub enum Role {
     Merchants,
     /// A label partition: labels forwarded by merchant.
     Labels,
+    /// An entity-events partition: the logs of the entities besides the
+    /// card, when the features file has any.
+    Entities,
 }
 
 impl Role {
-    pub const ALL: [Role; 3] = [Role::Cards, Role::Merchants, Role::Labels];
+    pub const ALL: [Role; 4] = [Role::Cards, Role::Merchants, Role::Labels, Role::Entities];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Cards => "cards",
             Role::Merchants => "merchants",
             Role::Labels => "labels",
+            Role::Entities => "entities",
         }
+    }
+}
+
+/// Runs a partition's restore until it succeeds, backing off between
+/// failures (a broker down, a topic not there yet); `None` if the
+/// partition is drained first. `what` names the partition in the log.
+pub async fn restore_retrying<T, F, Fut>(control: &Control, what: &str, mut restore: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut backoff = std::time::Duration::from_millis(200);
+    loop {
+        match restore().await {
+            Ok(r) => return Some(r),
+            Err(e) if control.draining() => {
+                log("INFO", format_args!("{what}: restore stopped: {e:#}"));
+                return None;
+            }
+            Err(e) => log(
+                "WARN",
+                format_args!("{what}: restore failed: {e:#}; retrying in {backoff:?}"),
+            ),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
     }
 }
 

@@ -186,6 +186,20 @@ impl ServiceState {
             .clone()
     }
 
+    /// The features file every engine here computes.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Whether the features file aggregates over entities besides the
+    /// card, so that the entity stage runs.
+    pub fn has_entities(&self) -> bool {
+        self.plan
+            .program
+            .as_deref()
+            .is_some_and(|p| p.has_entities())
+    }
+
     pub fn feature_config(&self) -> FeatureConfig {
         self.feature_config
     }
@@ -257,6 +271,9 @@ impl ServiceState {
             }
             let joined = self.joined.load(Ordering::Acquire);
             for role in Role::ALL {
+                if role == Role::Entities && !self.has_entities() {
+                    continue;
+                }
                 if joined & (1 << role as u8) == 0 {
                     waiting_for.push(format!("partition assignment ({})", role.as_str()));
                 }
@@ -456,9 +473,7 @@ pub fn load_scorer(
         Some(p) => Scorer::new(Model::load(p)?, RuleSet::default()),
     };
     let program = scorer.plan().program.as_deref();
-    if let Some((feature, why)) =
-        program.and_then(|p| p.unservable().or_else(|| p.entity_stage_missing()))
-    {
+    if let Some((feature, why)) = program.and_then(|p| p.unservable()) {
         // Labels arrive on a topic of their own, partitioned by report, not
         // by card: a stage would have to bring them to the declared logs.
         anyhow::bail!(

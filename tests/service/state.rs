@@ -275,6 +275,109 @@ fn a_features_file_model_serves_and_restores_its_state() {
     assert_eq!(second.terminate(Duration::from_secs(30)).code(), Some(0));
 }
 
+/// Declared windows per merchant and per merchant and channel (over every
+/// card's events, while the input is partitioned by card), served through
+/// the entity stage: each event's rows go to the entities' owners, their
+/// values come back to the card's partition. Across a SIGTERM and a
+/// restart, which restore the entities' logs from their changelog, the
+/// alerts equal a single ordered `replay` with the same model.
+#[test]
+fn an_entity_model_serves_through_the_entity_stage() {
+    let dir = workdir("entities");
+    let data = simulate(&dir, 400, 30, 29);
+    let file = dir.join("entities.toml");
+    std::fs::write(
+        &file,
+        r#"format = 1
+extends = "default"
+
+[[feature]]
+name = "merchant.count_10m"
+entity = "merchant_id"
+agg = "count"
+window = "10m"
+
+[[feature]]
+name = "merchant.sum_1d"
+entity = "merchant_id"
+agg = "sum"
+of = "amount"
+window = "1d"
+
+[[feature]]
+name = "merchant.amount_ratio_1d"
+expr = "amount / max(merchant.sum_1d, 1)"
+
+[[feature]]
+name = "merchant.since_last"
+entity = "merchant_id"
+agg = "time_since_last"
+cap = 86400
+"#,
+    )
+    .unwrap();
+    let model = dir.join("entities.json");
+    ok(&[
+        "train",
+        "--quiet",
+        "--data",
+        data.to_str().unwrap(),
+        "--train-from",
+        "2018-04-10",
+        "--train-to",
+        "2018-05-01",
+        "--trees",
+        "40",
+        "--out",
+        model.to_str().unwrap(),
+        "--features",
+        file.to_str().unwrap(),
+    ]);
+    let want = expected_alerts_of(&dir, &data, model.to_str().unwrap(), None);
+    assert!(want.len() > 50, "{} alerts to find", want.len());
+    assert!(
+        want.values().any(|a| a["reasons"]["top_features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["feature"].as_str().unwrap().starts_with("merchant.s"))),
+        "no alert is explained by an entity's column"
+    );
+    let ids = transaction_ids(&data);
+    let n = names("entities");
+    topics(&n, 4);
+    produce(&data, &n, &[]);
+    let total = ids.len() as f64;
+    let args = ["--model", model.to_str().unwrap()];
+
+    // Each role's group joins on its own; on tansu a join can take
+    // seconds, longer than the production default lets an event wait
+    // for its entities' values (see TANSU_SLOW_REBALANCE).
+    let env = [CHECKPOINTS, TANSU_SLOW_REBALANCE];
+    let first = Service::start(&n, "first", &args, &env);
+    first.wait_for(Duration::from_secs(120), "a third scored", |s| {
+        s.metric("peregrine_transactions_scored_total") > total / 3.0
+            && s.series("peregrine_checkpoints_total{kind=\"snapshot\",store=\"entities\"}") >= 1.0
+    });
+    assert_eq!(first.terminate(Duration::from_secs(30)).code(), Some(0));
+
+    let second = Service::start(&n, "second", &args, &env);
+    second.wait_ready(Duration::from_secs(60));
+    all_scored(&n, &ids, &[&second]);
+    assert!(
+        second.series("peregrine_entity_rows_total{outcome=\"folded\"}") > 0.0,
+        "the entity stage folded rows"
+    );
+    assert_eq!(
+        second.metric("peregrine_entity_wait_timeouts_total"),
+        0.0,
+        "every event got its entities' values"
+    );
+    let msgs = read_topic(&n.alerts, want.len(), Duration::from_secs(30));
+    assert_equivalent("entity stage, SIGTERM and restart", &msgs, &want);
+    assert_eq!(second.terminate(Duration::from_secs(30)).code(), Some(0));
+}
+
 /// A live stream while a second and a third instance join and the first
 /// leaves: the alerts equal a single ordered pass.
 #[test]

@@ -15,7 +15,7 @@ use crate::serve::changelog::{self, Entry, Writer};
 use crate::serve::events::{MerchantEvent, Source};
 use crate::serve::output::record_clock;
 use crate::serve::partition::{
-    Control, Next, PartitionInput, Phase, PhaseGauge, Role, TaskContext, commit,
+    Control, Next, PartitionInput, Phase, PhaseGauge, Role, TaskContext, commit, restore_retrying,
 };
 use crate::telemetry::log;
 use rdkafka::Message;
@@ -42,24 +42,10 @@ pub async fn run(ctx: Arc<TaskContext>, mut input: PartitionInput, mut control: 
         return;
     }
     phase.set(Phase::Restoring);
-    let mut stage = loop {
-        match restore(&ctx, m, &control).await {
-            Ok(s) => break s,
-            Err(e) if control.draining() => {
-                log(
-                    "INFO",
-                    format_args!("merchant partition {m}: restore stopped: {e:#}"),
-                );
-                return;
-            }
-            Err(e) => {
-                log(
-                    "WARN",
-                    format_args!("merchant partition {m}: restore failed: {e:#}"),
-                );
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
+    let what = format!("merchant partition {m}");
+    let Some(mut stage) = restore_retrying(&control, &what, || restore(&ctx, m, &control)).await
+    else {
+        return;
     };
     let start = match stage.events_offset {
         o if o >= 0 => Offset::Offset(o + 1),
