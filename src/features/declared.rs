@@ -243,6 +243,17 @@ impl std::fmt::Display for EntityPart {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EntityValues(pub [Option<Vec<f64>>; MAX_ENTITIES]);
 
+impl EntityValues {
+    /// The entities whose values came: bit `k` for the `k`-th besides the card.
+    pub fn came(&self) -> u8 {
+        self.0
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.is_some())
+            .fold(0, |m, (k, _)| m | 1 << k)
+    }
+}
+
 /// An event's keys in each entity besides the card, as
 /// [`Program::entity_keys`] gives them: a hash of the parts' values as the
 /// transaction carries them (not their 24-bit codes, which would collide

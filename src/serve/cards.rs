@@ -18,7 +18,7 @@
 //! to that offset is acknowledged.
 
 use super::changelog::{self, Entry, Writer};
-use super::entity_inbox::{EntityInbox, mask_of};
+use super::entity_inbox::{InboxLease, mask_of};
 use super::events::{EntityRow, MerchantEvent, Source};
 use super::health::Progress;
 use super::merchants::table::Frontier;
@@ -290,21 +290,20 @@ struct CardTask {
 struct EntitySide {
     program: Arc<Program>,
     scratch: Scratch,
-    inbox: EntityInbox,
+    inbox: InboxLease,
     /// How long an event waits for its entities' values.
     wait: Duration,
 }
 
 impl EntitySide {
     fn start(ctx: &TaskContext, p: i32, from: Option<i64>) -> anyhow::Result<Option<EntitySide>> {
-        let program = match &ctx.state.plan().program {
-            Some(program) if program.has_entities() => program.clone(),
-            _ => return Ok(None),
+        let (Some(program), Some(inboxes)) = (&ctx.state.plan().program, &ctx.inboxes) else {
+            return Ok(None);
         };
         Ok(Some(EntitySide {
-            program,
+            program: program.clone(),
             scratch: Scratch::default(),
-            inbox: EntityInbox::start(ctx, p, from)?,
+            inbox: inboxes.open(p, from)?,
             wait: Duration::from_millis(ctx.state.settings.merchant_wait_ms),
         }))
     }
@@ -315,7 +314,7 @@ impl EntitySide {
         let (mask, since) = f.entities;
         mask == 0
             || since.is_some_and(|t| t.elapsed() >= self.wait)
-            || self.inbox.has(f.msg.offset(), mask)
+            || self.inbox.inbox.has(f.msg.offset(), mask)
     }
 }
 
@@ -407,7 +406,7 @@ impl CardTask {
                     self.forward().await;
                 }
                 _ = self.ctx.state.merchants().changed_since(version, Duration::from_millis(100)), if blocked.is_some() => {}
-                _ = async { self.entity_side.as_ref().expect("checked").inbox.arrived().await }, if self.entity_side.is_some() => {}
+                _ = async { self.entity_side.as_ref().expect("checked").inbox.inbox.arrived().await }, if self.entity_side.is_some() => {}
                 _ = tick.tick() => {}
             }
             self.score(max_lag).await;
@@ -772,10 +771,9 @@ impl CardTask {
                     }
                     let started = Instant::now();
                     let entity_values = self.entity_side.as_ref().map(|side| {
-                        let values = side.inbox.take(msg.offset());
+                        let values = side.inbox.inbox.take(msg.offset());
                         let (mask, _) = f.entities;
-                        let came = values.0.iter().enumerate().filter(|(_, v)| v.is_some());
-                        if came.fold(0u8, |m, (k, _)| m | 1 << k) & mask != mask {
+                        if values.came() & mask != mask {
                             m.entity_wait_timeouts.inc();
                         }
                         values
@@ -846,7 +844,7 @@ impl CardTask {
         state.record_scorings(&took);
         self.folded = last;
         if let Some(side) = &self.entity_side {
-            side.inbox.forget_through(last);
+            side.inbox.inbox.forget_through(last);
         }
         pending.extend(send_all(&self.ctx.state, &self.ctx.producer, out).await);
         if let Some(to_acker) = &self.to_acker
@@ -910,7 +908,7 @@ impl CardTask {
         let entity_features = self
             .entity_side
             .as_ref()
-            .and_then(|side| side.inbox.resume_for(at));
+            .and_then(|side| side.inbox.inbox.resume_for(at));
         let mut done = self.done.clone();
         let ctx = self.ctx.clone();
         let snapshot_start = self.snapshot_start.clone();

@@ -1,10 +1,12 @@
-//! A card task's inbox of entity values: reads its partition of the
-//! entity-features topic (by assignment, outside the groups, as a restore
-//! reads a changelog) and holds each event's values, by input offset,
-//! until the task scores the event.
+//! The card tasks' inboxes of entity values: one reader per instance reads
+//! the entity-features partitions of its card tasks (by assignment,
+//! outside the groups, as a restore reads a changelog), and each task's
+//! inbox holds each event's values, by input offset, until it scores the
+//! event.
 
 use super::events::EntityColumns;
-use super::partition::TaskContext;
+use super::kafka::Topics;
+use crate::config::Settings;
 use crate::features::declared::{EntityValues, MAX_ENTITIES};
 use crate::telemetry::log;
 use rdkafka::Message;
@@ -29,11 +31,39 @@ struct Held {
     next: Option<i64>,
 }
 
-pub struct EntityInbox {
-    held: Arc<Mutex<Held>>,
-    arrived: Arc<tokio::sync::Notify>,
+type Inboxes = Mutex<HashMap<i32, Arc<EntityInbox>>>;
+
+/// One instance's reader of the entity-features topic: the partitions of
+/// its card tasks are added and removed as the tasks start and stop, and
+/// each record goes to its partition's inbox. One client for the instance,
+/// however many partitions it holds.
+pub struct EntityInboxes {
+    reader: Arc<BaseConsumer>,
+    topic: String,
+    inboxes: Arc<Inboxes>,
     stop: Arc<AtomicBool>,
-    reader: Option<std::thread::JoinHandle<()>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// A card task's inbox: each event's values, by input offset, until the
+/// task scores the event.
+#[derive(Default)]
+pub struct EntityInbox {
+    held: Mutex<Held>,
+    arrived: tokio::sync::Notify,
+}
+
+/// A card task's hold on its inbox: dropped, the partition is no longer read.
+pub struct InboxLease {
+    pub inbox: Arc<EntityInbox>,
+    inboxes: Arc<EntityInboxes>,
+    partition: i32,
+}
+
+impl Drop for InboxLease {
+    fn drop(&mut self) {
+        self.inboxes.close(self.partition, &self.inbox);
+    }
 }
 
 /// The entities (bit `k` for the `k`-th besides the card) an event expects
@@ -45,34 +75,73 @@ pub fn mask_of(keys: &[Option<u64>; MAX_ENTITIES]) -> u8 {
         .fold(0, |m, (k, _)| m | 1 << k)
 }
 
-impl EntityInbox {
-    /// Starts reading partition `p` from `from` (the beginning if none).
-    pub fn start(ctx: &TaskContext, p: i32, from: Option<i64>) -> anyhow::Result<EntityInbox> {
-        let reader = super::kafka::reader(&ctx.state.settings, &ctx.topics.cards_group)?;
-        let topic = ctx.topics.entity_features.clone();
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, p, from.map_or(Offset::Beginning, Offset::Offset))?;
-        reader.assign(&tpl)?;
-        let held = Arc::new(Mutex::new(Held {
-            next: from,
-            ..Held::default()
-        }));
-        let arrived = Arc::new(tokio::sync::Notify::new());
+impl EntityInboxes {
+    pub fn start(settings: &Settings, topics: &Topics) -> anyhow::Result<Arc<EntityInboxes>> {
+        let reader = Arc::new(super::kafka::reader(settings, &topics.cards_group)?);
+        let inboxes: Arc<Inboxes> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (held, arrived, stop) = (held.clone(), arrived.clone(), stop.clone());
+            let (reader, inboxes, stop) = (reader.clone(), inboxes.clone(), stop.clone());
             std::thread::Builder::new()
-                .name(format!("entity-inbox-{p}"))
-                .spawn(move || read(&reader, &held, &arrived, &stop))?
+                .name("entity-inboxes".into())
+                .spawn(move || read(&reader, &inboxes, &stop))?
         };
-        Ok(EntityInbox {
-            held,
-            arrived,
+        Ok(Arc::new(EntityInboxes {
+            reader,
+            topic: topics.entity_features.clone(),
+            inboxes,
             stop,
-            reader: Some(thread),
+            thread: Mutex::new(Some(thread)),
+        }))
+    }
+
+    /// Starts reading partition `p` from `from` (the beginning if none)
+    /// into a new inbox.
+    pub fn open(self: &Arc<Self>, p: i32, from: Option<i64>) -> anyhow::Result<InboxLease> {
+        let inbox = Arc::new(EntityInbox::default());
+        inbox.lock().next = from;
+        self.inboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(p, inbox.clone());
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(
+            &self.topic,
+            p,
+            from.map_or(Offset::Beginning, Offset::Offset),
+        )?;
+        self.reader.incremental_assign(&tpl)?;
+        Ok(InboxLease {
+            inbox,
+            inboxes: self.clone(),
+            partition: p,
         })
     }
 
+    fn close(&self, p: i32, inbox: &Arc<EntityInbox>) {
+        let mut inboxes = self.inboxes.lock().unwrap_or_else(|e| e.into_inner());
+        // A task of the partition started since (a quick reassignment) keeps it.
+        if inboxes.get(&p).is_some_and(|i| Arc::ptr_eq(i, inbox)) {
+            inboxes.remove(&p);
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&self.topic, p);
+            if let Err(e) = self.reader.incremental_unassign(&tpl) {
+                log("WARN", format_args!("entity features {p}: {e}"));
+            }
+        }
+    }
+
+    /// Stops the reader.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+impl EntityInbox {
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -82,7 +151,7 @@ impl EntityInbox {
         self.lock()
             .by_input_offset
             .get(&input_offset)
-            .is_some_and(|a| mask_of_values(&a.values) & mask == mask)
+            .is_some_and(|a| a.values.came() & mask == mask)
     }
 
     /// The event's values, taken out; `None` for an entity that sent none.
@@ -112,25 +181,34 @@ impl EntityInbox {
             .or(held.next)
     }
 
+    fn receive(&self, features_offset: i64, c: EntityColumns) {
+        let mut h = self.lock();
+        h.next = Some(features_offset + 1);
+        let Some(k) = (c.entity as usize)
+            .checked_sub(1)
+            .filter(|&k| k < MAX_ENTITIES)
+        else {
+            return;
+        };
+        let a = h
+            .by_input_offset
+            .entry(c.offset)
+            .or_insert_with(|| Arrived {
+                values: EntityValues::default(),
+                first_offset: features_offset,
+            });
+        a.values.0[k] = Some(c.values);
+        drop(h);
+        self.arrived.notify_one();
+    }
+
     /// Resolves when values arrive (or arrived since the last call).
     pub async fn arrived(&self) {
         self.arrived.notified().await
     }
 }
 
-fn mask_of_values(v: &EntityValues) -> u8 {
-    v.0.iter()
-        .enumerate()
-        .filter(|(_, x)| x.is_some())
-        .fold(0, |m, (k, _)| m | 1 << k)
-}
-
-fn read(
-    reader: &BaseConsumer,
-    held: &Mutex<Held>,
-    arrived: &tokio::sync::Notify,
-    stop: &AtomicBool,
-) {
+fn read(reader: &BaseConsumer, inboxes: &Inboxes, stop: &AtomicBool) {
     while !stop.load(Ordering::Acquire) {
         let Some(result) = reader.poll(Duration::from_millis(100)) else {
             continue;
@@ -155,32 +233,13 @@ fn read(
             );
             continue;
         };
-        let mut h = held.lock().unwrap_or_else(|e| e.into_inner());
-        h.next = Some(msg.offset() + 1);
-        let Some(k) = (c.entity as usize)
-            .checked_sub(1)
-            .filter(|&k| k < MAX_ENTITIES)
-        else {
-            continue;
-        };
-        let a = h
-            .by_input_offset
-            .entry(c.offset)
-            .or_insert_with(|| Arrived {
-                values: EntityValues::default(),
-                first_offset: msg.offset(),
-            });
-        a.values.0[k] = Some(c.values);
-        drop(h);
-        arrived.notify_one();
-    }
-}
-
-impl Drop for EntityInbox {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.reader.take() {
-            let _ = t.join();
+        let inbox = inboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&msg.partition())
+            .cloned();
+        if let Some(inbox) = inbox {
+            inbox.receive(msg.offset(), c);
         }
     }
 }

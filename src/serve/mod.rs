@@ -306,6 +306,11 @@ async fn pipeline(state: Arc<ServiceState>, stop: watch::Receiver<bool>) -> anyh
                 &topics.entities_group,
             ));
         }
+        let inboxes = if state.has_entities() {
+            Some(entity_inbox::EntityInboxes::start(s, &topics)?)
+        } else {
+            None
+        };
         let mut threads = Vec::new();
         for (role, topic, group_id) in roles {
             let handle = tokio::runtime::Handle::current();
@@ -321,6 +326,7 @@ async fn pipeline(state: Arc<ServiceState>, stop: watch::Receiver<bool>) -> anyh
                 producer: producer.clone(),
                 topics: topics.clone(),
                 layout,
+                inboxes: inboxes.clone(),
             });
             let stop = stop.clone();
             threads.push(
@@ -333,6 +339,9 @@ async fn pipeline(state: Arc<ServiceState>, stop: watch::Receiver<bool>) -> anyh
             tokio::task::spawn_blocking(move || t.join())
                 .await?
                 .map_err(|_| anyhow::anyhow!("a group thread panicked"))?;
+        }
+        if let Some(inboxes) = inboxes {
+            let _ = tokio::task::spawn_blocking(move || inboxes.stop()).await;
         }
     }
     let _ = tokio::task::spawn_blocking(move || {

@@ -18,6 +18,7 @@
 //!   what is in flight be acknowledged, checkpoints and commits.
 //! - **Revoked**: it tells the group it is done and ends.
 
+use super::entity_inbox::EntityInboxes;
 use super::group::{GroupConsumer, GroupContext};
 use super::kafka::{Layout, Topics};
 use super::state::ServiceState;
@@ -134,6 +135,9 @@ pub struct TaskContext {
     pub producer: FutureProducer,
     pub topics: Topics,
     pub layout: Layout,
+    /// The reader of entity values, when the features file has entities
+    /// besides the card.
+    pub inboxes: Option<Arc<EntityInboxes>>,
 }
 
 /// The group's hold on a task: `assigned` turns true once the partition is
