@@ -689,12 +689,12 @@ fn features_files_declare_the_columns() {
     assert!(e.contains("feature `card.weird`, `agg`: `median`"), "{e}");
 
     // A merchant's count over all its cards, computed from a file; and a
-    // card's known frauds, which the service refuses: its labels do not
-    // reach the card's declared log.
+    // merchant's known frauds, which the service refuses: it brings labels
+    // to the card's declared log only.
     let merchant_file = dir.join("merchant.toml");
     std::fs::write(
         &merchant_file,
-        "format = 1\n[[feature]]\nname = \"tx.amount_paid\"\nvalue = \"amount\"\n[[feature]]\nname = \"merchant.count_last_hour\"\nentity = \"merchant_id\"\nagg = \"count\"\nwindow = \"1h\"\n[[feature]]\nname = \"card.frauds_known_30d\"\nentity = \"card_id\"\nagg = \"sum\"\nof = \"is_fraud == 1\"\nwindow = \"30d\"\ndelay = \"label\"\n",
+        "format = 1\n[[feature]]\nname = \"tx.amount_paid\"\nvalue = \"amount\"\n[[feature]]\nname = \"merchant.count_last_hour\"\nentity = \"merchant_id\"\nagg = \"count\"\nwindow = \"1h\"\n[[feature]]\nname = \"merchant.frauds_known_30d\"\nentity = \"merchant_id\"\nagg = \"sum\"\nof = \"is_fraud == 1\"\nwindow = \"30d\"\ndelay = \"label\"\n",
     )
     .unwrap();
     let merchant_model = dir.join("merchant.json");
@@ -702,7 +702,7 @@ fn features_files_declare_the_columns() {
     assert!(auc > 0.5, "AUC {auc}");
     let e = fails(&["serve", "--model", s(&merchant_model)]);
     assert!(
-        e.contains("`card.frauds_known_30d` reads fraud labels"),
+        e.contains("`merchant.frauds_known_30d` reads fraud labels"),
         "{e}"
     );
 }

@@ -337,6 +337,14 @@ proptest! {
         check_entity_owners(&events, cfg(1, 6 * HOUR))?;
     }
 
+    /// The service's labels come after their events, on a topic of their
+    /// own: applied to the card's declared rows then, they give what the
+    /// file's labels, read with their events, give.
+    #[test]
+    fn labels_after_their_events_equal_labels_with_them(events in streams(6 * HOUR)) {
+        check_labels_after(&events, cfg(1, 6 * HOUR))?;
+    }
+
     #[test]
     fn label_windows_match_the_reference(events in streams(HOUR)) {
         check_label_windows(&events, cfg(2, HOUR))?;
@@ -573,6 +581,98 @@ window = "30d"
 delay = "label"
 missing = -1
 "#;
+
+/// The card's windows over known labels, of either kind.
+const CARD_LABEL_FILE: &str = r#"format = 1
+[[feature]]
+name = "card.frauds_known_30d"
+entity = "card_id"
+agg = "sum"
+of = "is_fraud == 1"
+window = "30d"
+delay = "label"
+[[feature]]
+name = "card.largest_fraud_known_30d"
+entity = "card_id"
+agg = "max"
+of = "amount"
+where = "is_fraud == 1"
+window = "30d"
+delay = "label"
+missing = -1
+[[feature]]
+name = "card.genuine_known_7d"
+entity = "card_id"
+agg = "count"
+where = "is_fraud == 0 && amount > 20"
+window = "7d"
+delay = "label"
+[[feature]]
+name = "card.events_1d"
+entity = "card_id"
+agg = "count"
+window = "1d"
+"#;
+
+/// [`CARD_LABEL_FILE`] in a per-card engine whose events come without
+/// labels, each label applied half a label delay later, against one engine
+/// that reads the file's labels with the events.
+fn check_labels_after(events: &[Ev], cfg: FeatureConfig) -> Result<(), TestCaseError> {
+    let plan = Plan::compile(CARD_LABEL_FILE).unwrap();
+    let mut engine = Engine::with_plan(cfg, &plan);
+    let mut per_card = Engine::with_plan_per_card(cfg, &plan);
+    let mut labels: Vec<(i64, String, i64, bool)> = Vec::new();
+    // A label finds its event by card and second: one event a second per card.
+    let mut seen = std::collections::HashSet::new();
+    let (mut delivered, mut applied) = (0, 0);
+    for (i, e) in events.iter().enumerate() {
+        if !seen.insert((e.card, e.ts)) {
+            continue;
+        }
+        labels.sort_by_key(|l| std::cmp::Reverse(l.0));
+        while labels.last().is_some_and(|l| l.0 <= e.ts) {
+            let (_, card, t, fraud) = labels.pop().unwrap();
+            delivered += 1;
+            applied += u32::from(per_card.label_card_event(&card, t, fraud));
+        }
+        let tx = tx_of(e, i);
+        let want = engine.process(&tx);
+        let unlabelled = Transaction {
+            is_fraud: None,
+            ..tx.clone()
+        };
+        let got = per_card.process_card(&unlabelled, MerchantView::default(), None);
+        prop_assert_eq!(
+            want.is_ok(),
+            got.is_ok(),
+            "event {} admitted by one only",
+            i
+        );
+        let (Ok(want), Ok(got)) = (want, got) else {
+            continue;
+        };
+        for (k, &s) in plan.slots.iter().enumerate() {
+            prop_assert_eq!(
+                got.0[s].to_bits(),
+                want.0[s].to_bits(),
+                "event {} ({:?}): {} is {}, want {}",
+                i,
+                e,
+                &plan.names[k],
+                got.0[s],
+                want.0[s]
+            );
+        }
+        labels.push((
+            e.ts + cfg.label_delay_secs / 2,
+            tx.card_id.clone(),
+            e.ts,
+            e.fraud,
+        ));
+    }
+    prop_assert_eq!(applied, delivered, "every label finds its event");
+    Ok(())
+}
 
 /// The engine on [`LABEL_FILE`] against the definitions: the entity's
 /// earlier admitted events in `(t − d − w, t − d]`, d the label delay.

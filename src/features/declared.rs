@@ -330,12 +330,61 @@ pub struct Item {
     pub kind: ItemKind,
 }
 
+/// Where a stored input is in a row: a column, or, for one that reads the
+/// event's label, one of three (the input with the label −1, 0 and 1),
+/// chosen by the row's label as it stands. A label that comes after its
+/// event was folded in (the service's labels) then changes the input
+/// without the event's other fields.
+#[derive(Debug, Clone, Copy)]
+enum Col {
+    At(usize),
+    ByLabel { label: usize, variants: [usize; 3] },
+}
+
+/// A stored label's bits, for [`Col::ByLabel`].
+const FRAUD_BITS: u32 = 0x3f80_0000; // 1.0f32
+
+impl Col {
+    /// The column to read in `row`.
+    #[inline]
+    fn in_row(self, row: &[u32]) -> usize {
+        match self {
+            Col::At(c) => c,
+            Col::ByLabel { label, variants } => variants[label_index(row[label])],
+        }
+    }
+
+    /// The column of the current event's value in `current`.
+    fn now(self, current: &[f64]) -> usize {
+        match self {
+            Col::At(c) => c,
+            Col::ByLabel { label, variants } => variants[label_index(stored_bits(current[label]))],
+        }
+    }
+
+    fn columns(self) -> impl Iterator<Item = usize> {
+        let (a, more) = match self {
+            Col::At(c) => (c, None),
+            Col::ByLabel { label, variants } => (label, Some(variants)),
+        };
+        std::iter::once(a).chain(more.into_iter().flatten())
+    }
+}
+
+fn label_index(bits: u32) -> usize {
+    match bits {
+        FRAUD_BITS => 2,
+        0 => 1,
+        _ => 0,
+    }
+}
+
 /// Where an aggregation's inputs are in an event's stored row.
 #[derive(Debug, Clone, Default)]
 struct Stored {
     keys: Vec<usize>,
-    of: Option<usize>,
-    filter: Option<usize>,
+    of: Option<Col>,
+    filter: Option<Col>,
     /// Latitude and longitude, for `speed_kmh`.
     place: Option<(usize, usize)>,
 }
@@ -358,6 +407,8 @@ pub struct Program {
     card_logged: bool,
     /// Whether a window ends a label delay back, so logs keep that much more.
     delayed: bool,
+    /// The stored column of the event's label, when an input reads it.
+    label_column: Option<usize>,
     time_zone: TimeZone,
     /// How far back any window reaches.
     span: i64,
@@ -414,6 +465,19 @@ impl Program {
                 stored.len() - 1
             }
         };
+        let label_slot = Program::field_slot(Field::IsFraud);
+        let mut label_column = None;
+        let mut input = |e: &Expr| {
+            if !e.reads(label_slot) {
+                return Col::At(column(e));
+            }
+            let label = column(&Expr::Var(label_slot));
+            label_column = Some(label);
+            Col::ByLabel {
+                label,
+                variants: [-1.0, 0.0, 1.0].map(|v| column(&e.clone().with_slot_as(label_slot, v))),
+            }
+        };
         let mut stored_of = Vec::new();
         let mut span = 0;
         for item in &items {
@@ -428,12 +492,16 @@ impl Program {
                 ..
             } = &item.kind
             {
-                s.keys = key_columns.iter().map(&mut column).collect();
-                s.of = of.as_ref().map(&mut column);
-                s.filter = filter.as_ref().map(&mut column);
+                let at = |c: Col| match c {
+                    Col::At(c) => c,
+                    Col::ByLabel { .. } => unreachable!("a key or place never reads the label"),
+                };
+                s.keys = key_columns.iter().map(|e| at(input(e))).collect();
+                s.of = of.as_ref().map(&mut input);
+                s.filter = filter.as_ref().map(&mut input);
                 if *kind == AggKind::SpeedKmh {
                     let slot = |f| Expr::Var(Program::field_slot(f));
-                    s.place = Some((column(&slot(Field::Lat)), column(&slot(Field::Lon))));
+                    s.place = Some((at(input(&slot(Field::Lat))), at(input(&slot(Field::Lon)))));
                 }
                 span = span.max(match kind {
                     AggKind::TimeSinceLast => cap.map_or(*window, |c| c.ceil() as i64),
@@ -461,6 +529,7 @@ impl Program {
             entities,
             card_logged,
             delayed,
+            label_column,
             time_zone,
             span,
             layout,
@@ -492,9 +561,17 @@ impl Program {
             .iter()
             .enumerate()
             .find_map(|(i, item)| match &item.kind {
-                ItemKind::Agg { delayed: true, .. } => Some((
+                ItemKind::Agg {
+                    delayed: true,
+                    entity,
+                    ..
+                } if *entity > 0 => Some((
                     item.name.as_str(),
-                    "reads fraud labels (`delay = \"label\"`)".to_string(),
+                    format!(
+                        "reads fraud labels (`delay = \"label\"`) per `{}`: the service brings \
+                         labels to the card's declared log only",
+                        self.entity_name(*entity)
+                    ),
                 )),
                 ItemKind::Agg { entity, .. } if *entity > 0 => {
                     let reads_a_feature = self.stored_columns(i).any(|c| {
@@ -543,12 +620,36 @@ impl Program {
     fn stored_columns(&self, i: usize) -> impl Iterator<Item = usize> + '_ {
         let s = &self.stored_of[i];
         let place = s.place.iter().flat_map(|&(a, b)| [a, b]);
-        s.keys
-            .iter()
-            .chain(&s.of)
-            .chain(&s.filter)
-            .copied()
-            .chain(place)
+        let of = s.of.into_iter().flat_map(Col::columns);
+        let filter = s.filter.into_iter().flat_map(Col::columns);
+        s.keys.iter().copied().chain(of).chain(filter).chain(place)
+    }
+
+    /// Whether an aggregation's input reads the event's label, so that the
+    /// service brings labels to the declared logs.
+    pub fn reads_labels(&self) -> bool {
+        self.label_column.is_some()
+    }
+
+    /// A label that came after its event was folded in (as the service's
+    /// labels do): the rows of `log` at `t` take it, so that every input
+    /// that reads the label reads it from now on. Whether a row took it.
+    pub fn label_rows(&self, log: &mut DeclaredLog, t: i64, is_fraud: bool) -> bool {
+        let Some(c) = self.label_column else {
+            return false;
+        };
+        if log.layout != self.layout {
+            return false;
+        }
+        let width = self.stored.len();
+        let bits = stored_bits(if is_fraud { 1.0 } else { 0.0 });
+        let ts = t as u32;
+        let first = log.ts.partition_point(|&e| e < ts);
+        let rows = log.ts[first..].iter().take_while(|&&e| e == ts).count();
+        for i in first..first + rows {
+            log.columns[i * width + c] = bits;
+        }
+        rows > 0
     }
 
     /// Whether any aggregation reads an entity besides the card.
@@ -771,10 +872,11 @@ impl Program {
         };
         // The event itself, when it counts and passes the filter; never in
         // a delayed window, since its label is not known yet.
-        let own = counts_itself && !delayed && s.filter.is_none_or(|f| current[f] != 0.0);
-        let of_now = s.of.map_or(0.0, |c| current[c]);
-        let of = s.of.unwrap_or(0);
-        let value = |row: &[u32]| f32::from_bits(row[of]) as f64;
+        let own =
+            counts_itself && !delayed && s.filter.is_none_or(|f| current[f.now(current)] != 0.0);
+        let of_now = s.of.map_or(0.0, |c| current[c.now(current)]);
+        let of = s.of.unwrap_or(Col::At(0));
+        let value = |row: &[u32]| f32::from_bits(row[of.in_row(row)]) as f64;
         let v = match kind {
             AggKind::SpeedKmh => {
                 let Some((la, lo)) = s.place else {
@@ -856,7 +958,7 @@ impl Program {
                 let (mut n, mut same) = (u32::from(own), u32::from(own));
                 scan.each(|row, _| {
                     n += 1;
-                    same += u32::from(row[of] == bits);
+                    same += u32::from(row[of.in_row(row)] == bits);
                     true
                 });
                 if n == 0 {
@@ -878,7 +980,7 @@ impl Program {
                     note(stored_bits(of_now));
                 }
                 scan.each(|row, _| {
-                    note(row[of]);
+                    note(row[of.in_row(row)]);
                     true
                 });
                 n as f64
@@ -969,7 +1071,7 @@ struct Scan<'a> {
     window: i64,
     keys: &'a [usize],
     key_bits: [u32; 4],
-    filter: Option<usize>,
+    filter: Option<Col>,
 }
 
 impl Scan<'_> {
@@ -992,7 +1094,10 @@ impl Scan<'_> {
                 .iter()
                 .zip(&self.key_bits)
                 .any(|(&c, &bits)| row[c] != bits);
-            if other_entity || self.filter.is_some_and(|f| f32::from_bits(row[f]) == 0.0) {
+            let filtered_out = self
+                .filter
+                .is_some_and(|f| f32::from_bits(row[f.in_row(row)]) == 0.0);
+            if other_entity || filtered_out {
                 continue;
             }
             if !visit(row, ts) {

@@ -416,6 +416,16 @@ impl Expr {
         self
     }
 
+    /// The expression with slot `slot` read as the constant `value`.
+    pub fn with_slot_as(mut self, slot: usize, value: f64) -> Expr {
+        self.visit_mut(&mut |e| {
+            if matches!(e, Expr::Var(v) if *v == slot) {
+                *e = Expr::Const(value);
+            }
+        });
+        self
+    }
+
     fn visit_mut(&mut self, f: &mut impl FnMut(&mut Expr)) {
         f(self);
         match self {

@@ -560,6 +560,24 @@ impl Engine {
         observed
     }
 
+    /// A card's label that came after its event (at `t`) was folded in, as
+    /// the service's labels come: the card's declared rows at `t` take it.
+    /// Whether one did.
+    pub fn label_card_event(&mut self, card_id: &str, t: i64, is_fraud: bool) -> bool {
+        let (Some(p), key) = (self.program.clone(), key_hash(card_id)) else {
+            return false;
+        };
+        let Some(found) = self.cards.find(key) else {
+            return false;
+        };
+        let card = self.cards.found_or_default(key, Some(found));
+        let labelled = p.label_rows(card.declared_mut(), t, is_fraud);
+        if let (true, Some(c)) = (labelled, &mut self.changes) {
+            c.changed.insert(key.max(1));
+        }
+        labelled
+    }
+
     /// Whether this engine holds state for the card.
     pub fn has_card(&self, card_id: &str) -> bool {
         self.cards.get(key_hash(card_id)).is_some()
