@@ -2,6 +2,7 @@
 //! whole history for every event, on random streams with out-of-order
 //! events; and the proof that labels not yet known change no feature.
 
+use peregrine::features::card::CardState;
 use peregrine::features::declared::{EntityValues, Scratch};
 use peregrine::features::entities::EntityLogs;
 use peregrine::features::file::{DEFAULT_FILE, Plan};
@@ -335,6 +336,13 @@ proptest! {
     #[test]
     fn entity_owners_equal_one_engine(events in streams(6 * HOUR)) {
         check_entity_owners(&events, cfg(1, 6 * HOUR))?;
+    }
+
+    /// A card's state restored from its changelog mid-stream, labels
+    /// coming after their events, computes what one engine computes.
+    #[test]
+    fn labels_after_a_restore(events in streams(HOUR), cut in 0usize..300) {
+        check_labels_restored(&events, cfg(1, HOUR), cut)?;
     }
 
     /// The service's labels come after their events, on a topic of their
@@ -671,6 +679,65 @@ fn check_labels_after(events: &[Ev], cfg: FeatureConfig) -> Result<(), TestCaseE
         ));
     }
     prop_assert_eq!(applied, delivered, "every label finds its event");
+    Ok(())
+}
+
+/// [`check_labels_after`] with every card's state encoded and decoded (as
+/// its changelog carries it) before the event at `cut`, each label applied
+/// right after its event.
+fn check_labels_restored(
+    events: &[Ev],
+    cfg: FeatureConfig,
+    cut: usize,
+) -> Result<(), TestCaseError> {
+    let plan = Plan::compile(CARD_LABEL_FILE).unwrap();
+    let mut engine = Engine::with_plan(cfg, &plan);
+    let mut per_card = Engine::with_plan_per_card(cfg, &plan);
+    let mut seen = std::collections::HashSet::new();
+    for (i, e) in events.iter().enumerate() {
+        if !seen.insert((e.card, e.ts)) {
+            continue;
+        }
+        if i == cut % events.len() {
+            let mut restored = Engine::with_plan_per_card(cfg, &plan);
+            for (key, card) in per_card.all_cards() {
+                let mut bytes = Vec::new();
+                card.encode(&mut bytes);
+                restored.insert_card(key, CardState::decode(&bytes).unwrap());
+            }
+            restored.set_clock(per_card.clock());
+            per_card = restored;
+        }
+        let tx = tx_of(e, i);
+        let want = engine.process(&tx);
+        let unlabelled = Transaction {
+            is_fraud: None,
+            ..tx.clone()
+        };
+        let got = per_card.process_card(&unlabelled, MerchantView::default(), None);
+        prop_assert_eq!(
+            want.is_ok(),
+            got.is_ok(),
+            "event {} admitted by one only",
+            i
+        );
+        let (Ok(want), Ok(got)) = (want, got) else {
+            continue;
+        };
+        prop_assert!(per_card.label_card_event(&tx.card_id, e.ts, e.fraud));
+        for (k, &s) in plan.slots.iter().enumerate() {
+            prop_assert_eq!(
+                got.0[s].to_bits(),
+                want.0[s].to_bits(),
+                "event {} ({:?}): {} is {}, want {}",
+                i,
+                e,
+                &plan.names[k],
+                got.0[s],
+                want.0[s]
+            );
+        }
+    }
     Ok(())
 }
 

@@ -561,17 +561,14 @@ impl Program {
             .iter()
             .enumerate()
             .find_map(|(i, item)| match &item.kind {
-                ItemKind::Agg {
-                    delayed: true,
-                    entity,
-                    ..
-                } if *entity > 0 => Some((
+                // The engine takes a label after its event was folded in
+                // (`Engine::label_card_event`), but the service has no stage
+                // that brings the labels topic's labels to the declared logs.
+                ItemKind::Agg { delayed: true, .. } => Some((
                     item.name.as_str(),
-                    format!(
-                        "reads fraud labels (`delay = \"label\"`) per `{}`: the service brings \
-                         labels to the card's declared log only",
-                        self.entity_name(*entity)
-                    ),
+                    "reads fraud labels (`delay = \"label\"`), which the service does not bring \
+                     to the declared logs"
+                        .to_string(),
                 )),
                 ItemKind::Agg { entity, .. } if *entity > 0 => {
                     let reads_a_feature = self.stored_columns(i).any(|c| {

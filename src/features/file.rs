@@ -1133,10 +1133,8 @@ missing = -1
         assert_eq!(frauds, [0.0, 0.0, 1.0, 1.0, 2.0]);
         assert_eq!(shares, [-1.0, -1.0, 1.0, 0.5, 0.5]);
         let program = plan.program.as_deref().unwrap();
-        // The card's labels reach its declared log in the service; another
-        // entity's do not.
         let (feature, needs) = program.unservable().unwrap();
-        assert_eq!(feature, "merchant.fraud_share_known_7d");
+        assert_eq!(feature, "card.frauds_known_30d");
         assert!(needs.contains("reads fraud labels"), "{needs}");
         assert!(program.reads_labels());
 

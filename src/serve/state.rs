@@ -473,16 +473,7 @@ pub fn load_scorer(
         Some(p) => Scorer::new(Model::load(p)?, RuleSet::default()),
     };
     let program = scorer.plan().program.as_deref();
-    if let Some((feature, why)) = program.and_then(|p| {
-        p.unservable().or_else(|| {
-            p.reads_labels().then(|| {
-                (
-                    "(a label-delayed window)",
-                    "reads fraud labels, which this build does not bring to the card yet".into(),
-                )
-            })
-        })
-    }) {
+    if let Some((feature, why)) = program.and_then(|p| p.unservable()) {
         // Labels arrive on a topic of their own, partitioned by report, not
         // by card: a stage would have to bring them to the declared logs.
         anyhow::bail!(
