@@ -451,8 +451,7 @@ impl Engine {
             let out = &mut f.0[N_FEATURES..];
             let delay = self.cfg.label_delay_secs;
             let scratch = &mut Scratch::default();
-            let none = EntityValues::default();
-            let owned_elsewhere = owned_elsewhere.or(self.entities_elsewhere.then_some(&none));
+            let owned_elsewhere = self.owned_elsewhere(owned_elsewhere);
             p.observe(&logs, &keys, tx, delay, scratch, owned_elsewhere, out);
         }
     }
@@ -541,8 +540,7 @@ impl Engine {
         f: &mut Features,
     ) -> Observed {
         let cfg = self.cfg;
-        let none = EntityValues::default();
-        let owned_elsewhere = owned_elsewhere.or(self.entities_elsewhere.then_some(&none));
+        let owned_elsewhere = self.owned_elsewhere(owned_elsewhere);
         let card = self.cards.found_or_default(keys.card, found);
         let settled = self.watermark - cfg.allowed_lateness_secs;
         let declared = self.program.as_deref().map(|program| Declared {
@@ -576,6 +574,14 @@ impl Engine {
             c.changed.insert(key.max(1));
         }
         labelled
+    }
+
+    /// The values of the entities besides the card an event is computed
+    /// with: those given, or, in an engine whose entities are kept
+    /// elsewhere, none (each then reads its `missing`).
+    fn owned_elsewhere<'a>(&self, given: Option<&'a EntityValues>) -> Option<&'a EntityValues> {
+        static NONE: EntityValues = EntityValues([None, None, None, None]);
+        given.or(self.entities_elsewhere.then_some(&NONE))
     }
 
     /// Whether this engine holds state for the card.
