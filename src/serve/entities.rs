@@ -21,7 +21,7 @@
 use super::changelog::{self, Entry, Writer};
 use super::events::{EntityColumns, EntityRow, MerchantEvent, Source};
 use super::merchants::Progress;
-use super::output::{Outgoing, send_all, settle};
+use super::output::{Outgoing, Pending, send_all, settle};
 use super::partition::{
     Control, Next, PartitionInput, Phase, PhaseGauge, Role, TaskContext, commit, restore_retrying,
 };
@@ -236,7 +236,15 @@ struct Stage {
     resume_after: i64,
     writer: Writer,
     snapshot_start: Option<i64>,
+    /// Values sent and not yet acknowledged: settled before a checkpoint
+    /// claims their rows, not after each round, which would hold the next
+    /// rows back by a broker round trip.
+    unsettled: Pending,
 }
+
+/// Values in flight past which a round waits for them: the bound on what
+/// a stage holds between checkpoints.
+const MAX_UNSETTLED: usize = 16_384;
 
 async fn restore(ctx: &Arc<TaskContext>, e: i32, control: &Control) -> anyhow::Result<Stage> {
     let started = Instant::now();
@@ -292,6 +300,7 @@ async fn restore(ctx: &Arc<TaskContext>, e: i32, control: &Control) -> anyhow::R
             resume_after: -1,
             writer: Writer::new(c.producer.clone(), &c.topics.entities_changelog, e),
             snapshot_start: None,
+            unsettled: Vec::new(),
         };
         stage
             .writer
@@ -398,13 +407,22 @@ impl Stage {
         m.entity_rows
             .with_label_values(&["folded"])
             .inc_by(out.len() as u64);
-        let pending = send_all(&ctx.state, &ctx.producer, out).await;
+        self.unsettled
+            .extend(send_all(&ctx.state, &ctx.producer, out).await);
+        if self.unsettled.len() >= MAX_UNSETTLED {
+            self.settle(ctx).await;
+        }
+    }
+
+    async fn settle(&mut self, ctx: &TaskContext) {
+        let pending = std::mem::take(&mut self.unsettled);
         settle(&ctx.state, &ctx.producer, pending, &|| false).await;
     }
 
     /// Writes the logs changed since the last checkpoint (all of them when
     /// a snapshot is due) with a marker, then commits where to resume.
     async fn checkpoint(&mut self, ctx: &TaskContext) {
+        self.settle(ctx).await;
         let changed = self.logs.take_changed();
         let entry = |logs: &EntityLogs, (entity, key): (usize, u64)| Entry {
             key: log_key(entity, key),
