@@ -530,18 +530,7 @@ fn check_entity_owners(events: &[Ev], cfg: FeatureConfig) -> Result<(), TestCase
         let got = per_card
             .process_card(&tx, MerchantView::default(), Some(&values))
             .unwrap();
-        for (k, &s) in plan.slots.iter().enumerate() {
-            prop_assert_eq!(
-                got.0[s].to_bits(),
-                want.0[s].to_bits(),
-                "event {} ({:?}): {} is {}, want {}",
-                i,
-                e,
-                &plan.names[k],
-                got.0[s],
-                want.0[s]
-            );
-        }
+        same_columns(&plan, (i, e), &got, &want)?;
     }
     prop_assert!(!owners.is_empty());
     Ok(())
@@ -622,6 +611,51 @@ agg = "count"
 window = "1d"
 "#;
 
+/// Every column of `plan` the same, bit for bit, in `got` as in `want`.
+fn same_columns(
+    plan: &Plan,
+    (i, e): (usize, &Ev),
+    got: &Features,
+    want: &Features,
+) -> Result<(), TestCaseError> {
+    for (k, &s) in plan.slots.iter().enumerate() {
+        prop_assert_eq!(
+            got.0[s].to_bits(),
+            want.0[s].to_bits(),
+            "event {} ({:?}): {} is {}, want {}",
+            i,
+            e,
+            &plan.names[k],
+            got.0[s],
+            want.0[s]
+        );
+    }
+    Ok(())
+}
+
+/// `tx` in one engine with its label, and in a per-card engine without
+/// it: both features, when both admit it (and an error when only one does).
+fn without_labels(
+    engine: &mut Engine,
+    per_card: &mut Engine,
+    tx: &Transaction,
+    i: usize,
+) -> Result<Option<(Features, Features)>, TestCaseError> {
+    let want = engine.process(tx);
+    let unlabelled = Transaction {
+        is_fraud: None,
+        ..tx.clone()
+    };
+    let got = per_card.process_card(&unlabelled, MerchantView::default(), None);
+    prop_assert_eq!(
+        want.is_ok(),
+        got.is_ok(),
+        "event {} admitted by one only",
+        i
+    );
+    Ok(want.ok().zip(got.ok()))
+}
+
 /// [`CARD_LABEL_FILE`] in a per-card engine whose events come without
 /// labels, each label applied half a label delay later, against one engine
 /// that reads the file's labels with the events.
@@ -644,33 +678,10 @@ fn check_labels_after(events: &[Ev], cfg: FeatureConfig) -> Result<(), TestCaseE
             applied += u32::from(per_card.label_card_event(&card, t, fraud));
         }
         let tx = tx_of(e, i);
-        let want = engine.process(&tx);
-        let unlabelled = Transaction {
-            is_fraud: None,
-            ..tx.clone()
-        };
-        let got = per_card.process_card(&unlabelled, MerchantView::default(), None);
-        prop_assert_eq!(
-            want.is_ok(),
-            got.is_ok(),
-            "event {} admitted by one only",
-            i
-        );
-        let (Ok(want), Ok(got)) = (want, got) else {
+        let Some((want, got)) = without_labels(&mut engine, &mut per_card, &tx, i)? else {
             continue;
         };
-        for (k, &s) in plan.slots.iter().enumerate() {
-            prop_assert_eq!(
-                got.0[s].to_bits(),
-                want.0[s].to_bits(),
-                "event {} ({:?}): {} is {}, want {}",
-                i,
-                e,
-                &plan.names[k],
-                got.0[s],
-                want.0[s]
-            );
-        }
+        same_columns(&plan, (i, e), &got, &want)?;
         labels.push((
             e.ts + cfg.label_delay_secs / 2,
             tx.card_id.clone(),
@@ -709,34 +720,11 @@ fn check_labels_restored(
             per_card = restored;
         }
         let tx = tx_of(e, i);
-        let want = engine.process(&tx);
-        let unlabelled = Transaction {
-            is_fraud: None,
-            ..tx.clone()
-        };
-        let got = per_card.process_card(&unlabelled, MerchantView::default(), None);
-        prop_assert_eq!(
-            want.is_ok(),
-            got.is_ok(),
-            "event {} admitted by one only",
-            i
-        );
-        let (Ok(want), Ok(got)) = (want, got) else {
+        let Some((want, got)) = without_labels(&mut engine, &mut per_card, &tx, i)? else {
             continue;
         };
         prop_assert!(per_card.label_card_event(&tx.card_id, e.ts, e.fraud));
-        for (k, &s) in plan.slots.iter().enumerate() {
-            prop_assert_eq!(
-                got.0[s].to_bits(),
-                want.0[s].to_bits(),
-                "event {} ({:?}): {} is {}, want {}",
-                i,
-                e,
-                &plan.names[k],
-                got.0[s],
-                want.0[s]
-            );
-        }
+        same_columns(&plan, (i, e), &got, &want)?;
     }
     Ok(())
 }

@@ -246,12 +246,18 @@ pub struct EntityValues(pub [Option<Vec<f64>>; MAX_ENTITIES]);
 impl EntityValues {
     /// The entities whose values came: bit `k` for the `k`-th besides the card.
     pub fn came(&self) -> u8 {
-        self.0
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.is_some())
-            .fold(0, |m, (k, _)| m | 1 << k)
+        entity_mask(&self.0)
     }
+}
+
+/// Bit `k` set for each `k`-th entity besides the card that has something
+/// (a key, values).
+pub fn entity_mask<T>(per_entity: &[Option<T>; MAX_ENTITIES]) -> u8 {
+    per_entity
+        .iter()
+        .enumerate()
+        .filter(|(_, x)| x.is_some())
+        .fold(0, |m, (k, _)| m | 1 << k)
 }
 
 /// An event's keys in each entity besides the card, as

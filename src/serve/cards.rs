@@ -18,7 +18,7 @@
 //! to that offset is acknowledged.
 
 use super::changelog::{self, Entry, Writer};
-use super::entity_inbox::{InboxLease, mask_of};
+use super::entity_inbox::InboxLease;
 use super::events::{EntityRow, MerchantEvent, Source};
 use super::health::Progress;
 use super::merchants::table::Frontier;
@@ -31,7 +31,7 @@ use super::partition::{
 use super::state::CardEngine;
 use crate::alerts::{Alert, now_rfc3339};
 use crate::features::card::CardState;
-use crate::features::declared::{Program, Scratch};
+use crate::features::declared::{Program, Scratch, entity_mask};
 use crate::features::entities::log_key;
 use crate::features::merchant::MerchantView;
 use crate::features::store::key_hash;
@@ -544,7 +544,7 @@ impl CardTask {
                 ));
                 if let Some(side) = &mut self.entity_side {
                     let keys = side.program.entity_keys(tx).0;
-                    let mask = mask_of(&keys);
+                    let mask = entity_mask(&keys);
                     if mask != 0 {
                         let row = side.program.entity_row(tx, &mut side.scratch);
                         for (k, key) in keys.iter().enumerate() {

@@ -23,14 +23,13 @@ use super::events::{EntityColumns, EntityRow, MerchantEvent, Source};
 use super::merchants::Progress;
 use super::output::{Outgoing, Pending, send_all, settle};
 use super::partition::{
-    Control, Next, PartitionInput, Phase, PhaseGauge, Role, TaskContext, commit, restore_retrying,
+    Control, Next, PartitionInput, Phase, PhaseGauge, Role, TaskContext, commit, restore_and_start,
 };
 use crate::features::entities::{EntityLogs, log_key, parse_log_key};
 use crate::telemetry::log;
 use rdkafka::Message;
 use rdkafka::consumer::CommitMode;
 use rdkafka::message::OwnedMessage;
-use rdkafka::topic_partition_list::Offset;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -179,24 +178,19 @@ impl RowQueues {
 pub async fn run(ctx: Arc<TaskContext>, mut input: PartitionInput, mut control: Control) {
     let e = input.partition();
     let mut phase = PhaseGauge::new(ctx.state.clone(), Role::Entities);
-    if !control.assigned().await {
-        return;
-    }
-    phase.set(Phase::Restoring);
     let what = format!("entity partition {e}");
-    let Some(mut stage) = restore_retrying(&control, &what, || restore(&ctx, e, &control)).await
-    else {
+    let drain = control.drain.clone();
+    let started = restore_and_start(
+        &mut input,
+        &mut control,
+        &mut phase,
+        &what,
+        || restore(&ctx, e, &drain),
+        |s: &Stage| s.resume_after,
+    );
+    let Some(mut stage) = started.await else {
         return;
     };
-    let start = match stage.resume_after {
-        o if o >= 0 => Offset::Offset(o + 1),
-        _ => Offset::Beginning,
-    };
-    if let Err(err) = input.start_at(start).await {
-        log("ERROR", format_args!("entity partition {e}: {err:#}"));
-        return;
-    }
-    phase.set(Phase::Running);
     let s = &ctx.state.settings;
     let mut checkpoint_tick =
         tokio::time::interval(Duration::from_secs(s.checkpoint_interval_secs.max(1)));
@@ -246,10 +240,14 @@ struct Stage {
 /// a stage holds between checkpoints.
 const MAX_UNSETTLED: usize = 16_384;
 
-async fn restore(ctx: &Arc<TaskContext>, e: i32, control: &Control) -> anyhow::Result<Stage> {
+async fn restore(
+    ctx: &Arc<TaskContext>,
+    e: i32,
+    drain: &tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Stage> {
     let started = Instant::now();
     let c = ctx.clone();
-    let drain = control.drain.clone();
+    let drain = drain.clone();
     let stage = tokio::task::spawn_blocking(move || {
         let program = c
             .state

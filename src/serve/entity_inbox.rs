@@ -66,15 +66,6 @@ impl Drop for InboxLease {
     }
 }
 
-/// The entities (bit `k` for the `k`-th besides the card) an event expects
-/// values of.
-pub fn mask_of(keys: &[Option<u64>; MAX_ENTITIES]) -> u8 {
-    keys.iter()
-        .enumerate()
-        .filter(|(_, k)| k.is_some())
-        .fold(0, |m, (k, _)| m | 1 << k)
-}
-
 impl EntityInboxes {
     pub fn start(settings: &Settings, topics: &Topics) -> anyhow::Result<Arc<EntityInboxes>> {
         let reader = Arc::new(super::kafka::reader(settings, &topics.cards_group)?);

@@ -128,6 +128,39 @@ where
     }
 }
 
+/// A stage task's start: waits for the assignment, restores (retrying),
+/// then positions the input after the offset the restored state reflects
+/// (`resume_after`; the beginning when negative). `None` when the task
+/// must end instead (drained, or the input cannot be positioned).
+pub async fn restore_and_start<T, F, Fut>(
+    input: &mut PartitionInput,
+    control: &mut Control,
+    phase: &mut PhaseGauge,
+    what: &str,
+    restore: F,
+    resume_after: impl Fn(&T) -> i64,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    if !control.assigned().await {
+        return None;
+    }
+    phase.set(Phase::Restoring);
+    let state = restore_retrying(control, what, restore).await?;
+    let start = match resume_after(&state) {
+        o if o >= 0 => Offset::Offset(o + 1),
+        _ => Offset::Beginning,
+    };
+    if let Err(e) = input.start_at(start).await {
+        log("ERROR", format_args!("{what}: {e:#}"));
+        return None;
+    }
+    phase.set(Phase::Running);
+    Some(state)
+}
+
 /// What all tasks work with.
 pub struct TaskContext {
     pub state: Arc<ServiceState>,

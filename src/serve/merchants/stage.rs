@@ -15,13 +15,12 @@ use crate::serve::changelog::{self, Entry, Writer};
 use crate::serve::events::{MerchantEvent, Source};
 use crate::serve::output::record_clock;
 use crate::serve::partition::{
-    Control, Next, PartitionInput, Phase, PhaseGauge, Role, TaskContext, commit, restore_retrying,
+    Control, Next, PartitionInput, Phase, PhaseGauge, Role, TaskContext, commit, restore_and_start,
 };
 use crate::telemetry::log;
 use rdkafka::Message;
 use rdkafka::consumer::CommitMode;
 use rdkafka::message::OwnedMessage;
-use rdkafka::topic_partition_list::Offset;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,24 +37,19 @@ const BEATS_EVERY: Duration = Duration::from_secs(1);
 pub async fn run(ctx: Arc<TaskContext>, mut input: PartitionInput, mut control: Control) {
     let m = input.partition();
     let mut phase = PhaseGauge::new(ctx.state.clone(), Role::Merchants);
-    if !control.assigned().await {
-        return;
-    }
-    phase.set(Phase::Restoring);
     let what = format!("merchant partition {m}");
-    let Some(mut stage) = restore_retrying(&control, &what, || restore(&ctx, m, &control)).await
-    else {
+    let drain = control.drain.clone();
+    let started = restore_and_start(
+        &mut input,
+        &mut control,
+        &mut phase,
+        &what,
+        || restore(&ctx, m, &drain),
+        |s: &Stage| s.events_offset,
+    );
+    let Some(mut stage) = started.await else {
         return;
     };
-    let start = match stage.events_offset {
-        o if o >= 0 => Offset::Offset(o + 1),
-        _ => Offset::Beginning,
-    };
-    if let Err(e) = input.start_at(start).await {
-        log("ERROR", format_args!("merchant partition {m}: {e:#}"));
-        return;
-    }
-    phase.set(Phase::Running);
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     let mut flushed_at = Instant::now();
     let mut committed_at = Instant::now();
@@ -148,10 +142,14 @@ struct Stage {
     snapshot_start: Option<i64>,
 }
 
-async fn restore(ctx: &Arc<TaskContext>, m: i32, control: &Control) -> anyhow::Result<Stage> {
+async fn restore(
+    ctx: &Arc<TaskContext>,
+    m: i32,
+    drain: &tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Stage> {
     let started = Instant::now();
     let c = ctx.clone();
-    let drain = control.drain.clone();
+    let drain = drain.clone();
     let stage = tokio::task::spawn_blocking(move || {
         let reader = crate::serve::kafka::reader(&c.state.settings, &c.topics.merchants_group)?;
         let stopped = || *drain.borrow();
