@@ -293,6 +293,7 @@ struct EntitySide {
     inbox: InboxLease,
     /// How long an event waits for its entities' values.
     wait: Duration,
+    wait_logged: Option<Instant>,
 }
 
 impl EntitySide {
@@ -305,6 +306,7 @@ impl EntitySide {
             scratch: Scratch::default(),
             inbox: inboxes.open(p, from)?,
             wait: Duration::from_millis(ctx.state.settings.merchant_wait_ms),
+            wait_logged: None,
         }))
     }
 
@@ -679,6 +681,39 @@ impl CardTask {
         frontier
     }
 
+    /// Logs a head record that has waited this long for its entities'
+    /// values, and again as often: the entity stage is restoring, held back
+    /// by another input partition, or gone.
+    fn log_entity_wait(&mut self) {
+        let Some(side) = &mut self.entity_side else {
+            return;
+        };
+        let Some(f) = self.pending.front().filter(|_| self.forwarded > 0) else {
+            return;
+        };
+        let (mask, Some(since)) = f.entities else {
+            return;
+        };
+        let came = side.inbox.inbox.came(f.msg.offset());
+        if came & mask == mask
+            || since.elapsed() < LONG_WAIT
+            || side.wait_logged.is_some_and(|t| t.elapsed() < LONG_WAIT)
+        {
+            return;
+        }
+        side.wait_logged = Some(Instant::now());
+        log(
+            "WARN",
+            format_args!(
+                "input partition {}: offset {} waiting {:.0}s for its entities' values \
+                 (entities {mask:#b}, came {came:#b})",
+                self.partition,
+                f.msg.offset(),
+                since.elapsed().as_secs_f64()
+            ),
+        );
+    }
+
     /// Scores the pending records whose merchant features are complete, a
     /// batch at a time.
     async fn score(&mut self, max_lag: i64) {
@@ -701,6 +736,7 @@ impl CardTask {
                 n += 1;
             }
             if n == 0 {
+                self.log_entity_wait();
                 return;
             }
             if let Some(since) = self.blocked_since.take() {

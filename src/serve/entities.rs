@@ -9,7 +9,8 @@
 //! them: it takes the oldest row at the head of any source's queue once no
 //! other source can still send an older one (its queue holds rows, its
 //! progress is past the row's time, it has read its partition to the end,
-//! or it has been silent for `merchant_wait_ms`). The values go to the
+//! or it has been silent for half of `merchant_wait_ms`, so that the values
+//! still reach the card tasks, which wait the whole of it). The values go to the
 //! entity-features topic, to the partition number of the event's input
 //! partition, whose card task scores the event with them.
 //!
@@ -138,7 +139,19 @@ impl RowQueues {
             .filter_map(|(s, st)| st.queue.front().map(|q| (*s, q)))
             .min_by_key(|(s, q)| (q.row.time, *s, q.row.position()))
             .map(|(s, q)| (s, q.row.time))?;
-        let held = (0..self.inputs).map(Source::Input).any(|other| {
+        if self.held_by(source, t).is_some() {
+            return None;
+        }
+        let s = self.sources.get_mut(&source)?;
+        let q = s.queue.pop_front()?;
+        s.taken = q.row.position();
+        Some(q)
+    }
+
+    /// The input that may still send a row older than `t`, which `source`
+    /// has at the head of its queue, if any.
+    fn held_by(&self, source: Source, t: i64) -> Option<Source> {
+        (0..self.inputs).map(Source::Input).find(|&other| {
             other != source
                 && match self.sources.get(&other) {
                     None => self.started.elapsed() < self.wait,
@@ -148,14 +161,31 @@ impl RowQueues {
                             && st.progress.is_none_or(|p| !p.idle && p.watermark < t)
                     }
                 }
-        });
-        if held {
-            return None;
-        }
-        let s = self.sources.get_mut(&source)?;
-        let q = s.queue.pop_front()?;
-        s.taken = q.row.position();
-        Some(q)
+        })
+    }
+
+    /// Why the oldest row queued waits, for the log: its source and time,
+    /// and what the input holding it last said.
+    fn wait_reason(&self) -> Option<String> {
+        let (source, t) = self
+            .sources
+            .iter()
+            .filter_map(|(s, st)| st.queue.front().map(|q| (*s, q.row.time)))
+            .min_by_key(|&(s, t)| (t, s))?;
+        let other = self.held_by(source, t)?;
+        let said = self.sources.get(&other).map_or_else(
+            || "nothing yet".to_string(),
+            |st| {
+                format!(
+                    "{:?} {:.1}s ago",
+                    st.progress,
+                    st.heard_at.elapsed().as_secs_f64()
+                )
+            },
+        );
+        Some(format!(
+            "the row of {source:?} at {t} waits for {other:?} (said {said})"
+        ))
     }
 
     /// The entity-events offset of the oldest row still queued.
@@ -234,7 +264,13 @@ struct Stage {
     /// claims their rows, not after each round, which would hold the next
     /// rows back by a broker round trip.
     unsettled: Pending,
+    /// Since when queued rows have waited with none released, for the log.
+    held_since: Option<Instant>,
+    wait_logged: Option<Instant>,
 }
+
+/// A hold this long is logged, and again as often.
+const LONG_WAIT: Duration = Duration::from_secs(10);
 
 /// Values in flight past which a round waits for them: the bound on what
 /// a stage holds between checkpoints.
@@ -290,15 +326,20 @@ async fn restore(
         let mut stage = Stage {
             partition: e,
             logs,
+            // Half the card tasks' wait: a silent input holding the rows
+            // back for all of it would release their values just as the
+            // other inputs' events stop waiting for them.
             queues: RowQueues::new(
                 c.layout.input_partitions,
-                Duration::from_millis(c.state.settings.merchant_wait_ms),
+                Duration::from_millis(c.state.settings.merchant_wait_ms / 2),
             ),
             read: -1,
             resume_after: -1,
             writer: Writer::new(c.producer.clone(), &c.topics.entities_changelog, e),
             snapshot_start: None,
             unsettled: Vec::new(),
+            held_since: None,
+            wait_logged: None,
         };
         stage
             .writer
@@ -399,6 +440,7 @@ impl Stage {
         }
         m.card_window_overflows
             .inc_by(self.logs.overflows - overflows);
+        self.log_long_wait(!out.is_empty());
         if out.is_empty() {
             return;
         }
@@ -409,6 +451,29 @@ impl Stage {
             .extend(send_all(&ctx.state, &ctx.producer, out).await);
         if self.unsettled.len() >= MAX_UNSETTLED {
             self.settle(ctx).await;
+        }
+    }
+
+    /// Logs a row held back this long, and again as often: the input that
+    /// holds it is restoring, behind, or gone.
+    fn log_long_wait(&mut self, released: bool) {
+        if released || self.queues.oldest_offset().is_none() {
+            self.held_since = None;
+            return;
+        }
+        let since = *self.held_since.get_or_insert_with(Instant::now);
+        let due = since.elapsed() >= LONG_WAIT
+            && self.wait_logged.is_none_or(|t| t.elapsed() >= LONG_WAIT);
+        if let (true, Some(reason)) = (due, self.queues.wait_reason()) {
+            self.wait_logged = Some(Instant::now());
+            log(
+                "WARN",
+                format_args!(
+                    "entity partition {}: rows held for {:.0}s: {reason}",
+                    self.partition,
+                    since.elapsed().as_secs_f64()
+                ),
+            );
         }
     }
 

@@ -2,8 +2,10 @@
 //! the entity-features partitions of its card tasks (by assignment,
 //! outside the groups, as a restore reads a changelog), and each task's
 //! inbox holds each event's values, by input offset, until it scores the
-//! event.
+//! event. Each partition is read through a [`StartGuard`], as every other
+//! positioned read is: a restored task starts inside a stored batch.
 
+use super::changelog::{Quiet, StartGuard, Take, watermarks};
 use super::events::EntityColumns;
 use super::kafka::Topics;
 use crate::config::Settings;
@@ -15,7 +17,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// One event's values as they came: per entity, and the first
 /// entity-features offset that carried one of them.
@@ -47,11 +49,27 @@ pub struct EntityInboxes {
 
 /// A card task's inbox: each event's values, by input offset, until the
 /// task scores the event.
-#[derive(Default)]
 pub struct EntityInbox {
     held: Mutex<Held>,
     arrived: tokio::sync::Notify,
+    /// The reader thread's own: where the partition was positioned, and
+    /// what it last gave.
+    fetch: Mutex<Fetch>,
 }
+
+struct Fetch {
+    guard: StartGuard,
+    heard_at: Instant,
+    /// The next offset when a quiet check last found the partition below
+    /// its high watermark.
+    quiet_below: Option<i64>,
+    seeking_logged: bool,
+}
+
+/// A partition quiet this long has its watermarks checked: still looking
+/// for its first record, or read to a fetch that gives nothing below the
+/// high watermark (see [`StartGuard`]).
+const QUIET: Duration = Duration::from_secs(1);
 
 /// A card task's hold on its inbox: dropped, the partition is no longer read.
 pub struct InboxLease {
@@ -73,9 +91,10 @@ impl EntityInboxes {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (reader, inboxes, stop) = (reader.clone(), inboxes.clone(), stop.clone());
+            let topic = topics.entity_features.clone();
             std::thread::Builder::new()
                 .name("entity-inboxes".into())
-                .spawn(move || read(&reader, &inboxes, &stop))?
+                .spawn(move || read(&reader, &topic, &inboxes, &stop))?
         };
         Ok(Arc::new(EntityInboxes {
             reader,
@@ -89,7 +108,19 @@ impl EntityInboxes {
     /// Starts reading partition `p` from `from` (the beginning if none)
     /// into a new inbox.
     pub fn open(self: &Arc<Self>, p: i32, from: Option<i64>) -> anyhow::Result<InboxLease> {
-        let inbox = Arc::new(EntityInbox::default());
+        let inbox = Arc::new(EntityInbox {
+            held: Mutex::default(),
+            arrived: tokio::sync::Notify::new(),
+            fetch: Mutex::new(Fetch {
+                // The partition's first offset is not asked for here, on the
+                // task's thread: values are read back only days, not a
+                // retention period, so `from` is never below it.
+                guard: StartGuard::new(from, None),
+                heard_at: Instant::now(),
+                quiet_below: None,
+                seeking_logged: false,
+            }),
+        });
         inbox.lock().next = from;
         self.inboxes
             .lock()
@@ -137,12 +168,24 @@ impl EntityInbox {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn fetch_state(&self) -> std::sync::MutexGuard<'_, Fetch> {
+        self.fetch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Whether every entity of `mask` has sent the event's values.
     pub fn has(&self, input_offset: i64, mask: u8) -> bool {
         self.lock()
             .by_input_offset
             .get(&input_offset)
             .is_some_and(|a| a.values.came() & mask == mask)
+    }
+
+    /// The entities whose values came for the event at `input_offset`.
+    pub fn came(&self, input_offset: i64) -> u8 {
+        self.lock()
+            .by_input_offset
+            .get(&input_offset)
+            .map_or(0, |a| a.values.came())
     }
 
     /// The event's values, taken out; `None` for an entity that sent none.
@@ -199,8 +242,13 @@ impl EntityInbox {
     }
 }
 
-fn read(reader: &BaseConsumer, inboxes: &Inboxes, stop: &AtomicBool) {
+fn read(reader: &BaseConsumer, topic: &str, inboxes: &Inboxes, stop: &AtomicBool) {
+    let mut checked = Instant::now();
     while !stop.load(Ordering::Acquire) {
+        if checked.elapsed() >= QUIET {
+            checked = Instant::now();
+            check_quiet(reader, topic, inboxes);
+        }
         let Some(result) = reader.poll(Duration::from_millis(100)) else {
             continue;
         };
@@ -212,6 +260,25 @@ fn read(reader: &BaseConsumer, inboxes: &Inboxes, stop: &AtomicBool) {
                 continue;
             }
         };
+        let p = msg.partition();
+        let Some(inbox) = inbox_of(inboxes, p) else {
+            continue;
+        };
+        let take = {
+            let mut f = inbox.fetch_state();
+            f.heard_at = Instant::now();
+            f.quiet_below = None;
+            f.guard.take(msg.offset())
+        };
+        match take {
+            Take::Yes => {}
+            Take::Skip => continue,
+            Take::SeekTo(o) => {
+                log_seeking_back(&inbox, topic, p, &format!("offset {}", msg.offset()));
+                seek(reader, topic, p, o);
+                continue;
+            }
+        }
         let Some(c) = msg.payload().and_then(EntityColumns::decode) else {
             log(
                 "WARN",
@@ -224,13 +291,98 @@ fn read(reader: &BaseConsumer, inboxes: &Inboxes, stop: &AtomicBool) {
             );
             continue;
         };
-        let inbox = inboxes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&msg.partition())
-            .cloned();
-        if let Some(inbox) = inbox {
-            inbox.receive(msg.offset(), c);
+        inbox.receive(msg.offset(), c);
+    }
+}
+
+fn inbox_of(inboxes: &Inboxes, p: i32) -> Option<Arc<EntityInbox>> {
+    inboxes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&p)
+        .cloned()
+}
+
+/// For each partition quiet for [`QUIET`] with records on the broker past
+/// it: seeks back for the batch that holds its start, or, read past its
+/// start and quiet at the same offset for two checks, positions it there
+/// again. Against Kafka a partition below its high watermark keeps giving
+/// records, and neither happens.
+fn check_quiet(reader: &BaseConsumer, topic: &str, inboxes: &Inboxes) {
+    let open: Vec<(i32, Arc<EntityInbox>)> = inboxes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(p, i)| (*p, i.clone()))
+        .collect();
+    for (p, inbox) in open {
+        if inbox.fetch_state().heard_at.elapsed() < QUIET {
+            continue;
         }
+        let Ok((low, high)) = watermarks(reader, topic, p, Duration::from_secs(5)) else {
+            continue;
+        };
+        let mut f = inbox.fetch_state();
+        let to = match f.guard.when_quiet(true, low, high) {
+            Quiet::SeekBack(o) => {
+                drop(f);
+                log_seeking_back(&inbox, topic, p, "nothing");
+                f = inbox.fetch_state();
+                o
+            }
+            Quiet::Below(at) if f.quiet_below == Some(at) => {
+                log(
+                    "WARN",
+                    format_args!(
+                        "{topic}/{p}: nothing read at offset {at}, below the high watermark \
+                         {high}, for two checks; positioning there again"
+                    ),
+                );
+                f.quiet_below = None;
+                f.guard = StartGuard::new(Some(at), Some(low));
+                f.seeking_logged = false;
+                at
+            }
+            Quiet::Below(at) => {
+                f.quiet_below = Some(at);
+                continue;
+            }
+            Quiet::End | Quiet::Wait | Quiet::Behind => continue,
+        };
+        f.heard_at = Instant::now();
+        drop(f);
+        seek(reader, topic, p, to);
+    }
+}
+
+fn log_seeking_back(inbox: &EntityInbox, topic: &str, p: i32, read: &str) {
+    let mut f = inbox.fetch_state();
+    if !f.seeking_logged {
+        f.seeking_logged = true;
+        log(
+            "INFO",
+            format_args!(
+                "{topic}/{p}: read {read} first; seeking back for the batch that holds the start"
+            ),
+        );
+    }
+}
+
+fn seek(reader: &BaseConsumer, topic: &str, p: i32, to: i64) {
+    // Right after an assignment the fetcher may not have started the
+    // partition yet, and a seek is refused: try again shortly.
+    let mut last = None;
+    for _ in 0..20 {
+        match reader.seek(topic, p, Offset::Offset(to), Duration::from_secs(5)) {
+            Ok(()) => return,
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Some(e) = last {
+        log(
+            "WARN",
+            format_args!("entity features {topic}/{p}: cannot seek to {to}: {e}"),
+        );
     }
 }

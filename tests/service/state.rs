@@ -371,7 +371,8 @@ cap = 86400
     assert_eq!(
         second.metric("peregrine_entity_wait_timeouts_total"),
         0.0,
-        "every event got its entities' values"
+        "every event got its entities' values; the service's warnings:\n{}",
+        warnings(&second.log())
     );
     let msgs = read_topic(&n.alerts, want.len(), Duration::from_secs(30));
     assert_equivalent("entity stage, SIGTERM and restart", &msgs, &want);
@@ -656,4 +657,13 @@ fn fill_partition(topic: &str, partition: i32, n: usize) {
         }
     }
     producer.flush(Duration::from_secs(60)).unwrap();
+}
+
+/// A service log's warnings and errors, for a failure message.
+fn warnings(log: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .take(40)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
