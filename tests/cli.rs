@@ -690,7 +690,7 @@ fn features_files_declare_the_columns() {
 
     // A merchant's count over all its cards, computed from a file; and a
     // merchant's known frauds, which the service refuses: it brings labels
-    // to the card's declared log only.
+    // to the card's windows only.
     let merchant_file = dir.join("merchant.toml");
     std::fs::write(
         &merchant_file,
@@ -702,7 +702,7 @@ fn features_files_declare_the_columns() {
     assert!(auc > 0.5, "AUC {auc}");
     let e = fails(&["serve", "--model", s(&merchant_model)]);
     assert!(
-        e.contains("`merchant.frauds_known_30d` reads fraud labels"),
+        e.contains("`merchant.frauds_known_30d` aggregates per `merchant_id` over fraud labels"),
         "{e}"
     );
 }

@@ -567,14 +567,19 @@ impl Program {
             .iter()
             .enumerate()
             .find_map(|(i, item)| match &item.kind {
-                // The engine takes a label after its event was folded in
-                // (`Engine::label_card_event`), but the service has no stage
-                // that brings the labels topic's labels to the declared logs.
-                ItemKind::Agg { delayed: true, .. } => Some((
+                // The service brings the labels topic's labels to the card
+                // tasks (`Engine::label_card_event`), not to the entity stage.
+                ItemKind::Agg {
+                    delayed: true,
+                    entity,
+                    ..
+                } if *entity > 0 => Some((
                     item.name.as_str(),
-                    "reads fraud labels (`delay = \"label\"`), which the service does not bring \
-                     to the declared logs"
-                        .to_string(),
+                    format!(
+                        "aggregates per `{}` over fraud labels (`delay = \"label\"`): the \
+                         service brings labels to the card's windows, not to the entity stage",
+                        self.entity_name(*entity)
+                    ),
                 )),
                 ItemKind::Agg { entity, .. } if *entity > 0 => {
                     let reads_a_feature = self.stored_columns(i).any(|c| {
@@ -629,7 +634,7 @@ impl Program {
     }
 
     /// Whether an aggregation's input reads the event's label, so that the
-    /// service brings labels to the declared logs.
+    /// service brings labels to the card tasks' declared logs.
     pub fn reads_labels(&self) -> bool {
         self.label_column.is_some()
     }

@@ -562,7 +562,12 @@ impl Engine {
     /// the service's labels come: the card's declared rows at `t` take it.
     /// Whether one did.
     pub fn label_card_event(&mut self, card_id: &str, t: i64, is_fraud: bool) -> bool {
-        let (Some(p), key) = (self.program.clone(), key_hash(card_id)) else {
+        self.label_card(key_hash(card_id), t, is_fraud)
+    }
+
+    /// [`Engine::label_card_event`] for the card whose key hash is `key`.
+    pub fn label_card(&mut self, key: u64, t: i64, is_fraud: bool) -> bool {
+        let Some(p) = self.program.clone() else {
             return false;
         };
         let Some(found) = self.cards.find(key) else {

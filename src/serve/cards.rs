@@ -17,10 +17,12 @@
 //! changelog, then a marker with the offset they reflect, once everything up
 //! to that offset is acknowledged.
 
+use super::assigned::Lease;
 use super::changelog::{self, Entry, Writer};
-use super::entity_inbox::InboxLease;
+use super::entity_inbox::EntityInbox;
 use super::events::{EntityRow, MerchantEvent, Source};
 use super::health::Progress;
+use super::label_inbox::LabelSide;
 use super::merchants::table::Frontier;
 use super::output::record_clock;
 use super::output::{Outgoing, Pending, dead_letter, send_all, settle};
@@ -89,6 +91,11 @@ pub struct CardCheckpoint {
     /// entities besides the card.
     #[serde(default)]
     pub entity_features: Option<i64>,
+    /// Where the card labels not yet in the state start in the partition's
+    /// card-labels topic, when the features file has label-delayed card
+    /// windows.
+    #[serde(default)]
+    pub card_labels: Option<i64>,
 }
 
 /// A record read, its merchant event sent, waiting to be scored.
@@ -140,7 +147,26 @@ pub async fn run(ctx: Arc<TaskContext>, mut input: PartitionInput, mut control: 
             return;
         }
     };
-    let mut task = CardTask::new(ctx.clone(), p, restored, entity_side);
+    let label_side = match &ctx.card_labels {
+        None => None,
+        Some(reader) => match LabelSide::start(
+            reader,
+            p,
+            restored.card_labels,
+            ctx.layout.label_partitions,
+            Duration::from_millis(ctx.state.settings.merchant_wait_ms),
+        ) {
+            Ok(side) => Some(side),
+            Err(e) => {
+                log(
+                    "ERROR",
+                    format_args!("input partition {p}: card labels: {e:#}"),
+                );
+                return;
+            }
+        },
+    };
+    let mut task = CardTask::new(ctx.clone(), p, restored, entity_side, label_side);
     task.run(&mut input, &mut control, &mut phase).await;
     phase.set(Phase::Draining);
     task.drain().await;
@@ -163,6 +189,7 @@ struct Restored {
     /// The group's committed offset: records before it are only folded in.
     committed: Option<i64>,
     entity_features: Option<i64>,
+    card_labels: Option<i64>,
 }
 
 async fn restore(ctx: &Arc<TaskContext>, p: i32, control: &Control) -> anyhow::Result<Restored> {
@@ -224,6 +251,7 @@ async fn restore(ctx: &Arc<TaskContext>, p: i32, control: &Control) -> anyhow::R
         .inc_by(records);
     let checkpoint_offset = marker.as_ref().map(|m| m.state.input_offset);
     let entity_features = marker.as_ref().and_then(|m| m.state.entity_features);
+    let card_labels = marker.as_ref().and_then(|m| m.state.card_labels);
     log(
         "INFO",
         format_args!(
@@ -239,6 +267,7 @@ async fn restore(ctx: &Arc<TaskContext>, p: i32, control: &Control) -> anyhow::R
         checkpoint_offset,
         committed,
         entity_features,
+        card_labels,
     })
 }
 
@@ -284,13 +313,16 @@ struct CardTask {
     /// When the features file has entities besides the card: their rows
     /// out, their values in.
     entity_side: Option<EntitySide>,
+    /// When it has label-delayed card windows: the fraud labels in.
+    label_side: Option<LabelSide>,
 }
 
 /// A card task's side of the entity stage.
 struct EntitySide {
     program: Arc<Program>,
     scratch: Scratch,
-    inbox: InboxLease,
+    inbox: Arc<EntityInbox>,
+    _lease: Lease,
     /// How long an event waits for its entities' values.
     wait: Duration,
     wait_logged: Option<Instant>,
@@ -298,13 +330,15 @@ struct EntitySide {
 
 impl EntitySide {
     fn start(ctx: &TaskContext, p: i32, from: Option<i64>) -> anyhow::Result<Option<EntitySide>> {
-        let (Some(program), Some(inboxes)) = (&ctx.state.plan().program, &ctx.inboxes) else {
+        let (Some(program), Some(reader)) = (&ctx.state.plan().program, &ctx.entity_values) else {
             return Ok(None);
         };
+        let inbox = Arc::new(EntityInbox::new(from));
         Ok(Some(EntitySide {
             program: program.clone(),
             scratch: Scratch::default(),
-            inbox: inboxes.open(p, from)?,
+            _lease: reader.open(p, from, inbox.clone())?,
+            inbox,
             wait: Duration::from_millis(ctx.state.settings.merchant_wait_ms),
             wait_logged: None,
         }))
@@ -316,7 +350,7 @@ impl EntitySide {
         let (mask, since) = f.entities;
         mask == 0
             || since.is_some_and(|t| t.elapsed() >= self.wait)
-            || self.inbox.inbox.has(f.msg.offset(), mask)
+            || self.inbox.has(f.msg.offset(), mask)
     }
 }
 
@@ -326,6 +360,7 @@ impl CardTask {
         partition: i32,
         restored: Restored,
         entity_side: Option<EntitySide>,
+        label_side: Option<LabelSide>,
     ) -> CardTask {
         let engine: CardEngine = Arc::new(Mutex::new(restored.engine));
         let folded = restored.checkpoint_offset.unwrap_or(-1);
@@ -370,6 +405,7 @@ impl CardTask {
             stopping,
             progress,
             entity_side,
+            label_side,
             ctx,
         }
     }
@@ -408,7 +444,8 @@ impl CardTask {
                     self.forward().await;
                 }
                 _ = self.ctx.state.merchants().changed_since(version, Duration::from_millis(100)), if blocked.is_some() => {}
-                _ = async { self.entity_side.as_ref().expect("checked").inbox.inbox.arrived().await }, if self.entity_side.is_some() => {}
+                _ = async { self.entity_side.as_ref().expect("checked").inbox.arrived().await }, if self.entity_side.is_some() => {}
+                _ = async { self.label_side.as_ref().expect("checked").arrived().await }, if self.label_side.is_some() => {}
                 _ = tick.tick() => {}
             }
             self.score(max_lag).await;
@@ -613,10 +650,7 @@ impl CardTask {
         let out = topics
             .into_iter()
             .flat_map(|topic| {
-                (0..self.ctx.layout.merchant_partitions).map(|m| Outgoing {
-                    partition: Some(m),
-                    ..Outgoing::new(topic, b"", event.clone())
-                })
+                Outgoing::to_every_partition(topic, self.ctx.layout.merchant_partitions, &event)
             })
             .collect();
         // Not awaited: a lost progress record is superseded by the next.
@@ -694,7 +728,7 @@ impl CardTask {
         let (mask, Some(since)) = f.entities else {
             return;
         };
-        let came = side.inbox.inbox.came(f.msg.offset());
+        let came = side.inbox.came(f.msg.offset());
         if came & mask == mask
             || since.elapsed() < LONG_WAIT
             || side.wait_logged.is_some_and(|t| t.elapsed() < LONG_WAIT)
@@ -714,11 +748,27 @@ impl CardTask {
         );
     }
 
+    /// The time up to which every label reported has marked its row, once
+    /// the labels come so far are applied: events up to it may be scored.
+    /// The frontier is read first, so that every label before the progress
+    /// it counts is among those applied.
+    fn label_frontier(&mut self) -> i64 {
+        let Some(side) = &mut self.label_side else {
+            return i64::MAX;
+        };
+        let at = side.frontier(self.partition).time;
+        let lateness = self.ctx.state.feature_config().allowed_lateness_secs;
+        let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+        side.apply(&mut engine, lateness);
+        at
+    }
+
     /// Scores the pending records whose merchant features are complete, a
     /// batch at a time.
     async fn score(&mut self, max_lag: i64) {
         loop {
             let frontier = self.frontier();
+            let labels_at = self.label_frontier();
             let mut n = 0;
             for f in self.pending.iter().take(self.forwarded) {
                 if n == BATCH {
@@ -728,6 +778,7 @@ impl CardTask {
                     || f.duplicate
                     || f.tx.as_ref().map_or(true, |tx| {
                         tx.time.utc.saturating_sub(max_lag) <= frontier
+                            && tx.time.utc <= labels_at
                             && self.entity_side.as_ref().is_none_or(|e| e.ready(f))
                     });
                 if !ready {
@@ -768,6 +819,7 @@ impl CardTask {
                 .collect::<Vec<_>>(),
         );
         let produced_at = now_rfc3339();
+        let labelled = self.label_side.is_some();
         let mut out = Vec::new();
         let mut pending: Pending = Vec::new();
         let mut took = Vec::with_capacity(batch.len());
@@ -783,6 +835,13 @@ impl CardTask {
                     }
                     let msg = &f.msg;
                     let tx = match f.tx {
+                        // A transaction counts as genuine in the label-delayed
+                        // windows until a fraud label marks it, as in the
+                        // merchant stage's risk: labels report frauds.
+                        Ok(mut tx) if labelled => {
+                            tx.is_fraud.get_or_insert(false);
+                            tx
+                        }
                         Ok(tx) => tx,
                         Err(_) if f.rebuild_only => continue,
                         Err((reason, detail)) => {
@@ -807,7 +866,7 @@ impl CardTask {
                     }
                     let started = Instant::now();
                     let entity_values = self.entity_side.as_ref().map(|side| {
-                        let values = side.inbox.inbox.take(msg.offset());
+                        let values = side.inbox.take(msg.offset());
                         let (mask, _) = f.entities;
                         if values.came() & mask != mask {
                             m.entity_wait_timeouts.inc();
@@ -880,7 +939,7 @@ impl CardTask {
         state.record_scorings(&took);
         self.folded = last;
         if let Some(side) = &self.entity_side {
-            side.inbox.inbox.forget_through(last);
+            side.inbox.forget_through(last);
         }
         pending.extend(send_all(&self.ctx.state, &self.ctx.producer, out).await);
         if let Some(to_acker) = &self.to_acker
@@ -944,7 +1003,8 @@ impl CardTask {
         let entity_features = self
             .entity_side
             .as_ref()
-            .and_then(|side| side.inbox.inbox.resume_for(at));
+            .and_then(|side| side.inbox.resume_for(at));
+        let card_labels = self.label_side.as_ref().and_then(LabelSide::resume);
         let mut done = self.done.clone();
         let ctx = self.ctx.clone();
         let snapshot_start = self.snapshot_start.clone();
@@ -955,6 +1015,7 @@ impl CardTask {
                 input_offset: at,
                 clock,
                 entity_features,
+                card_labels,
             };
             let result = writer.write(&entries, snapshot, &marker, ready).await;
             match &result {

@@ -245,9 +245,70 @@ impl EntityColumns {
     }
 }
 
+/// A fraud label for the card tasks' label-delayed windows, sent by the
+/// label task of `source` to every card-labels partition: the card (its
+/// key hash) and the transaction's time, which find the row to mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CardLabel {
+    pub source: Source,
+    /// The label's offset in its label partition.
+    pub offset: i64,
+    pub card: u64,
+    pub time: i64,
+}
+
+const CARD_LABEL: u8 = 5;
+
+impl CardLabel {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(30);
+        out.push(CARD_LABEL);
+        self.source.encode(&mut out);
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&self.card.to_le_bytes());
+        out.extend_from_slice(&self.time.to_le_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<CardLabel> {
+        let mut r = Reader(bytes);
+        if r.u8()? != CARD_LABEL {
+            return None;
+        }
+        let source = Source::decode(&mut r)?;
+        let (offset, card, time) = (r.i64()?, r.i64()? as u64, r.i64()?);
+        r.0.is_empty().then_some(CardLabel {
+            source,
+            offset,
+            card,
+            time,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn card_labels_round_trip() {
+        let l = CardLabel {
+            source: Source::Labels(1),
+            offset: 42,
+            card: u64::MAX - 3,
+            time: 1_522_540_800,
+        };
+        let bytes = l.encode();
+        assert_eq!(CardLabel::decode(&bytes), Some(l));
+        assert_eq!(CardLabel::decode(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(MerchantEvent::decode(&bytes), None, "kinds apart");
+        let progress = MerchantEvent::Progress {
+            source: Source::Labels(1),
+            watermark: 5,
+            idle: false,
+        };
+        assert_eq!(CardLabel::decode(&progress.encode()), None);
+    }
 
     #[test]
     fn entity_records_round_trip() {

@@ -43,6 +43,11 @@ pub struct Topics {
     /// The entity stage's values of each event, back to the partition
     /// number of the event's input partition.
     pub entity_features: String,
+    /// Each fraud label with its card, and every label partition's
+    /// progress, sent to every partition (created only for a features file
+    /// with label-delayed card windows), as many as the input: each card
+    /// task reads its own, and marks the rows of its cards.
+    pub card_labels: String,
     /// The consumer groups. Each role has its own, so that each topic's
     /// partitions are spread evenly over the instances: the sticky
     /// assignor balances a member's partitions over all its topics
@@ -68,12 +73,22 @@ impl Topics {
             entity_events: format!("{g}-entity-events"),
             entities_changelog: format!("{g}-entities-changelog"),
             entity_features: format!("{g}-entity-features"),
+            card_labels: format!("{g}-card-labels"),
             cards_group: g.clone(),
             merchants_group: format!("{g}-merchants"),
             labels_group: format!("{g}-labels"),
             entities_group: format!("{g}-entities"),
         }
     }
+}
+
+/// The stages a features file needs besides those that always run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stages {
+    /// Aggregations over entities besides the card: the entity stage.
+    pub entities: bool,
+    /// Label-delayed card windows: the labels sent to the card tasks.
+    pub card_labels: bool,
 }
 
 /// Partition counts, read once at start.
@@ -201,7 +216,7 @@ pub fn min_input_retention(s: &Settings) -> Duration {
 pub async fn prepare(
     s: &Settings,
     topics: &Topics,
-    entities: bool,
+    stages: Stages,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Option<Layout>> {
     let mut backoff = Duration::from_millis(200);
@@ -212,7 +227,7 @@ pub async fn prepare(
         };
         match attempt {
             Ok(layout) => {
-                ensure_internal(s, topics, layout, entities).await?;
+                ensure_internal(s, topics, layout, stages).await?;
                 // Reported, not waited for: a broker that does not answer
                 // DescribeConfigs must not hold up the start.
                 let (s, topics) = (s.clone(), topics.clone());
@@ -254,7 +269,7 @@ async fn ensure_internal(
     s: &Settings,
     topics: &Topics,
     layout: Layout,
-    entities: bool,
+    stages: Stages,
 ) -> anyhow::Result<()> {
     let mut wanted = vec![
         (
@@ -273,7 +288,10 @@ async fn ensure_internal(
             true,
         ),
     ];
-    if entities {
+    if stages.card_labels {
+        wanted.push((topics.card_labels.clone(), layout.input_partitions, false));
+    }
+    if stages.entities {
         wanted.extend([
             (
                 topics.entity_events.clone(),

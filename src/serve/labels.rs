@@ -1,15 +1,17 @@
 //! The task of one label partition: reads fraud labels and sends each to
 //! the merchant-events topic, keyed by merchant, so that it reaches the
-//! merchant's owner; genuine labels are counted, and invalid ones and those
+//! merchant's owner, and, for label-delayed card windows, to every
+//! card-labels partition, with its progress; genuine labels are counted, and invalid ones and those
 //! dated past the clock's skew are dead-lettered with the reason. It holds no
 //! state: it resumes from the group's committed offset, and a label sent
 //! again after a restart is recognised by its offset and skipped.
 
-use super::events::{MerchantEvent, Source};
+use super::events::{CardLabel, MerchantEvent, Source};
 use super::output::{Outgoing, dead_letter, record_clock, send_all, settle};
 use super::partition::{
     Control, Next, PartitionInput, Phase, PhaseGauge, Role, TaskContext, commit, committed,
 };
+use crate::features::store::key_hash;
 use crate::ingest::decode::{DeadReason, Limits};
 use crate::ingest::label::Label;
 use crate::telemetry::log;
@@ -147,6 +149,9 @@ impl Forwarder {
                 continue;
             }
             events += 1;
+            if ctx.state.reads_card_labels() {
+                self.to_cards(&label, msg.offset(), &mut out);
+            }
             let event = MerchantEvent::Fraud {
                 source: Source::Labels(self.partition),
                 offset: msg.offset(),
@@ -169,11 +174,17 @@ impl Forwarder {
                 idle,
             }
             .encode();
-            for part in 0..ctx.layout.merchant_partitions {
-                out.push(Outgoing {
-                    partition: Some(part),
-                    ..Outgoing::new(&ctx.topics.merchant_events, b"", event.clone())
-                });
+            out.extend(Outgoing::to_every_partition(
+                &ctx.topics.merchant_events,
+                ctx.layout.merchant_partitions,
+                &event,
+            ));
+            if ctx.state.reads_card_labels() {
+                out.extend(Outgoing::to_every_partition(
+                    &ctx.topics.card_labels,
+                    ctx.layout.input_partitions,
+                    &event,
+                ));
             }
             self.sent = Some(now);
         }
@@ -189,6 +200,36 @@ impl Forwarder {
         if self.committed_at.elapsed() >= Duration::from_secs(1) {
             self.commit(CommitMode::Async);
         }
+    }
+
+    /// Sends a fraud label to every card-labels partition, for the card
+    /// tasks' label-delayed windows: a label without its card or its
+    /// transaction's time cannot find its row, and is counted instead.
+    fn to_cards(&self, label: &Label, offset: i64, out: &mut Vec<Outgoing>) {
+        let ctx = &self.ctx;
+        let Some(time) = label.transaction_time.filter(|_| !label.card_id.is_empty()) else {
+            let why = if label.card_id.is_empty() {
+                "without_card"
+            } else {
+                "without_time"
+            };
+            ctx.state.metrics.labels.with_label_values(&[why]).inc();
+            return;
+        };
+        let record = CardLabel {
+            source: Source::Labels(self.partition),
+            offset,
+            card: key_hash(&label.card_id),
+            time,
+        }
+        .encode();
+        // Every partition: the card's input partition is the input
+        // producer's choice, which the service does not assume.
+        out.extend(Outgoing::to_every_partition(
+            &ctx.topics.card_labels,
+            ctx.layout.input_partitions,
+            &record,
+        ));
     }
 
     fn commit(&mut self, mode: CommitMode) {

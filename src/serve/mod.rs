@@ -22,6 +22,7 @@
 //! the owners of a merchant-keyed repartition topic and changelogged; that
 //! changelog read by every instance as its merchant table.
 
+pub mod assigned;
 pub mod cards;
 pub mod changelog;
 pub mod decisions;
@@ -32,6 +33,7 @@ pub mod group;
 pub mod health;
 pub mod http_cards;
 pub mod kafka;
+pub mod label_inbox;
 pub mod labels;
 pub mod merchants;
 pub mod output;
@@ -224,7 +226,7 @@ async fn failure(
 async fn pipeline(state: Arc<ServiceState>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let s = &state.settings;
     let topics = kafka::Topics::of(s);
-    let Some(layout) = kafka::prepare(s, &topics, state.has_entities(), &stop).await? else {
+    let Some(layout) = kafka::prepare(s, &topics, state.stages(), &stop).await? else {
         return Ok(());
     };
     log(
@@ -306,11 +308,14 @@ async fn pipeline(state: Arc<ServiceState>, stop: watch::Receiver<bool>) -> anyh
                 &topics.entities_group,
             ));
         }
-        let inboxes = if state.has_entities() {
-            Some(entity_inbox::EntityInboxes::start(s, &topics)?)
-        } else {
-            None
+        // One reader each per instance, of its card tasks' partitions.
+        let reader = |wanted: bool, topic: &str| -> anyhow::Result<_> {
+            wanted
+                .then(|| assigned::AssignedReader::start(s, &topics.cards_group, topic))
+                .transpose()
         };
+        let entity_values = reader(state.has_entities(), &topics.entity_features)?;
+        let card_labels = reader(state.reads_card_labels(), &topics.card_labels)?;
         let mut threads = Vec::new();
         for (role, topic, group_id) in roles {
             let handle = tokio::runtime::Handle::current();
@@ -326,7 +331,8 @@ async fn pipeline(state: Arc<ServiceState>, stop: watch::Receiver<bool>) -> anyh
                 producer: producer.clone(),
                 topics: topics.clone(),
                 layout,
-                inboxes: inboxes.clone(),
+                entity_values: entity_values.clone(),
+                card_labels: card_labels.clone(),
             });
             let stop = stop.clone();
             threads.push(
@@ -340,8 +346,8 @@ async fn pipeline(state: Arc<ServiceState>, stop: watch::Receiver<bool>) -> anyh
                 .await?
                 .map_err(|_| anyhow::anyhow!("a group thread panicked"))?;
         }
-        if let Some(inboxes) = inboxes {
-            let _ = tokio::task::spawn_blocking(move || inboxes.stop()).await;
+        for reader in [entity_values, card_labels].into_iter().flatten() {
+            let _ = tokio::task::spawn_blocking(move || reader.stop()).await;
         }
     }
     let _ = tokio::task::spawn_blocking(move || {

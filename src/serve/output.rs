@@ -33,6 +33,19 @@ impl Outgoing {
             alert_of: None,
         }
     }
+
+    /// The same record to each of a topic's `partitions`, unkeyed: a
+    /// broadcast, such as a source's progress.
+    pub fn to_every_partition<'a>(
+        topic: &'a str,
+        partitions: i32,
+        payload: &'a [u8],
+    ) -> impl Iterator<Item = Outgoing> + 'a {
+        (0..partitions).map(move |p| Outgoing {
+            partition: Some(p),
+            ..Outgoing::new(topic, b"", payload.to_vec())
+        })
+    }
 }
 
 /// The most of an unusable message's payload a dead letter carries: under

@@ -18,7 +18,7 @@
 //!   what is in flight be acknowledged, checkpoints and commits.
 //! - **Revoked**: it tells the group it is done and ends.
 
-use super::entity_inbox::EntityInboxes;
+use super::assigned::AssignedReader;
 use super::group::{GroupConsumer, GroupContext};
 use super::kafka::{Layout, Topics};
 use super::state::ServiceState;
@@ -170,7 +170,9 @@ pub struct TaskContext {
     pub layout: Layout,
     /// The reader of entity values, when the features file has entities
     /// besides the card.
-    pub inboxes: Option<Arc<EntityInboxes>>,
+    pub entity_values: Option<Arc<AssignedReader>>,
+    /// The reader of card labels, when it has label-delayed card windows.
+    pub card_labels: Option<Arc<AssignedReader>>,
 }
 
 /// The group's hold on a task: `assigned` turns true once the partition is

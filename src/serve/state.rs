@@ -200,6 +200,23 @@ impl ServiceState {
             .is_some_and(|p| p.has_entities())
     }
 
+    /// Whether the features file has label-delayed card windows, so that
+    /// the label tasks send the labels to the card tasks.
+    pub fn reads_card_labels(&self) -> bool {
+        self.plan
+            .program
+            .as_deref()
+            .is_some_and(|p| p.reads_labels())
+    }
+
+    /// The stages the features file needs besides those that always run.
+    pub fn stages(&self) -> super::kafka::Stages {
+        super::kafka::Stages {
+            entities: self.has_entities(),
+            card_labels: self.reads_card_labels(),
+        }
+    }
+
     pub fn feature_config(&self) -> FeatureConfig {
         self.feature_config
     }

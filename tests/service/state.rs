@@ -221,7 +221,34 @@ fn a_features_file_model_serves_and_restores_its_state() {
         "--scenarios",
         "1,2,3,4,5,6",
     ]);
-    let model = dir.join("extended.json");
+    let extended = format!("{ROOT}/models/features-extended.toml");
+    let (model, want) = declared_model(&dir, &data, &extended);
+    // The explanations name declared columns, so the served model reads them.
+    assert!(
+        want.values().any(|a| a["reasons"]["top_features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["feature"].as_str().unwrap().starts_with("card_mcc."))),
+        "no alert is explained by a declared column"
+    );
+    let (n, second) = first_then_second("declared", &data, &model, |s, total| {
+        s.metric("peregrine_transactions_scored_total") > total / 3.0
+            && s.series("peregrine_checkpoints_total{kind=\"snapshot\",store=\"cards\"}") >= 4.0
+    });
+    assert!(
+        second.series("peregrine_restore_records_total{source=\"changelog\"}") > 0.0,
+        "the restart restored from the changelog"
+    );
+    let msgs = read_topic(&n.alerts, want.len(), Duration::from_secs(30));
+    assert_equivalent("features file, SIGTERM and restart", &msgs, &want);
+    assert_eq!(second.terminate(Duration::from_secs(30)).code(), Some(0));
+}
+
+/// A 40-tree model trained on `file`'s features, and the alerts a single
+/// ordered `replay` of `data` gives with it.
+fn declared_model(dir: &Path, data: &Path, file: &str) -> (PathBuf, BTreeMap<String, Value>) {
+    let model = dir.join("declared.json");
     ok(&[
         "train",
         "--quiet",
@@ -236,43 +263,41 @@ fn a_features_file_model_serves_and_restores_its_state() {
         "--out",
         model.to_str().unwrap(),
         "--features",
-        &format!("{ROOT}/models/features-extended.toml"),
+        file,
     ]);
-    let want = expected_alerts_of(&dir, &data, model.to_str().unwrap(), None);
+    let want = expected_alerts_of(dir, data, model.to_str().unwrap(), None);
     assert!(want.len() > 50, "{} alerts to find", want.len());
-    // The explanations name declared columns, so the served model reads them.
-    assert!(
-        want.values().any(|a| a["reasons"]["top_features"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|c| c["feature"].as_str().unwrap().starts_with("card_mcc."))),
-        "no alert is explained by a declared column"
-    );
-    let ids = transaction_ids(&data);
-    let n = names("declared");
+    (model, want)
+}
+
+/// Streams `data` through a first instance serving `model` until
+/// `first_done` (given the transactions' count) holds, stops it with a
+/// SIGTERM, and runs a second until every transaction is scored: a restart
+/// mid-stream. The second is left running.
+fn first_then_second(
+    name: &str,
+    data: &Path,
+    model: &Path,
+    first_done: impl Fn(&Service, f64) -> bool,
+) -> (Names, Service) {
+    let ids = transaction_ids(data);
+    let n = names(name);
     topics(&n, 4);
-    produce(&data, &n, &[]);
+    produce(data, &n, &[]);
     let total = ids.len() as f64;
     let args = ["--model", model.to_str().unwrap()];
-
-    let first = Service::start(&n, "first", &args, &[CHECKPOINTS]);
-    first.wait_for(Duration::from_secs(90), "a third scored", |s| {
-        s.metric("peregrine_transactions_scored_total") > total / 3.0
-            && s.series("peregrine_checkpoints_total{kind=\"snapshot\",store=\"cards\"}") >= 4.0
-    });
+    let env = [CHECKPOINTS, TANSU_SLOW_REBALANCE];
+    let first = Service::start(&n, "first", &args, &env);
+    first.wait_for(
+        Duration::from_secs(120),
+        "the first instance's share",
+        |s| first_done(s, total),
+    );
     assert_eq!(first.terminate(Duration::from_secs(30)).code(), Some(0));
-
-    let second = Service::start(&n, "second", &args, &[CHECKPOINTS]);
+    let second = Service::start(&n, "second", &args, &env);
     second.wait_ready(Duration::from_secs(60));
     all_scored(&n, &ids, &[&second]);
-    assert!(
-        second.series("peregrine_restore_records_total{source=\"changelog\"}") > 0.0,
-        "the restart restored from the changelog"
-    );
-    let msgs = read_topic(&n.alerts, want.len(), Duration::from_secs(30));
-    assert_equivalent("features file, SIGTERM and restart", &msgs, &want);
-    assert_eq!(second.terminate(Duration::from_secs(30)).code(), Some(0));
+    (n, second)
 }
 
 /// Declared windows per merchant and per merchant and channel (over every
@@ -316,25 +341,7 @@ cap = 86400
 "#,
     )
     .unwrap();
-    let model = dir.join("entities.json");
-    ok(&[
-        "train",
-        "--quiet",
-        "--data",
-        data.to_str().unwrap(),
-        "--train-from",
-        "2018-04-10",
-        "--train-to",
-        "2018-05-01",
-        "--trees",
-        "40",
-        "--out",
-        model.to_str().unwrap(),
-        "--features",
-        file.to_str().unwrap(),
-    ]);
-    let want = expected_alerts_of(&dir, &data, model.to_str().unwrap(), None);
-    assert!(want.len() > 50, "{} alerts to find", want.len());
+    let (model, want) = declared_model(&dir, &data, file.to_str().unwrap());
     assert!(
         want.values().any(|a| a["reasons"]["top_features"]
             .as_array()
@@ -343,27 +350,13 @@ cap = 86400
             .any(|c| c["feature"].as_str().unwrap().starts_with("merchant.s"))),
         "no alert is explained by an entity's column"
     );
-    let ids = transaction_ids(&data);
-    let n = names("entities");
-    topics(&n, 4);
-    produce(&data, &n, &[]);
-    let total = ids.len() as f64;
-    let args = ["--model", model.to_str().unwrap()];
-
     // Each role's group joins on its own; on tansu a join can take
     // seconds, longer than the production default lets an event wait
     // for its entities' values (see TANSU_SLOW_REBALANCE).
-    let env = [CHECKPOINTS, TANSU_SLOW_REBALANCE];
-    let first = Service::start(&n, "first", &args, &env);
-    first.wait_for(Duration::from_secs(120), "a third scored", |s| {
+    let (n, second) = first_then_second("entities", &data, &model, |s, total| {
         s.metric("peregrine_transactions_scored_total") > total / 3.0
             && s.series("peregrine_checkpoints_total{kind=\"snapshot\",store=\"entities\"}") >= 1.0
     });
-    assert_eq!(first.terminate(Duration::from_secs(30)).code(), Some(0));
-
-    let second = Service::start(&n, "second", &args, &env);
-    second.wait_ready(Duration::from_secs(60));
-    all_scored(&n, &ids, &[&second]);
     assert!(
         second.series("peregrine_entity_rows_total{outcome=\"folded\"}") > 0.0,
         "the entity stage folded rows"
@@ -376,6 +369,89 @@ cap = 86400
     );
     let msgs = read_topic(&n.alerts, want.len(), Duration::from_secs(30));
     assert_equivalent("entity stage, SIGTERM and restart", &msgs, &want);
+    assert_eq!(second.terminate(Duration::from_secs(30)).code(), Some(0));
+}
+
+/// Label-delayed card windows (a card's frauds known a label delay back),
+/// served with the labels topic's fraud labels brought to the card tasks:
+/// each label goes to every card-labels partition, and a task scores an
+/// event only once every label partition's labels reported by then have
+/// marked their rows. Across a SIGTERM and a restart, which read the labels
+/// again from where the checkpoints say, the alerts equal a single ordered
+/// `replay`, which reads the file's labels.
+#[test]
+fn a_label_model_serves_with_the_card_labels() {
+    let dir = workdir("card-labels");
+    let data = simulate(&dir, 400, 40, 31);
+    let file = dir.join("labels.toml");
+    std::fs::write(
+        &file,
+        r#"format = 1
+extends = "default"
+
+[[feature]]
+name = "card.frauds_known_30d"
+entity = "card_id"
+agg = "sum"
+of = "is_fraud == 1"
+window = "30d"
+delay = "label"
+
+[[feature]]
+name = "card.largest_fraud_known_30d"
+entity = "card_id"
+agg = "max"
+of = "amount"
+where = "is_fraud == 1"
+window = "30d"
+delay = "label"
+missing = -1
+"#,
+    )
+    .unwrap();
+    let features = dir.join("features.csv");
+    ok(&[
+        "features",
+        "--quiet",
+        "--data",
+        data.to_str().unwrap(),
+        "--from",
+        "2018-04-01",
+        "--to",
+        "2018-05-11",
+        "--out",
+        features.to_str().unwrap(),
+        "--features",
+        file.to_str().unwrap(),
+    ]);
+    let csv = std::fs::read_to_string(&features).unwrap();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let column = header
+        .iter()
+        .position(|c| *c == "card.frauds_known_30d")
+        .unwrap();
+    let known = csv
+        .lines()
+        .skip(1)
+        .filter(|l| l.split(',').nth(column).unwrap().parse::<f64>().unwrap() > 0.0)
+        .count();
+    assert!(known > 20, "{known} rows with a card's fraud known");
+    let (model, want) = declared_model(&dir, &data, file.to_str().unwrap());
+    let (n, second) = first_then_second("card-labels", &data, &model, |s, total| {
+        s.metric("peregrine_transactions_scored_total") > total / 2.0
+            && s.series("peregrine_checkpoints_total{kind=\"snapshot\",store=\"cards\"}") >= 4.0
+    });
+    assert!(
+        second.series("peregrine_restore_records_total{source=\"changelog\"}") > 0.0,
+        "the restart restored from the changelog"
+    );
+    let msgs = read_topic(&n.alerts, want.len(), Duration::from_secs(30));
+    assert_equivalent("card labels, SIGTERM and restart", &msgs, &want);
+    assert!(
+        !second.log().contains("label partitions not heard from"),
+        "a label partition went silent:\n{}",
+        warnings(&second.log())
+    );
     assert_eq!(second.terminate(Duration::from_secs(30)).code(), Some(0));
 }
 
