@@ -1133,9 +1133,13 @@ missing = -1
         assert_eq!(frauds, [0.0, 0.0, 1.0, 1.0, 2.0]);
         assert_eq!(shares, [-1.0, -1.0, 1.0, 0.5, 0.5]);
         let program = plan.program.as_deref().unwrap();
+        // The service brings labels to the card's windows, not the merchant's.
         let (feature, needs) = program.unservable().unwrap();
-        assert_eq!(feature, "card.frauds_known_30d");
-        assert!(needs.contains("reads fraud labels"), "{needs}");
+        assert_eq!(feature, "merchant.fraud_share_known_7d");
+        assert!(
+            needs.contains("per `merchant_id` over fraud labels"),
+            "{needs}"
+        );
         assert!(program.reads_labels());
 
         let window = "entity = \"card_id\"\nagg = \"count\"\nwindow = \"1d\"";

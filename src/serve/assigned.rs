@@ -40,6 +40,8 @@ struct Fetch {
     /// its high watermark.
     quiet_below: Option<i64>,
     seeking_logged: bool,
+    /// Paused by its task: quiet on purpose.
+    paused: bool,
 }
 
 type Partitions = Mutex<HashMap<i32, Arc<Open>>>;
@@ -57,6 +59,39 @@ pub struct Lease {
     reader: Arc<AssignedReader>,
     partition: i32,
     open: Arc<Open>,
+}
+
+impl Lease {
+    /// Stops fetching the partition, or starts again: a task that holds
+    /// enough records it cannot use yet pauses it until it can.
+    pub fn pause(&self, paused: bool) {
+        let r = &self.reader;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&r.topic, self.partition);
+        let mut f = lock(&self.open.fetch);
+        f.paused = paused;
+        f.heard_at = Instant::now();
+        // Positioned again where it stopped, through the start guard: a
+        // fetch that resumes inside a stored batch is the start guard's
+        // case on tansu (see [`StartGuard`]); against Kafka a no-op.
+        let at = (!paused).then(|| f.guard.next_offset()).flatten();
+        if let Some(at) = at {
+            f.guard = StartGuard::new(Some(at), None);
+            f.seeking_logged = false;
+        }
+        drop(f);
+        let done = if paused {
+            r.reader.pause(&tpl)
+        } else {
+            r.reader.resume(&tpl)
+        };
+        if let Err(e) = done {
+            log("WARN", format_args!("{}/{}: {e}", r.topic, self.partition));
+        }
+        if let Some(at) = at {
+            seek(&r.reader, &r.topic, self.partition, at);
+        }
+    }
 }
 
 impl Drop for Lease {
@@ -111,6 +146,7 @@ impl AssignedReader {
                 heard_at: Instant::now(),
                 quiet_below: None,
                 seeking_logged: false,
+                paused: false,
             }),
         });
         lock(&self.open).insert(p, open.clone());
@@ -218,8 +254,11 @@ fn check_quiet(reader: &BaseConsumer, topic: &str, partitions: &Partitions) {
         .map(|(p, o)| (*p, o.clone()))
         .collect();
     for (p, open) in open {
-        if lock(&open.fetch).heard_at.elapsed() < QUIET {
-            continue;
+        {
+            let f = lock(&open.fetch);
+            if f.paused || f.heard_at.elapsed() < QUIET {
+                continue;
+            }
         }
         let Ok((low, high)) = watermarks(reader, topic, p, Duration::from_secs(5)) else {
             continue;

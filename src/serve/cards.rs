@@ -758,8 +758,13 @@ impl CardTask {
         };
         let at = side.frontier(self.partition).time;
         let lateness = self.ctx.state.feature_config().allowed_lateness_secs;
+        let next = self
+            .pending
+            .iter()
+            .find(|f| !f.rebuild_only && !f.duplicate);
+        let waiting = next.is_some_and(|f| f.tx.as_ref().is_ok_and(|tx| tx.time.utc > at));
         let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
-        side.apply(&mut engine, lateness);
+        side.apply(&mut engine, lateness, waiting);
         at
     }
 

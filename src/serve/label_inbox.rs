@@ -132,8 +132,10 @@ impl LabelInbox {
 /// transaction is not in its state (yet).
 pub struct LabelSide {
     inbox: Arc<LabelInbox>,
-    _lease: Lease,
+    lease: Lease,
     held: Vec<HeldLabel>,
+    /// The partition is paused: the task holds [`MAX_HELD`] labels.
+    paused: bool,
     partitions: i32,
     wait: Duration,
     started: Instant,
@@ -141,6 +143,10 @@ pub struct LabelSide {
     applied_at: i64,
     silent_logged: bool,
 }
+
+/// Labels a card task holds before it pauses its card-labels partition
+/// (about 2.5 MB).
+const MAX_HELD: usize = 1 << 16;
 
 struct HeldLabel {
     offset: i64,
@@ -164,8 +170,9 @@ impl LabelSide {
         let lease = reader.open(p, from, inbox.clone())?;
         Ok(LabelSide {
             inbox,
-            _lease: lease,
+            lease,
             held: Vec::new(),
+            paused: false,
             partitions,
             wait,
             started: Instant::now(),
@@ -199,10 +206,13 @@ impl LabelSide {
     /// its transaction can no longer come (older than the lateness): the
     /// card is another partition's, or the transaction was never seen.
     /// Each label is tried at most three times. How many were applied.
-    pub fn apply(&mut self, engine: &mut Engine, lateness: i64) -> usize {
+    ///
+    /// `waiting`: whether the task's next event waits for the frontier.
+    pub fn apply(&mut self, engine: &mut Engine, lateness: i64, waiting: bool) -> usize {
         let came = self.inbox.take();
         let watermark = engine.clock().watermark;
         if came.is_empty() && watermark == self.applied_at {
+            self.bound_reading(waiting);
             return 0;
         }
         self.applied_at = watermark;
@@ -232,7 +242,26 @@ impl LabelSide {
             }
             t >= settled
         });
+        self.bound_reading(waiting);
         applied
+    }
+
+    /// Held labels are those of transactions still to come, and of other
+    /// partitions' cards within the lateness: in a catch-up the reader
+    /// runs ahead by the whole backlog, so it pauses at a bound, but never
+    /// while the next event waits for the frontier, which only records
+    /// read further on can move.
+    fn bound_reading(&mut self, waiting: bool) {
+        let pause = !waiting
+            && if self.paused {
+                self.held.len() > MAX_HELD / 2
+            } else {
+                self.held.len() >= MAX_HELD
+            };
+        if pause != self.paused {
+            self.paused = pause;
+            self.lease.pause(pause);
+        }
     }
 
     /// Where a restore reads the labels again from: the first label held
