@@ -42,6 +42,8 @@ struct Fetch {
     seeking_logged: bool,
     /// Paused by its task: quiet on purpose.
     paused: bool,
+    /// Where the reader thread is to position it (after a resume).
+    seek_to: Option<i64>,
 }
 
 type Partitions = Mutex<HashMap<i32, Arc<Open>>>;
@@ -50,6 +52,8 @@ pub struct AssignedReader {
     reader: Arc<BaseConsumer>,
     topic: String,
     open: Arc<Partitions>,
+    /// A partition has a `seek_to` for the reader thread.
+    seeks: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -71,15 +75,18 @@ impl Lease {
         let mut f = lock(&self.open.fetch);
         f.paused = paused;
         f.heard_at = Instant::now();
-        // Positioned again where it stopped, through the start guard: a
-        // fetch that resumes inside a stored batch is the start guard's
-        // case on tansu (see [`StartGuard`]); against Kafka a no-op.
+        // Positioned again where it stopped, through the start guard, by
+        // the reader thread (a seek blocks): a fetch that resumes inside a
+        // stored batch is the start guard's case on tansu (see
+        // [`StartGuard`]); against Kafka a no-op.
         let at = (!paused).then(|| f.guard.next_offset()).flatten();
         if let Some(at) = at {
             f.guard = StartGuard::new(Some(at), None);
             f.seeking_logged = false;
+            f.seek_to = Some(at);
         }
         drop(f);
+        // Pausing and resuming only queue an operation for librdkafka.
         let done = if paused {
             r.reader.pause(&tpl)
         } else {
@@ -88,8 +95,8 @@ impl Lease {
         if let Err(e) = done {
             log("WARN", format_args!("{}/{}: {e}", r.topic, self.partition));
         }
-        if let Some(at) = at {
-            seek(&r.reader, &r.topic, self.partition, at);
+        if at.is_some() {
+            r.seeks.store(true, Ordering::Release);
         }
     }
 }
@@ -111,18 +118,21 @@ impl AssignedReader {
     pub fn start(settings: &Settings, group: &str, topic: &str) -> anyhow::Result<Arc<Self>> {
         let reader = Arc::new(super::kafka::reader(settings, group)?);
         let open: Arc<Partitions> = Arc::default();
+        let seeks = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (reader, open, stop) = (reader.clone(), open.clone(), stop.clone());
+            let seeks = seeks.clone();
             let topic = topic.to_string();
             std::thread::Builder::new()
                 .name(format!("read-{topic}"))
-                .spawn(move || read(&reader, &topic, &open, &stop))?
+                .spawn(move || read(&reader, &topic, &open, &seeks, &stop))?
         };
         Ok(Arc::new(AssignedReader {
             reader,
             topic: topic.to_string(),
             open,
+            seeks,
             stop,
             thread: Mutex::new(Some(thread)),
         }))
@@ -147,16 +157,31 @@ impl AssignedReader {
                 quiet_below: None,
                 seeking_logged: false,
                 paused: false,
+                seek_to: None,
             }),
         });
-        lock(&self.open).insert(p, open.clone());
+        // In the map before the assignment, so that no record comes before
+        // its receiver; a task of the partition whose lease is not dropped
+        // yet (a quick reassignment) gives it up first.
+        let replaced = lock(&self.open).insert(p, open.clone()).is_some();
+        if replaced {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&self.topic, p);
+            let _ = self.reader.incremental_unassign(&tpl);
+        }
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(
             &self.topic,
             p,
             from.map_or(Offset::Beginning, Offset::Offset),
         )?;
-        self.reader.incremental_assign(&tpl)?;
+        if let Err(e) = self.reader.incremental_assign(&tpl) {
+            let mut partitions = lock(&self.open);
+            if partitions.get(&p).is_some_and(|o| Arc::ptr_eq(o, &open)) {
+                partitions.remove(&p);
+            }
+            return Err(e.into());
+        }
         Ok(Lease {
             reader: self.clone(),
             partition: p,
@@ -191,9 +216,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn read(reader: &BaseConsumer, topic: &str, partitions: &Partitions, stop: &AtomicBool) {
+fn read(
+    reader: &BaseConsumer,
+    topic: &str,
+    partitions: &Partitions,
+    seeks: &AtomicBool,
+    stop: &AtomicBool,
+) {
     let mut checked = Instant::now();
     while !stop.load(Ordering::Acquire) {
+        if seeks.swap(false, Ordering::AcqRel) {
+            let wanted: Vec<(i32, i64)> = lock(partitions)
+                .iter()
+                .filter_map(|(p, o)| lock(&o.fetch).seek_to.take().map(|at| (*p, at)))
+                .collect();
+            for (p, at) in wanted {
+                seek(reader, topic, p, at);
+            }
+        }
         if checked.elapsed() >= QUIET {
             checked = Instant::now();
             check_quiet(reader, topic, partitions);

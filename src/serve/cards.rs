@@ -758,13 +758,16 @@ impl CardTask {
         };
         let at = side.frontier(self.partition).time;
         let lateness = self.ctx.state.feature_config().allowed_lateness_secs;
+        side.apply(
+            &mut self.engine.lock().unwrap_or_else(|e| e.into_inner()),
+            lateness,
+        );
         let next = self
             .pending
             .iter()
             .find(|f| !f.rebuild_only && !f.duplicate);
         let waiting = next.is_some_and(|f| f.tx.as_ref().is_ok_and(|tx| tx.time.utc > at));
-        let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
-        side.apply(&mut engine, lateness, waiting);
+        side.bound_reading(waiting);
         at
     }
 
@@ -861,6 +864,9 @@ impl CardTask {
                     if f.rebuild_only {
                         // The merchant view does not reach the card's state.
                         let _ = engine.process_card(&tx, MerchantView::default(), None);
+                        if let Some(side) = self.label_side.as_mut() {
+                            side.folded(&mut engine, key_hash(&tx.card_id), tx.time.utc);
+                        }
                         continue;
                     }
                     if f.duplicate {
@@ -880,7 +886,12 @@ impl CardTask {
                     });
                     let entity_values = entity_values.as_ref();
                     let features = match engine.process_card(&tx, view, entity_values) {
-                        Ok(f) => f,
+                        Ok(f) => {
+                            if let Some(side) = self.label_side.as_mut() {
+                                side.folded(&mut engine, key_hash(&tx.card_id), tx.time.utc);
+                            }
+                            f
+                        }
                         Err(Refused::Duplicate) => {
                             m.duplicates.inc();
                             continue;

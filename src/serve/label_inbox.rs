@@ -15,7 +15,7 @@ use super::assigned::{AssignedReader, Lease, Receiver};
 use super::events::{CardLabel, MerchantEvent, Source};
 use crate::features::Engine;
 use crate::telemetry::log;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,10 @@ struct Heard {
     watermark: i64,
     idle: bool,
     at: Instant,
+    /// Read after the partition was first read to its end: said live, not
+    /// read back from before a checkpoint (an idle word from then may be
+    /// days old, from before the label tasks stopped).
+    live: bool,
 }
 
 #[derive(Default)]
@@ -34,8 +38,7 @@ struct Inbox {
     labels: Vec<(i64, CardLabel)>,
     sources: HashMap<i32, Heard>,
     /// Read to its end at least once since it was opened: records read
-    /// since are live, so an idle label partition's word can be trusted
-    /// (one read back from a checkpoint may be days old).
+    /// since are live.
     caught_up: bool,
     /// The next card-labels offset to read.
     next: Option<i64>,
@@ -86,7 +89,16 @@ impl LabelInbox {
 
     /// The label frontier over `partitions` label partitions; one not
     /// heard from since `started`, or silent, holds it for `wait` at most.
-    pub fn frontier(&self, partitions: i32, wait: Duration, started: Instant) -> LabelFrontier {
+    /// While the partition is `paused` nothing is heard, so each label
+    /// partition stands at its last word, without the idle or silent ones
+    /// left out.
+    pub fn frontier(
+        &self,
+        partitions: i32,
+        wait: Duration,
+        started: Instant,
+        paused: bool,
+    ) -> LabelFrontier {
         let inbox = self.lock();
         let mut f = LabelFrontier {
             time: i64::MAX,
@@ -95,7 +107,8 @@ impl LabelInbox {
         };
         for s in 0..partitions {
             let at = match inbox.sources.get(&s) {
-                None if started.elapsed() < wait => i64::MIN,
+                None if paused || started.elapsed() < wait => i64::MIN,
+                Some(h) if paused => h.watermark,
                 None => {
                     f.silent += 1;
                     continue;
@@ -104,7 +117,7 @@ impl LabelInbox {
                     f.silent += 1;
                     continue;
                 }
-                Some(h) if h.idle && inbox.caught_up => continue,
+                Some(h) if h.idle && h.live => continue,
                 Some(h) => h.watermark,
             };
             if at < f.time {
@@ -133,27 +146,21 @@ impl LabelInbox {
 pub struct LabelSide {
     inbox: Arc<LabelInbox>,
     lease: Lease,
-    held: Vec<HeldLabel>,
+    /// Labels whose row was not found, by (transaction time, card, offset):
+    /// a transaction still to come takes its label as it is folded in
+    /// ([`LabelSide::folded`]); the rest go once older than the lateness.
+    held: BTreeSet<(i64, u64, i64)>,
     /// The partition is paused: the task holds [`MAX_HELD`] labels.
     paused: bool,
     partitions: i32,
     wait: Duration,
     started: Instant,
-    /// The engine's watermark at the last [`LabelSide::apply`].
-    applied_at: i64,
     silent_logged: bool,
 }
 
 /// Labels a card task holds before it pauses its card-labels partition
-/// (about 2.5 MB).
+/// (a few MB).
 const MAX_HELD: usize = 1 << 16;
-
-struct HeldLabel {
-    offset: i64,
-    label: CardLabel,
-    /// Tried once the engine's watermark passed its time.
-    crossed: bool,
-}
 
 impl LabelSide {
     /// Opens partition `p` of the card labels from `from`, for `partitions`
@@ -171,12 +178,11 @@ impl LabelSide {
         Ok(LabelSide {
             inbox,
             lease,
-            held: Vec::new(),
+            held: BTreeSet::new(),
             paused: false,
             partitions,
             wait,
             started: Instant::now(),
-            applied_at: i64::MIN,
             silent_logged: false,
         })
     }
@@ -186,7 +192,7 @@ impl LabelSide {
     pub fn frontier(&mut self, p: i32) -> LabelFrontier {
         let f = self
             .inbox
-            .frontier(self.partitions, self.wait, self.started);
+            .frontier(self.partitions, self.wait, self.started, self.paused);
         if f.silent > 0 && !self.silent_logged {
             log(
                 "WARN",
@@ -201,57 +207,51 @@ impl LabelSide {
         f
     }
 
-    /// Marks the rows of the labels come since the last call, and of those
-    /// held whose transaction may be in the state now; drops a label once
-    /// its transaction can no longer come (older than the lateness): the
-    /// card is another partition's, or the transaction was never seen.
-    /// Each label is tried at most three times. How many were applied.
-    ///
-    /// `waiting`: whether the task's next event waits for the frontier.
-    pub fn apply(&mut self, engine: &mut Engine, lateness: i64, waiting: bool) -> usize {
-        let came = self.inbox.take();
-        let watermark = engine.clock().watermark;
-        if came.is_empty() && watermark == self.applied_at {
-            self.bound_reading(waiting);
-            return 0;
-        }
-        self.applied_at = watermark;
+    /// Marks the rows of the labels come since the last call, holds those
+    /// whose row is not there (a transaction still to come, or another
+    /// partition's card), and drops the held ones older than the lateness,
+    /// whose transaction can no longer come. How many were applied.
+    pub fn apply(&mut self, engine: &mut Engine, lateness: i64) -> usize {
         let mut applied = 0;
-        for (offset, label) in came {
+        for (offset, label) in self.inbox.take() {
             if engine.label_card(label.card, label.time, true) {
                 applied += 1;
             } else {
-                self.held.push(HeldLabel {
-                    offset,
-                    label,
-                    crossed: label.time <= watermark,
-                });
+                self.held.insert((label.time, label.card, offset));
             }
         }
-        let settled = watermark.saturating_sub(lateness);
-        self.held.retain_mut(|h| {
-            let t = h.label.time;
-            let due = (!h.crossed && t <= watermark) || t < settled;
-            if !due {
-                return true;
-            }
-            h.crossed = true;
-            if engine.label_card(h.label.card, t, true) {
-                applied += 1;
-                return false;
-            }
-            t >= settled
-        });
-        self.bound_reading(waiting);
+        let settled = engine.clock().watermark.saturating_sub(lateness);
+        if self.held.first().is_some_and(|&(t, _, _)| t < settled) {
+            self.held = self.held.split_off(&(settled, 0, i64::MIN));
+        }
         applied
+    }
+
+    /// A transaction of card `card` at `t` was folded in: the labels held
+    /// for it mark its row now, before the next event can read it.
+    pub fn folded(&mut self, engine: &mut Engine, card: u64, t: i64) {
+        if self.held.is_empty() {
+            return;
+        }
+        let for_it: Vec<(i64, u64, i64)> = self
+            .held
+            .range((t, card, i64::MIN)..=(t, card, i64::MAX))
+            .copied()
+            .collect();
+        if !for_it.is_empty() && engine.label_card(card, t, true) {
+            for h in for_it {
+                self.held.remove(&h);
+            }
+        }
     }
 
     /// Held labels are those of transactions still to come, and of other
     /// partitions' cards within the lateness: in a catch-up the reader
     /// runs ahead by the whole backlog, so it pauses at a bound, but never
     /// while the next event waits for the frontier, which only records
-    /// read further on can move.
-    fn bound_reading(&mut self, waiting: bool) {
+    /// read further on can move. Not under the engine's lock: it talks to
+    /// the reader.
+    pub fn bound_reading(&mut self, waiting: bool) {
         let pause = !waiting
             && if self.paused {
                 self.held.len() > MAX_HELD / 2
@@ -267,7 +267,7 @@ impl LabelSide {
     /// Where a restore reads the labels again from: the first label held
     /// or not yet taken, else the next offset.
     pub fn resume(&self) -> Option<i64> {
-        let held = self.held.iter().map(|h| h.offset).min();
+        let held = self.held.iter().map(|&(_, _, o)| o).min();
         match (held, self.inbox.resume()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -290,12 +290,14 @@ impl Receiver for LabelInbox {
             idle,
         }) = MerchantEvent::decode(payload)
         {
+            let live = inbox.caught_up;
             inbox.sources.insert(
                 s,
                 Heard {
                     watermark,
                     idle,
                     at: Instant::now(),
+                    live,
                 },
             );
         } else if let Some(label) = CardLabel::decode(payload) {
@@ -339,7 +341,7 @@ mod tests {
         let inbox = LabelInbox::new(Some(10));
         let started = Instant::now();
         let hour = Duration::from_secs(3600);
-        let f = inbox.frontier(2, hour, started);
+        let f = inbox.frontier(2, hour, started, false);
         assert_eq!((f.time, f.held_by), (i64::MIN, Some(0)), "none heard yet");
         inbox.receive(10, &progress(0, 500, false));
         let label = CardLabel {
@@ -350,21 +352,29 @@ mod tests {
         };
         inbox.receive(11, &label.encode());
         inbox.receive(12, &progress(1, 450, false));
-        assert_eq!(inbox.frontier(2, hour, started).time, 450);
+        assert_eq!(inbox.frontier(2, hour, started, false).time, 450);
         assert_eq!(inbox.take(), [(11, label)]);
         assert!(inbox.take().is_empty());
-        // Idle counts once the partition was read to its end: an idle word
-        // read back from a checkpoint may be old.
+        // Idle counts only when said after the partition was read to its
+        // end: an idle word read back from before a checkpoint may be from
+        // before the label tasks stopped.
         inbox.receive(13, &progress(1, 450, true));
-        assert_eq!(inbox.frontier(2, hour, started).time, 450);
+        assert_eq!(inbox.frontier(2, hour, started, false).time, 450);
         inbox.at_end();
-        let f = inbox.frontier(2, hour, started);
+        assert_eq!(inbox.frontier(2, hour, started, false).time, 450);
+        inbox.receive(14, &progress(1, 450, true));
+        let f = inbox.frontier(2, hour, started, false);
         assert_eq!((f.time, f.held_by), (500, Some(0)));
-        assert_eq!(inbox.next(), Some(14));
-        // A partition silent for longer than the wait is left out.
-        let f = inbox.frontier(3, Duration::ZERO, started);
+        assert_eq!(inbox.next(), Some(15));
+        // A partition silent for longer than the wait is left out, unless
+        // the task paused the reading: then each stands at its last word.
+        let f = inbox.frontier(3, Duration::ZERO, started, false);
         assert_eq!((f.time, f.silent), (i64::MAX, 3));
-        inbox.receive(14, b"junk");
-        assert_eq!(inbox.next(), Some(15), "skipped, not read again");
+        let f = inbox.frontier(3, Duration::ZERO, started, true);
+        assert_eq!((f.time, f.held_by, f.silent), (i64::MIN, Some(2), 0));
+        let f = inbox.frontier(2, Duration::ZERO, started, true);
+        assert_eq!((f.time, f.held_by), (450, Some(1)));
+        inbox.receive(15, b"junk");
+        assert_eq!(inbox.next(), Some(16), "skipped, not read again");
     }
 }
