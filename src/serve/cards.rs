@@ -72,7 +72,7 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(10);
 /// merchant table tells a partition that runs from one that does not by them.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A wait for the merchant table this long is logged, and again as often.
-const LONG_WAIT: Duration = Duration::from_secs(10);
+pub const LONG_WAIT: Duration = Duration::from_secs(10);
 /// How far ahead of the oldest record not yet scored, in event time, a
 /// partition sends merchant events. In live traffic records are scored as
 /// they come and this never binds; when a backlog is read, it keeps the
@@ -865,7 +865,7 @@ impl CardTask {
                         // The merchant view does not reach the card's state.
                         let _ = engine.process_card(&tx, MerchantView::default(), None);
                         if let Some(side) = self.label_side.as_mut() {
-                            side.folded(&mut engine, key_hash(&tx.card_id), tx.time.utc);
+                            side.folded(&mut engine, &tx.card_id, tx.time.utc);
                         }
                         continue;
                     }
@@ -888,7 +888,7 @@ impl CardTask {
                     let features = match engine.process_card(&tx, view, entity_values) {
                         Ok(f) => {
                             if let Some(side) = self.label_side.as_mut() {
-                                side.folded(&mut engine, key_hash(&tx.card_id), tx.time.utc);
+                                side.folded(&mut engine, &tx.card_id, tx.time.utc);
                             }
                             f
                         }

@@ -19,6 +19,7 @@
 //! resume from (before the oldest row still queued) and each source's last
 //! row taken, so that rows read again are skipped.
 
+use super::cards::LONG_WAIT;
 use super::changelog::{self, Entry, Writer};
 use super::events::{EntityColumns, EntityRow, MerchantEvent, Source};
 use super::merchants::Progress;
@@ -133,12 +134,7 @@ impl RowQueues {
     /// row's time, it has read its partition to the end, or it has been
     /// silent for `wait` (restoring, or unowned after a crash).
     fn pop(&mut self) -> Option<Queued> {
-        let (source, t) = self
-            .sources
-            .iter()
-            .filter_map(|(s, st)| st.queue.front().map(|q| (*s, q)))
-            .min_by_key(|(s, q)| (q.row.time, *s, q.row.position()))
-            .map(|(s, q)| (s, q.row.time))?;
+        let (source, t) = self.oldest_head()?;
         if self.held_by(source, t).is_some() {
             return None;
         }
@@ -146,6 +142,16 @@ impl RowQueues {
         let q = s.queue.pop_front()?;
         s.taken = q.row.position();
         Some(q)
+    }
+
+    /// The source with the oldest row at the head of its queue, and the
+    /// row's time.
+    fn oldest_head(&self) -> Option<(Source, i64)> {
+        self.sources
+            .iter()
+            .filter_map(|(s, st)| st.queue.front().map(|q| (*s, q)))
+            .min_by_key(|(s, q)| (q.row.time, *s, q.row.position()))
+            .map(|(s, q)| (s, q.row.time))
     }
 
     /// The input that may still send a row older than `t`, which `source`
@@ -167,11 +173,7 @@ impl RowQueues {
     /// Why the oldest row queued waits, for the log: its source and time,
     /// and what the input holding it last said.
     fn wait_reason(&self) -> Option<String> {
-        let (source, t) = self
-            .sources
-            .iter()
-            .filter_map(|(s, st)| st.queue.front().map(|q| (*s, q.row.time)))
-            .min_by_key(|&(s, t)| (t, s))?;
+        let (source, t) = self.oldest_head()?;
         let other = self.held_by(source, t)?;
         let said = self.sources.get(&other).map_or_else(
             || "nothing yet".to_string(),
@@ -268,9 +270,6 @@ struct Stage {
     held_since: Option<Instant>,
     wait_logged: Option<Instant>,
 }
-
-/// A hold this long is logged, and again as often.
-const LONG_WAIT: Duration = Duration::from_secs(10);
 
 /// Values in flight past which a round waits for them: the bound on what
 /// a stage holds between checkpoints.

@@ -14,6 +14,7 @@
 use super::assigned::{AssignedReader, Lease, Receiver};
 use super::events::{CardLabel, MerchantEvent, Source};
 use crate::features::Engine;
+use crate::features::store::key_hash;
 use crate::telemetry::log;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -227,12 +228,13 @@ impl LabelSide {
         applied
     }
 
-    /// A transaction of card `card` at `t` was folded in: the labels held
-    /// for it mark its row now, before the next event can read it.
-    pub fn folded(&mut self, engine: &mut Engine, card: u64, t: i64) {
+    /// A transaction of card `card_id` at `t` was folded in: the labels
+    /// held for it mark its row now, before the next event can read it.
+    pub fn folded(&mut self, engine: &mut Engine, card_id: &str, t: i64) {
         if self.held.is_empty() {
             return;
         }
+        let card = key_hash(card_id);
         let for_it: Vec<(i64, u64, i64)> = self
             .held
             .range((t, card, i64::MIN)..=(t, card, i64::MAX))

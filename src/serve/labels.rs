@@ -113,6 +113,7 @@ impl Forwarder {
         let ctx = &self.ctx;
         let m = &ctx.state.metrics;
         let delay = ctx.state.feature_config().label_delay_secs;
+        let to_cards = ctx.state.reads_card_labels();
         let mut out = Vec::new();
         let mut events = 0;
         let last = batch.last().map(|msg| msg.offset());
@@ -149,7 +150,7 @@ impl Forwarder {
                 continue;
             }
             events += 1;
-            if ctx.state.reads_card_labels() {
+            if to_cards {
                 self.to_cards(&label, msg.offset(), &mut out);
             }
             let event = MerchantEvent::Fraud {
@@ -179,7 +180,7 @@ impl Forwarder {
                 ctx.layout.merchant_partitions,
                 &event,
             ));
-            if ctx.state.reads_card_labels() {
+            if to_cards {
                 out.extend(Outgoing::to_every_partition(
                     &ctx.topics.card_labels,
                     ctx.layout.input_partitions,
